@@ -1,0 +1,18 @@
+use thiserror::Error;
+
+/// Input that breaks a domain rule. Each message tells the caller what to send instead.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DomainError {
+    #[error("handle must be 20 characters of [A-Za-z0-9], got {0:?}")]
+    InvalidHandle(String),
+    #[error("upload_id must be 32 characters of [A-Za-z0-9], got {0:?}")]
+    InvalidUploadId(String),
+    #[error("part number must be between 1 and {max}, got {got}")]
+    PartOutOfRange { got: i64, max: u32 },
+    #[error(
+        "store path {0:?} is not allowed: use '/'-separated names without '..' or empty segments"
+    )]
+    InvalidStorePath(String),
+    #[error("store container {0:?} is not a valid bucket name")]
+    InvalidContainer(String),
+}

@@ -1,0 +1,168 @@
+use std::fmt;
+
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::DomainError;
+
+const HANDLE_LEN: usize = 20;
+const UPLOAD_ID_LEN: usize = 32;
+
+fn random_alphanumeric(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+fn is_alphanumeric_of_len(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The public name of a file: the last path segment of its filelink.
+/// 20 characters of `[A-Za-z0-9]` carry about 119 bits of entropy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Handle(String);
+
+impl Handle {
+    pub fn generate() -> Self {
+        Handle(random_alphanumeric(HANDLE_LEN))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if is_alphanumeric_of_len(s, HANDLE_LEN) {
+            Ok(Handle(s.to_owned()))
+        } else {
+            Err(DomainError::InvalidHandle(s.chars().take(64).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Handle {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Handle::parse(&s)
+    }
+}
+
+impl From<Handle> for String {
+    fn from(h: Handle) -> String {
+        h.0
+    }
+}
+
+impl fmt::Display for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The private name of an upload session, known only to the uploading client.
+/// It also names the directory holding the upload's part files, so it is strictly validated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UploadId(String);
+
+impl UploadId {
+    pub fn generate() -> Self {
+        UploadId(random_alphanumeric(UPLOAD_ID_LEN))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if is_alphanumeric_of_len(s, UPLOAD_ID_LEN) {
+            Ok(UploadId(s.to_owned()))
+        } else {
+            Err(DomainError::InvalidUploadId(s.chars().take(64).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UploadId {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        UploadId::parse(&s)
+    }
+}
+
+impl From<UploadId> for String {
+    fn from(u: UploadId) -> String {
+        u.0
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A 1-based part number, at most [`PartNumber::MAX`] as in S3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PartNumber(u32);
+
+impl PartNumber {
+    pub const MAX: u32 = 10_000;
+
+    pub fn new(n: i64) -> Result<Self, DomainError> {
+        if (1..=i64::from(Self::MAX)).contains(&n) {
+            Ok(PartNumber(n as u32))
+        } else {
+            Err(DomainError::PartOutOfRange {
+                got: n,
+                max: Self::MAX,
+            })
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for PartNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_handles_parse_back() {
+        let h = Handle::generate();
+        assert_eq!(h.as_str().len(), 20);
+        assert_eq!(Handle::parse(h.as_str()).unwrap(), h);
+    }
+
+    #[test]
+    fn handles_reject_path_tricks() {
+        for bad in [
+            "",
+            "../../../etc/passwd",
+            "aaaaaaaaaaaaaaaaaaa/",
+            "aaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(Handle::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn part_numbers_are_bounded() {
+        assert!(PartNumber::new(0).is_err());
+        assert!(PartNumber::new(10_001).is_err());
+        assert_eq!(PartNumber::new(1).unwrap().get(), 1);
+    }
+}

@@ -1,0 +1,18 @@
+//! The vocabulary of a CIN edge POP: identifiers, the file status machine, store
+//! options and the records kept about uploads. Nothing here does I/O, so the rules
+//! can be tested in isolation and shared by the HTTP layer and the storage layer.
+
+pub mod error;
+pub mod ids;
+pub mod ranges;
+pub mod record;
+pub mod store;
+
+pub use error::DomainError;
+pub use ids::{Handle, PartNumber, UploadId};
+pub use ranges::RangeSet;
+pub use record::{
+    CompletedPart, FileRecord, FileStatus, MultipartCheckpoint, PartRecord, ReplicationJob,
+    Segment, UploadMode,
+};
+pub use store::{sanitize_filename, StoreOptions};

@@ -1,0 +1,138 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Handle, RangeSet, StoreOptions, UploadId};
+
+/// Where a file is in its life at this POP. Only ever moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileStatus {
+    /// Bytes are arriving; the filelink does not serve yet.
+    Uploading,
+    /// Complete at the POP and servable; not yet confirmed by final storage.
+    InTransit,
+    /// Confirmed (size and checksum) by final storage.
+    Stored,
+}
+
+impl FileStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::Uploading => "Uploading",
+            FileStatus::InTransit => "InTransit",
+            FileStatus::Stored => "Stored",
+        }
+    }
+}
+
+/// How the client sends the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadMode {
+    /// Filestack regular multipart: each part in one PUT.
+    Regular,
+    /// Filestack intelligent ingestion: chunks at offsets inside parts, then a commit per part.
+    Intelligent,
+    /// One request carries the whole file (`/api/store`).
+    Direct,
+}
+
+/// A run of bytes in a local file. A complete file is the concatenation of its
+/// segments, so completing an upload never copies bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Path relative to the POP's parts directory.
+    pub file: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What the POP knows about one file. Stored in the metadata store under its handle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub handle: Handle,
+    pub upload_id: UploadId,
+    pub filename: String,
+    pub mimetype: String,
+    /// Declared size in bytes; the upload is complete only when exactly this many arrived.
+    pub size: u64,
+    pub mode: UploadMode,
+    pub status: FileStatus,
+    /// Milliseconds since the Unix epoch when the upload started.
+    pub created_at_ms: u64,
+    pub completed_at_ms: Option<u64>,
+    pub stored_at_ms: Option<u64>,
+    /// Store options as the client sent them, validated.
+    pub store: StoreOptions,
+    /// Name of the storage profile the replicator delivers to.
+    pub profile: String,
+    /// Bucket (or directory) in final storage.
+    pub container: String,
+    /// Object key in final storage.
+    pub key: String,
+    /// Set when the upload completes.
+    pub segments: Vec<Segment>,
+    /// Lower-case hex SHA-256 of the whole file, once the replicator has read it.
+    pub sha256: Option<String>,
+    pub replication_attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl FileRecord {
+    pub fn is_complete(&self) -> bool {
+        self.status != FileStatus::Uploading
+    }
+}
+
+/// The bytes received for one part of an upload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    /// Byte ranges inside the part that are on disk (fsync'd) and acknowledged.
+    pub received: RangeSet,
+    /// Length of the part once it is whole: set by a regular PUT or an FII commit.
+    pub committed_len: Option<u64>,
+    /// Quoted MD5 of the part, returned as the PUT's ETag (regular mode).
+    pub etag: Option<String>,
+}
+
+/// A pending delivery of a complete file to final storage. Kept in the metadata store
+/// until final storage confirms the object, so it survives restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationJob {
+    pub handle: Handle,
+    pub attempts: u32,
+    /// Do not try again before this time (ms since the Unix epoch).
+    pub not_before_ms: u64,
+    pub last_error: Option<String>,
+    /// Progress of a multipart upload to final storage, so a restart resumes it.
+    pub checkpoint: Option<MultipartCheckpoint>,
+}
+
+impl ReplicationJob {
+    pub fn new(handle: Handle) -> Self {
+        ReplicationJob {
+            handle,
+            attempts: 0,
+            not_before_ms: 0,
+            last_error: None,
+            checkpoint: None,
+        }
+    }
+}
+
+/// A multipart upload to final storage in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipartCheckpoint {
+    /// The final store's id for the multipart upload.
+    pub upload_id: String,
+    pub container: String,
+    pub key: String,
+    pub part_size: u64,
+    /// Parts the final store has confirmed.
+    pub parts: Vec<CompletedPart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedPart {
+    pub number: u32,
+    pub etag: String,
+    /// Base64 checksum the final store confirmed for the part.
+    pub checksum: Option<String>,
+}

@@ -1,0 +1,188 @@
+//! Wiring: open the stores, build the router, run the server and the replicator
+//! until a shutdown future resolves, then stop in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::{HeaderName, Method};
+use axum::Router;
+use cin_storage::{MetadataStore, PartStore, SledMetadataStore};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::destinations::Destinations;
+use crate::replicator::Replicator;
+use crate::routes;
+use crate::signing::UrlSigner;
+use crate::upload::Uploads;
+
+/// Everything request handlers share.
+pub struct AppState {
+    pub config: Config,
+    /// Base URL of this POP without a trailing slash, e.g. `http://127.0.0.1:8080`.
+    pub public_url: String,
+    /// `host[:port]` of this POP, as Filestack's `location_url`.
+    pub location_url: String,
+    pub uploads: Uploads,
+    pub parts: PartStore,
+    pub destinations: Arc<Destinations>,
+    pub signer: UrlSigner,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// A running POP's background parts, built before the listener serves.
+struct Node {
+    state: SharedState,
+    meta: Arc<dyn MetadataStore>,
+    replicator: Arc<Replicator>,
+}
+
+fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let meta: Arc<dyn MetadataStore> = Arc::new(
+        SledMetadataStore::open(&data_dir.join("metadata"))
+            .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?,
+    );
+    let parts = PartStore::open(data_dir.join("parts"))?;
+    let destinations = Arc::new(Destinations::open(&config.storage, &data_dir)?);
+    let wakeup = Arc::new(Notify::new());
+    let public_url = if config.server.public_url.is_empty() {
+        format!("http://{bound}")
+    } else {
+        config.server.public_url.trim_end_matches('/').to_owned()
+    };
+    let location_url = public_url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(&public_url)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let signer = UrlSigner::new(signing_secret(&config, &data_dir)?);
+    let uploads = Uploads::new(
+        meta.clone(),
+        parts.clone(),
+        destinations.clone(),
+        config.uploads.max_file_size,
+        wakeup.clone(),
+    );
+    let replicator = Arc::new(Replicator::new(
+        meta.clone(),
+        parts.clone(),
+        destinations.clone(),
+        wakeup,
+        config.replicator.clone(),
+    ));
+    let state = Arc::new(AppState {
+        config,
+        public_url,
+        location_url,
+        uploads,
+        parts,
+        destinations,
+        signer,
+    });
+    Ok(Node {
+        state,
+        meta,
+        replicator,
+    })
+}
+
+/// The configured secret, or one generated on first start and kept in the data directory
+/// so signed URLs stay valid across restarts.
+fn signing_secret(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    if !config.uploads.url_signing_secret.is_empty() {
+        return Ok(config.uploads.url_signing_secret.as_bytes().to_vec());
+    }
+    let path = data_dir.join("url-signing.key");
+    match std::fs::read(&path) {
+        Ok(secret) if !secret.is_empty() => Ok(secret),
+        _ => {
+            let secret = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
+            std::fs::write(&path, &secret)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(secret)
+        }
+    }
+}
+
+pub fn router(state: SharedState) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::OPTIONS,
+        ])
+        .allow_headers(Any)
+        .expose_headers([
+            HeaderName::from_static("etag"),
+            HeaderName::from_static("content-range"),
+            HeaderName::from_static("content-length"),
+        ]);
+    routes::router()
+        .with_state(state)
+        .layer(TraceLayer::new_for_http())
+        .layer(cors)
+}
+
+/// Serves on `listener` until `shutdown` resolves; then drains requests (up to the
+/// configured grace period), stops the replicator and flushes the metadata store.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let bound = listener.local_addr()?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let node = open_node(config, bound)?;
+    tracing::info!(
+        "listening on http://{bound} (public url {}, data dir {})",
+        node.state.public_url,
+        node.state.config.server.data_dir.display()
+    );
+    for d in node.state.destinations.all() {
+        tracing::info!(profile = %d.name, bucket = %d.profile.bucket, store = %d.store.describe(), "storage profile");
+    }
+
+    let (stop_workers, workers_stopped) = watch::channel(false);
+    let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped));
+
+    let (signal_tx, mut signal_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal_tx.send(true);
+    });
+    let mut drain_started = signal_rx.clone();
+    let server =
+        axum::serve(listener, router(node.state.clone())).with_graceful_shutdown(async move {
+            let _ = drain_started.wait_for(|s| *s).await;
+            tracing::info!("shutting down: no new connections, draining requests");
+        });
+    let serve = tokio::spawn(async move { server.await });
+    let _ = signal_rx.wait_for(|s| *s).await;
+    match tokio::time::timeout(grace, serve).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!("requests still running after {grace:?}; closing them"),
+    }
+    let _ = stop_workers.send(true);
+    let _ = replicator.await;
+    node.meta.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

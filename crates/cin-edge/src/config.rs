@@ -1,0 +1,232 @@
+//! Typed, layered configuration: built-in defaults, then an optional TOML file,
+//! then `CIN__SECTION__KEY` environment variables (e.g. `CIN__SERVER__LISTEN`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub uploads: UploadsConfig,
+    pub storage: StorageConfig,
+    pub replicator: ReplicatorConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (the bound address is logged).
+    pub listen: SocketAddr,
+    /// Base URL clients reach this POP at, used in filelinks and upload URLs.
+    /// Empty: `http://{bound address}`.
+    pub public_url: String,
+    /// Directory for the metadata store, part files and the local origin store.
+    pub data_dir: PathBuf,
+    /// This POP's name, reported in metadata so a handle's origin POP is known.
+    pub pop_id: String,
+    /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadsConfig {
+    /// Largest file accepted, in bytes.
+    pub max_file_size: u64,
+    /// Seconds a signed part-upload URL stays valid.
+    pub upload_url_ttl_secs: u64,
+    /// Secret for signing part-upload URLs. Empty: a random secret is generated once
+    /// and kept in `{data_dir}/url-signing.key`.
+    pub url_signing_secret: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Profile that receives uploads naming no container (the operator's own store).
+    pub default_profile: String,
+    /// Final storage profiles by name.
+    pub profiles: BTreeMap<String, StorageProfile>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileKind {
+    /// A directory on this machine.
+    Local,
+    /// S3 or an S3-compatible service.
+    S3,
+}
+
+/// One final-storage destination.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageProfile {
+    /// `local` or `s3`.
+    pub kind: ProfileKind,
+    /// Bucket name (s3), or the container name reported for a local profile.
+    pub bucket: String,
+    /// Local profiles: directory holding `{bucket}/{key}`; relative to `data_dir`.
+    pub path: PathBuf,
+    /// Prefix put in front of every key.
+    pub key_prefix: String,
+}
+
+impl Default for StorageProfile {
+    fn default() -> Self {
+        StorageProfile {
+            kind: ProfileKind::Local,
+            bucket: "default".into(),
+            path: PathBuf::from("origin"),
+            key_prefix: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicatorConfig {
+    /// Files replicated at the same time.
+    pub workers: usize,
+    /// First retry delay after a failure, in milliseconds; doubles per attempt.
+    pub retry_base_ms: u64,
+    /// Longest delay between retries, in milliseconds; a failing job keeps being retried at this interval.
+    pub retry_cap_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `cin_edge=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: String::new(),
+            data_dir: PathBuf::from("./data"),
+            pop_id: "local".into(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        UploadsConfig {
+            max_file_size: 5 * 1024 * 1024 * 1024 * 1024,
+            upload_url_ttl_secs: 3600,
+            url_signing_secret: String::new(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let mut profiles = BTreeMap::new();
+        profiles.insert("default".to_owned(), StorageProfile::default());
+        StorageConfig {
+            default_profile: "default".into(),
+            profiles,
+        }
+    }
+}
+
+impl Default for ReplicatorConfig {
+    fn default() -> Self {
+        ReplicatorConfig {
+            workers: 4,
+            retry_base_ms: 500,
+            retry_cap_ms: 60_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            uploads: UploadsConfig::default(),
+            storage: StorageConfig::default(),
+            replicator: ReplicatorConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then `CIN__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, figment::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("CIN__").split("__")).extract()
+    }
+
+    /// Checks what the types cannot: every name that must resolve does.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self
+            .storage
+            .profiles
+            .contains_key(&self.storage.default_profile)
+        {
+            return Err(format!(
+                "storage.default_profile names {:?}, which is not in [storage.profiles]",
+                self.storage.default_profile
+            ));
+        }
+        for (name, profile) in &self.storage.profiles {
+            if profile.bucket.is_empty() {
+                return Err(format!("storage.profiles.{name}.bucket must not be empty"));
+            }
+        }
+        if self.replicator.workers == 0 {
+            return Err("replicator.workers must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_file_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+        let from_file: Config = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        let built_in = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&built_in).unwrap()
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! Storage profiles turned into live final stores, and the rule that maps an
+//! upload's `store` options onto one of them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cin_domain::StoreOptions;
+use cin_storage::{FinalStore, LocalDirStore};
+
+use crate::config::{ProfileKind, StorageConfig, StorageProfile};
+use crate::error::ApiError;
+
+/// A profile and the store it opened.
+pub struct Destination {
+    pub name: String,
+    pub profile: StorageProfile,
+    pub store: Arc<dyn FinalStore>,
+}
+
+/// Where an upload will be delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub profile: String,
+    pub container: String,
+    pub key: String,
+}
+
+pub struct Destinations {
+    default_profile: String,
+    by_name: BTreeMap<String, Destination>,
+}
+
+/// Storage kinds a client may name in `store.location`.
+const KNOWN_LOCATIONS: [&str; 2] = ["s3", "local"];
+
+impl Destinations {
+    pub fn open(config: &StorageConfig, data_dir: &Path) -> anyhow::Result<Self> {
+        let mut by_name = BTreeMap::new();
+        for (name, profile) in &config.profiles {
+            let store: Arc<dyn FinalStore> = match profile.kind {
+                ProfileKind::Local => Arc::new(LocalDirStore::open(data_dir.join(&profile.path))?),
+                ProfileKind::S3 => {
+                    anyhow::bail!("storage profile {name}: kind s3 is not available in this build")
+                }
+            };
+            by_name.insert(
+                name.clone(),
+                Destination {
+                    name: name.clone(),
+                    profile: profile.clone(),
+                    store,
+                },
+            );
+        }
+        Ok(Destinations {
+            default_profile: config.default_profile.clone(),
+            by_name,
+        })
+    }
+
+    pub fn get(&self, profile: &str) -> Option<&Destination> {
+        self.by_name.get(profile)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Destination> {
+        self.by_name.values()
+    }
+
+    /// Picks the profile and key for an upload, refusing store options no profile allows.
+    pub fn place(
+        &self,
+        store: &StoreOptions,
+        handle: &str,
+        filename: &str,
+    ) -> Result<Placement, ApiError> {
+        store.validate()?;
+        if let Some(location) = store.location.as_deref().filter(|l| !l.is_empty()) {
+            let location = location.to_ascii_lowercase();
+            if !KNOWN_LOCATIONS.contains(&location.as_str()) {
+                return Err(ApiError::invalid(
+                    "unsupported_location",
+                    format!("store location {location:?} is not supported here; use \"s3\""),
+                ));
+            }
+        }
+        let destination = match store.container.as_deref().filter(|c| !c.is_empty()) {
+            None => self.by_name.get(&self.default_profile).ok_or_else(|| {
+                ApiError::forbidden("no_default_storage", "this POP has no default storage profile")
+            })?,
+            Some(container) => self
+                .by_name
+                .values()
+                .find(|d| d.profile.bucket == container)
+                .ok_or_else(|| {
+                    ApiError::forbidden(
+                        "container_not_allowed",
+                        format!(
+                            "container {container:?} is not configured on this POP; ask the operator to add a storage profile for it, or omit container to use the default storage"
+                        ),
+                    )
+                })?,
+        };
+        Ok(Placement {
+            profile: destination.name.clone(),
+            container: destination.profile.bucket.clone(),
+            key: format!(
+                "{}{}",
+                destination.profile.key_prefix,
+                store.object_key(handle, filename)
+            ),
+        })
+    }
+}

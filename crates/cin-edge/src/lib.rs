@@ -1,0 +1,21 @@
+//! CIN edge: an ingestion point of presence for file uploads.
+//!
+//! - `upload`: the upload engine (start, durable chunks, commit, complete);
+//! - `routes`: the HTTP API (Filestack-compatible multipart, `/api/store`, filelinks, metadata);
+//! - `replicator`: the background worker delivering files to final storage;
+//! - `destinations`: storage profiles and how uploads are placed on them;
+//! - `config`, `telemetry`, `app`: configuration, logging and wiring.
+
+pub mod app;
+pub mod config;
+pub mod destinations;
+pub mod error;
+pub mod input;
+pub mod replicator;
+pub mod routes;
+pub mod signing;
+pub mod telemetry;
+pub mod upload;
+
+pub use app::run;
+pub use config::Config;

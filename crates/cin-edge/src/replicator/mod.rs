@@ -1,0 +1,267 @@
+//! The replicator: a background worker that delivers complete files from local
+//! parts to their final store and only then marks them `Stored`. Jobs live in the
+//! metadata store, so a restart picks up every pending one (and its checkpoint).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cin_domain::{FileStatus, Handle, MultipartCheckpoint, ReplicationJob};
+use cin_storage::{
+    JobChange, LocalObject, MetadataStore, ObjectToStore, PartStore, PutJournal, StorageError,
+};
+use rand::Rng;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::ReplicatorConfig;
+use crate::destinations::Destinations;
+use crate::upload::now_ms;
+
+/// Longest idle wait before the job list is looked at again.
+const IDLE_POLL: Duration = Duration::from_secs(30);
+
+pub struct Replicator {
+    meta: Arc<dyn MetadataStore>,
+    parts: PartStore,
+    destinations: Arc<Destinations>,
+    wakeup: Arc<Notify>,
+    config: ReplicatorConfig,
+    in_flight: Mutex<HashSet<Handle>>,
+}
+
+impl Replicator {
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        parts: PartStore,
+        destinations: Arc<Destinations>,
+        wakeup: Arc<Notify>,
+        config: ReplicatorConfig,
+    ) -> Self {
+        Replicator {
+            meta,
+            parts,
+            destinations,
+            wakeup,
+            config,
+            in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Runs until `shutdown` turns true, then lets running deliveries finish.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.config.workers));
+        let mut running = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let wait = self.dispatch_due(&permits, &mut running);
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                _ = self.wakeup.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
+        }
+        while running.join_next().await.is_some() {}
+        tracing::info!("replicator stopped");
+    }
+
+    /// Starts every due job there is a worker for; returns how long to wait for the next one.
+    fn dispatch_due(
+        self: &Arc<Self>,
+        permits: &Arc<Semaphore>,
+        running: &mut JoinSet<()>,
+    ) -> Duration {
+        let jobs = match self.meta.jobs() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the replication queue");
+                return Duration::from_secs(1);
+            }
+        };
+        let now = now_ms();
+        let mut wait = IDLE_POLL;
+        for job in jobs {
+            if job.not_before_ms > now {
+                wait = wait.min(Duration::from_millis(job.not_before_ms - now));
+                continue;
+            }
+            if self.lock_in_flight().contains(&job.handle) {
+                continue;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            self.lock_in_flight().insert(job.handle.clone());
+            let this = self.clone();
+            running.spawn(async move {
+                let handle = job.handle.clone();
+                this.replicate(job).await;
+                this.lock_in_flight().remove(&handle);
+                drop(permit);
+            });
+        }
+        wait
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<Handle>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn replicate(&self, job: ReplicationJob) {
+        let handle = job.handle.clone();
+        if let Err(e) = self.try_replicate(job).await {
+            tracing::error!(%handle, error = %e, "replication bookkeeping failed; the job stays queued");
+        }
+    }
+
+    async fn try_replicate(&self, mut job: ReplicationJob) -> Result<(), StorageError> {
+        let Some(mut file) = self.meta.get_file(&job.handle)? else {
+            tracing::warn!(handle = %job.handle, "dropping a replication job for a file that no longer exists");
+            return self.drop_job(&job.handle).await;
+        };
+        if file.status == FileStatus::Stored {
+            return self.drop_job(&job.handle).await;
+        }
+        let started = std::time::Instant::now();
+        let result = match self.destinations.get(&file.profile) {
+            None => Err(format!(
+                "storage profile {:?} is not configured on this POP any more; add it back to deliver this file",
+                file.profile
+            )),
+            Some(destination) => {
+                let source = LocalObject {
+                    parts: self.parts.clone(),
+                    segments: file.segments.clone(),
+                    size: file.size,
+                };
+                let journal = JobJournal {
+                    meta: self.meta.clone(),
+                    handle: job.handle.clone(),
+                    resume_from: job.checkpoint.clone(),
+                };
+                let object = ObjectToStore {
+                    container: &file.container,
+                    key: &file.key,
+                    source: &source,
+                    filename: &file.filename,
+                    mimetype: &file.mimetype,
+                    acl: file.store.access.as_deref(),
+                };
+                destination
+                    .store
+                    .put(&object, &journal)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        job.attempts += 1;
+        file.replication_attempts = job.attempts;
+        match result {
+            Ok(outcome) => {
+                file.status = FileStatus::Stored;
+                file.stored_at_ms = Some(now_ms());
+                file.sha256 = Some(outcome.sha256);
+                file.last_error = None;
+                self.meta.put_file(&file, JobChange::Remove)?;
+                self.meta.flush().await?;
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    handle = %file.handle,
+                    profile = %file.profile,
+                    key = %file.key,
+                    bytes = file.size,
+                    mb_per_s = file.size as f64 / 1e6 / secs.max(1e-9),
+                    "stored"
+                );
+            }
+            Err(error) => {
+                let delay = backoff(&self.config, job.attempts);
+                // Keep a checkpoint an attempt may have saved meanwhile.
+                job.checkpoint = self.meta.get_job(&job.handle)?.and_then(|j| j.checkpoint);
+                job.not_before_ms = now_ms() + delay.as_millis() as u64;
+                job.last_error = Some(error.clone());
+                file.last_error = Some(error.clone());
+                self.meta.put_file(&file, JobChange::Upsert(job.clone()))?;
+                self.meta.flush().await?;
+                tracing::warn!(
+                    handle = %file.handle,
+                    attempts = job.attempts,
+                    retry_in_ms = delay.as_millis() as u64,
+                    %error,
+                    "replication failed; will retry"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_job(&self, handle: &Handle) -> Result<(), StorageError> {
+        if let Some(file) = self.meta.get_file(handle)? {
+            self.meta.put_file(&file, JobChange::Remove)?;
+        }
+        self.meta.flush().await
+    }
+}
+
+/// Exponential backoff with equal jitter: the delay for attempt n lies in
+/// `[d/2, d]` where `d = min(cap, base * 2^(n-1))`.
+pub fn backoff(config: &ReplicatorConfig, attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(32);
+    let full = config
+        .retry_base_ms
+        .saturating_mul(1u64 << exp)
+        .min(config.retry_cap_ms)
+        .max(1);
+    let half = full / 2;
+    Duration::from_millis(half + rand::thread_rng().gen_range(0..=full - half))
+}
+
+/// Saves a final store's multipart progress into the file's replication job.
+struct JobJournal {
+    meta: Arc<dyn MetadataStore>,
+    handle: Handle,
+    resume_from: Option<MultipartCheckpoint>,
+}
+
+#[async_trait]
+impl PutJournal for JobJournal {
+    fn resume(&self) -> Option<MultipartCheckpoint> {
+        self.resume_from.clone()
+    }
+
+    async fn record(&self, checkpoint: Option<MultipartCheckpoint>) -> Result<(), StorageError> {
+        let mut job = self
+            .meta
+            .get_job(&self.handle)?
+            .unwrap_or_else(|| ReplicationJob::new(self.handle.clone()));
+        job.checkpoint = checkpoint;
+        self.meta.put_job(&job)?;
+        self.meta.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let config = ReplicatorConfig {
+            workers: 1,
+            retry_base_ms: 100,
+            retry_cap_ms: 1_000,
+        };
+        for _ in 0..100 {
+            let first = backoff(&config, 1).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let third = backoff(&config, 3).as_millis();
+            assert!((200..=400).contains(&third), "{third}");
+            let late = backoff(&config, 40).as_millis();
+            assert!((500..=1_000).contains(&late), "{late}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The filelink (`GET`/`HEAD /{handle}`) and metadata queries.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::{
+    ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, IF_RANGE, RANGE,
+};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cin_domain::{FileRecord, FileStatus, Handle};
+use serde_json::{json, Value};
+
+use crate::app::SharedState;
+use crate::error::ApiError;
+
+fn find(state: &SharedState, handle: &str) -> Result<FileRecord, ApiError> {
+    let handle = Handle::parse(handle).map_err(|_| {
+        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
+    })?;
+    state.uploads.file(&handle)
+}
+
+pub async fn metadata(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let file = find(&state, &handle)?;
+    Ok(Json(metadata_json(&state, &file)))
+}
+
+pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
+    let location = file
+        .store
+        .location
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .unwrap_or("s3")
+        .to_ascii_lowercase();
+    json!({
+        "handle": file.handle,
+        "url": format!("{}/{}", state.public_url, file.handle),
+        "filename": file.filename,
+        "mimetype": file.mimetype,
+        "size": file.size,
+        "uploaded": file.created_at_ms,
+        "status": file.status.as_str(),
+        "location": location,
+        "container": file.container,
+        "key": file.key,
+        "path": file.key,
+        "sha256": file.sha256,
+        "pop": state.config.server.pop_id,
+        "replication": {
+            "attempts": file.replication_attempts,
+            "last_error": file.last_error,
+            "completed_at": file.completed_at_ms,
+            "stored_at": file.stored_at_ms,
+        },
+    })
+}
+
+/// The outcome of reading `Range` against a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    Full,
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range; forms this server does not serve (several
+/// ranges, other units, garbage) fall back to the whole file, as RFC 9110 allows.
+fn parse_range(header: &str, size: u64) -> RangeRequest {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Full;
+    }
+    let Some((start, end)) = spec.trim().split_once('-') else {
+        return RangeRequest::Full;
+    };
+    let (start, end) = (start.trim(), end.trim());
+    if start.is_empty() {
+        // Suffix: the last N bytes.
+        return match end.parse::<u64>() {
+            Ok(0) => RangeRequest::Unsatisfiable,
+            Ok(_) if size == 0 => RangeRequest::Unsatisfiable,
+            Ok(n) => RangeRequest::Partial(size.saturating_sub(n), size),
+            Err(_) => RangeRequest::Full,
+        };
+    }
+    let Ok(start) = start.parse::<u64>() else {
+        return RangeRequest::Full;
+    };
+    let end = if end.is_empty() {
+        size
+    } else {
+        match end.parse::<u64>() {
+            Ok(e) if e >= start => e.saturating_add(1).min(size),
+            _ => return RangeRequest::Full,
+        }
+    };
+    if start >= size {
+        RangeRequest::Unsatisfiable
+    } else {
+        RangeRequest::Partial(start, end)
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: axum::http::HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn etag_matches(list: &str, etag: &str) -> bool {
+    list.split(',').any(|t| {
+        let t = t.trim();
+        t == "*" || t.trim_start_matches("W/") == etag
+    })
+}
+
+/// `Content-Disposition` with the filename, ASCII-safe plus RFC 5987 UTF-8 form.
+fn disposition(filename: &str) -> HeaderValue {
+    let ascii: String = filename
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded: String = filename
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&format!(
+        "inline; filename=\"{ascii}\"; filename*=UTF-8''{encoded}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("inline"))
+}
+
+pub async fn serve(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let file = find(&state, &handle)?;
+    if file.status == FileStatus::Uploading {
+        return Err(ApiError::conflict(
+            "upload_incomplete",
+            format!(
+                "file {} is still uploading; it can be read once the upload completes",
+                file.handle
+            ),
+            Some(file.status),
+        ));
+    }
+    let etag = format!("\"{}\"", file.handle);
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(
+        ETAG,
+        HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\"")),
+    );
+    response_headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    response_headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(&file.mimetype)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    response_headers.insert(CONTENT_DISPOSITION, disposition(&file.filename));
+
+    if header_str(&headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag)) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let range_applies = match header_str(&headers, IF_RANGE) {
+        None => true,
+        Some(validator) => validator.trim() == etag,
+    };
+    let range = match header_str(&headers, RANGE) {
+        Some(r) if range_applies => parse_range(r, file.size),
+        _ => RangeRequest::Full,
+    };
+    let (status, start, end) = match range {
+        RangeRequest::Full => (StatusCode::OK, 0, file.size),
+        RangeRequest::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
+        RangeRequest::Unsatisfiable => {
+            response_headers.insert(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{}", file.size))
+                    .unwrap_or(HeaderValue::from_static("*")),
+            );
+            let body = json!({"error": {"code": "range_not_satisfiable", "message": format!("the file has {} bytes", file.size)}});
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                response_headers,
+                Json(body),
+            )
+                .into_response());
+        }
+    };
+    if status == StatusCode::PARTIAL_CONTENT {
+        response_headers.insert(
+            CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, file.size))
+                .unwrap_or(HeaderValue::from_static("*")),
+        );
+    }
+    response_headers.insert(CONTENT_LENGTH, HeaderValue::from(end - start));
+    if method == Method::HEAD {
+        return Ok((status, response_headers).into_response());
+    }
+    let body = if state.parts.has_segments(&file.segments).await {
+        Body::from_stream(state.parts.read_range(&file.segments, start, end))
+    } else {
+        // The local copy is gone (evicted after it was stored): read from final storage.
+        let destination = state.destinations.get(&file.profile).ok_or_else(|| {
+            ApiError::not_found(
+                "file_unavailable",
+                format!(
+                    "file {} has no local copy and its storage profile is not configured",
+                    file.handle
+                ),
+            )
+        })?;
+        let stream = destination
+            .store
+            .get(&file.container, &file.key, Some((start, end)))
+            .await?;
+        Body::from_stream(stream)
+    };
+    Ok((status, response_headers, body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeRequest::Partial(0, 10));
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            RangeRequest::Partial(90, 100)
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            RangeRequest::Partial(90, 100)
+        );
+        assert_eq!(
+            parse_range("bytes=-1000", 100),
+            RangeRequest::Partial(0, 100)
+        );
+        assert_eq!(
+            parse_range("bytes=95-200", 100),
+            RangeRequest::Partial(95, 100)
+        );
+        assert_eq!(parse_range("bytes=100-", 100), RangeRequest::Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), RangeRequest::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeRequest::Full);
+        assert_eq!(parse_range("items=0-1", 100), RangeRequest::Full);
+        assert_eq!(parse_range("bytes=5-1", 100), RangeRequest::Full);
+    }
+}

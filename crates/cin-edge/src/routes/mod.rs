@@ -1,0 +1,25 @@
+//! HTTP routes. Handlers parse the wire format and call the upload engine.
+
+mod files;
+mod health;
+mod multipart;
+mod store_api;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+
+use crate::app::SharedState;
+
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/multipart/start", post(multipart::start))
+        .route("/multipart/upload", post(multipart::upload))
+        .route("/multipart/commit", post(multipart::commit))
+        .route("/multipart/complete", post(multipart::complete))
+        .route("/upload/{upload_id}/{part}", put(multipart::put_chunk))
+        .route("/api/store/{location}", post(store_api::store))
+        .route("/api/file/{handle}/metadata", get(files::metadata))
+        .route("/{handle}/metadata", get(files::metadata))
+        .route("/{handle}", get(files::serve))
+}

@@ -1,0 +1,302 @@
+//! The Filestack-compatible multipart calls: start, upload (hands out a signed PUT
+//! URL), the PUT itself, commit (intelligent ingestion) and complete.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CONTENT_LENGTH, ETAG};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cin_domain::{FileRecord, PartNumber, StoreOptions, UploadId, UploadMode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::app::SharedState;
+use crate::error::ApiError;
+use crate::input::{lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm};
+use crate::signing::{now_unix, ChunkGrant};
+use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
+
+#[derive(Debug, Deserialize)]
+pub struct StartRequest {
+    #[serde(default)]
+    pub filename: String,
+    #[serde(default)]
+    pub mimetype: Option<String>,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub size: u64,
+    #[serde(default)]
+    pub store: StoreOptions,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub fii: bool,
+}
+
+pub async fn start(
+    State(state): State<SharedState>,
+    JsonOrForm(req): JsonOrForm<StartRequest>,
+) -> Result<Json<Value>, ApiError> {
+    if req.filename.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "filename_required",
+            "filename is required",
+        ));
+    }
+    let file = state
+        .uploads
+        .start(NewUpload {
+            filename: req.filename,
+            mimetype: req.mimetype,
+            size: req.size,
+            store: req.store,
+            mode: if req.fii {
+                UploadMode::Intelligent
+            } else {
+                UploadMode::Regular
+            },
+        })
+        .await?;
+    let mut answer = json!({
+        "uri": format!("/{}/{}", file.container, file.key),
+        "region": state.config.server.pop_id,
+        "upload_id": file.upload_id,
+        "location_url": state.location_url,
+        "handle": file.handle,
+        "url": filelink(&state, &file),
+    });
+    if req.fii {
+        answer["upload_type"] = json!("intelligent_ingestion");
+    }
+    Ok(Json(answer))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UploadRequest {
+    pub upload_id: UploadId,
+    #[serde(deserialize_with = "lenient_i64")]
+    pub part: i64,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub size: u64,
+    #[serde(default)]
+    pub md5: Option<String>,
+    #[serde(default, deserialize_with = "lenient_opt_u64")]
+    pub offset: Option<u64>,
+}
+
+pub async fn upload(
+    State(state): State<SharedState>,
+    JsonOrForm(req): JsonOrForm<UploadRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let part = PartNumber::new(req.part)?;
+    let offset = req.offset.unwrap_or(0);
+    if req.size == 0 {
+        return Err(ApiError::invalid(
+            "empty_chunk",
+            "size must be at least 1 byte",
+        ));
+    }
+    state
+        .uploads
+        .check_chunk(&req.upload_id, offset, req.size)?;
+    let md5 = req.md5.filter(|m| !m.is_empty());
+    let grant = ChunkGrant {
+        upload_id: req.upload_id.to_string(),
+        part: part.get(),
+        offset,
+        size: req.size,
+        md5: md5.clone(),
+        expires: now_unix() + state.config.uploads.upload_url_ttl_secs,
+    };
+    let signature = state.signer.sign(&grant);
+    let query = serde_urlencoded::to_string([
+        ("offset", grant.offset.to_string()),
+        ("size", grant.size.to_string()),
+        ("md5", md5.clone().unwrap_or_default()),
+        ("expires", grant.expires.to_string()),
+        ("signature", signature),
+    ])
+    .map_err(|e| ApiError::invalid("invalid_request", e.to_string()))?;
+    let mut headers = Map::new();
+    if let Some(md5) = md5 {
+        headers.insert("Content-MD5".into(), json!(md5));
+    }
+    Ok(Json(json!({
+        "url": format!("{}/upload/{}/{}?{}", state.public_url, req.upload_id, part, query),
+        "headers": headers,
+        "location_url": state.location_url,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChunkQuery {
+    #[serde(deserialize_with = "lenient_u64")]
+    offset: u64,
+    #[serde(deserialize_with = "lenient_u64")]
+    size: u64,
+    #[serde(default)]
+    md5: String,
+    #[serde(deserialize_with = "lenient_u64")]
+    expires: u64,
+    signature: String,
+}
+
+pub async fn put_chunk(
+    State(state): State<SharedState>,
+    Path((upload_id, part)): Path<(String, String)>,
+    Query(q): Query<ChunkQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let refused = || {
+        ApiError::forbidden(
+            "invalid_signature",
+            "this upload URL is not one this POP signed, or it was altered; ask /multipart/upload for a new one",
+        )
+    };
+    let upload_id = UploadId::parse(&upload_id).map_err(|_| refused())?;
+    let part_number: i64 = part.parse().map_err(|_| refused())?;
+    let grant = ChunkGrant {
+        upload_id: upload_id.to_string(),
+        part: u32::try_from(part_number).map_err(|_| refused())?,
+        offset: q.offset,
+        size: q.size,
+        md5: Some(q.md5.clone()).filter(|m| !m.is_empty()),
+        expires: q.expires,
+    };
+    if !state.signer.verify(&grant, &q.signature) {
+        return Err(refused());
+    }
+    if q.expires < now_unix() {
+        return Err(ApiError::forbidden(
+            "url_expired",
+            "this upload URL has expired; ask /multipart/upload for a new one",
+        ));
+    }
+    if let Some(len) = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+        if len.parse::<u64>().ok() != Some(q.size) {
+            return Err(ApiError::invalid(
+                "chunk_size_mismatch",
+                format!(
+                    "Content-Length is {len} but this URL is for exactly {} bytes",
+                    q.size
+                ),
+            ));
+        }
+    }
+    let header_md5 = headers.get("content-md5").and_then(|v| v.to_str().ok());
+    if let (Some(header), Some(signed)) = (header_md5, grant.md5.as_deref()) {
+        if header != signed {
+            return Err(ApiError::invalid(
+                "md5_mismatch",
+                "Content-MD5 differs from the md5 declared to /multipart/upload",
+            ));
+        }
+    }
+    let etag = state
+        .uploads
+        .write_chunk(IncomingChunk {
+            upload_id,
+            part: PartNumber::new(part_number)?,
+            offset: q.offset,
+            size: q.size,
+            md5: grant.md5.or_else(|| header_md5.map(str::to_owned)),
+            body: body.into_data_stream(),
+        })
+        .await?;
+    Ok((StatusCode::OK, [(ETAG, etag)]).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CommitRequest {
+    pub upload_id: UploadId,
+    #[serde(deserialize_with = "lenient_i64")]
+    pub part: i64,
+}
+
+pub async fn commit(
+    State(state): State<SharedState>,
+    JsonOrForm(req): JsonOrForm<CommitRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let part = PartNumber::new(req.part)?;
+    let size = state.uploads.commit_part(&req.upload_id, part).await?;
+    Ok(Json(json!({ "part": part.get(), "size": size })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompleteRequest {
+    pub upload_id: UploadId,
+    #[serde(default)]
+    pub parts: Option<Value>,
+}
+
+pub async fn complete(
+    State(state): State<SharedState>,
+    JsonOrForm(req): JsonOrForm<CompleteRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let claimed = req
+        .parts
+        .map(parse_claimed_parts)
+        .transpose()?
+        .filter(|p| !p.is_empty());
+    let file = state.uploads.complete(&req.upload_id, claimed).await?;
+    Ok(Json(json!({
+        "handle": file.handle,
+        "url": filelink(&state, &file),
+        "filename": file.filename,
+        "size": file.size,
+        "mimetype": file.mimetype,
+        "status": file.status.as_str(),
+        "container": file.container,
+        "key": file.key,
+    })))
+}
+
+/// `parts` arrives as `[{"part_number": 1, "etag": "..."}]` (JSON) or `"1:etag;2:etag"` (forms).
+fn parse_claimed_parts(parts: Value) -> Result<Vec<ClaimedPart>, ApiError> {
+    let bad = |detail: String| {
+        ApiError::invalid(
+            "invalid_parts",
+            format!("parts must be [{{\"part_number\": N, \"etag\": \"...\"}}] or \"N:etag;N:etag\": {detail}"),
+        )
+    };
+    let mut out = Vec::new();
+    match parts {
+        Value::Null => {}
+        Value::String(s) => {
+            for item in s.split(';').filter(|i| !i.trim().is_empty()) {
+                let (n, etag) = item.split_once(':').unwrap_or((item, ""));
+                let n: i64 = n.trim().parse().map_err(|_| bad(format!("{item:?}")))?;
+                out.push(ClaimedPart {
+                    number: PartNumber::new(n)?,
+                    etag: Some(etag.trim().to_owned()).filter(|e| !e.is_empty()),
+                });
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                let n = item
+                    .get("part_number")
+                    .or_else(|| item.get("PartNumber"))
+                    .and_then(|n| {
+                        n.as_i64()
+                            .or_else(|| n.as_str().and_then(|s| s.parse().ok()))
+                    })
+                    .ok_or_else(|| bad(format!("{item}")))?;
+                let etag = item
+                    .get("etag")
+                    .or_else(|| item.get("ETag"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                out.push(ClaimedPart {
+                    number: PartNumber::new(n)?,
+                    etag,
+                });
+            }
+        }
+        other => return Err(bad(format!("{other}"))),
+    }
+    Ok(out)
+}
+
+pub fn filelink(state: &SharedState, file: &FileRecord) -> String {
+    format!("{}/{}", state.public_url, file.handle)
+}

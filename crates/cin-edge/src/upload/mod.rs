@@ -1,0 +1,496 @@
+//! The upload engine behind every wire protocol: start an upload, write chunks
+//! durably, commit parts, complete the file. Handlers translate requests into these
+//! calls; the rules live here.
+
+mod locks;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use cin_domain::{
+    sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob,
+    Segment, StoreOptions, UploadId, UploadMode,
+};
+use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore};
+use futures_util::Stream;
+use tokio::sync::Notify;
+
+use crate::destinations::Destinations;
+use crate::error::ApiError;
+use locks::KeyedLocks;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a client declares when it starts an upload.
+#[derive(Clone, Debug)]
+pub struct NewUpload {
+    pub filename: String,
+    pub mimetype: Option<String>,
+    pub size: u64,
+    pub store: StoreOptions,
+    pub mode: UploadMode,
+}
+
+/// A chunk as the client sends it.
+pub struct IncomingChunk<S> {
+    pub upload_id: UploadId,
+    pub part: PartNumber,
+    /// Offset inside the part (always 0 in regular mode).
+    pub offset: u64,
+    pub size: u64,
+    /// Base64 MD5 the client declared for the bytes.
+    pub md5: Option<String>,
+    pub body: S,
+}
+
+/// A part the client says it uploaded, with the ETag it was given.
+#[derive(Clone, Debug)]
+pub struct ClaimedPart {
+    pub number: PartNumber,
+    pub etag: Option<String>,
+}
+
+pub struct Uploads {
+    meta: Arc<dyn MetadataStore>,
+    parts: PartStore,
+    destinations: Arc<Destinations>,
+    max_file_size: u64,
+    part_locks: KeyedLocks<(UploadId, u32)>,
+    replication_wakeup: Arc<Notify>,
+}
+
+const DEFAULT_MIMETYPE: &str = "application/octet-stream";
+
+impl Uploads {
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        parts: PartStore,
+        destinations: Arc<Destinations>,
+        max_file_size: u64,
+        replication_wakeup: Arc<Notify>,
+    ) -> Self {
+        Uploads {
+            meta,
+            parts,
+            destinations,
+            max_file_size,
+            part_locks: KeyedLocks::new(),
+            replication_wakeup,
+        }
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), ApiError> {
+        if size > self.max_file_size {
+            return Err(ApiError::TooLarge {
+                message: format!(
+                    "the file is {size} bytes; this POP accepts files up to {} bytes",
+                    self.max_file_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn new_record(&self, upload: &NewUpload) -> Result<FileRecord, ApiError> {
+        let handle = Handle::generate();
+        let filename = sanitize_filename(&upload.filename);
+        let placement = self
+            .destinations
+            .place(&upload.store, handle.as_str(), &filename)?;
+        Ok(FileRecord {
+            handle,
+            upload_id: UploadId::generate(),
+            filename,
+            mimetype: upload
+                .mimetype
+                .clone()
+                .filter(|m| !m.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_MIMETYPE.to_owned()),
+            size: upload.size,
+            mode: upload.mode,
+            status: FileStatus::Uploading,
+            created_at_ms: now_ms(),
+            completed_at_ms: None,
+            stored_at_ms: None,
+            store: upload.store.clone(),
+            profile: placement.profile,
+            container: placement.container,
+            key: placement.key,
+            segments: Vec::new(),
+            sha256: None,
+            replication_attempts: 0,
+            last_error: None,
+        })
+    }
+
+    /// Registers a new upload; its handle and filelink are valid from now on.
+    pub async fn start(&self, upload: NewUpload) -> Result<FileRecord, ApiError> {
+        self.check_size(upload.size)?;
+        let record = self.new_record(&upload)?;
+        self.parts.create_upload(&record.upload_id).await?;
+        self.meta.put_file(&record, JobChange::Keep)?;
+        self.meta.flush().await?;
+        tracing::info!(handle = %record.handle, size = record.size, mode = ?record.mode, "upload started");
+        Ok(record)
+    }
+
+    pub fn file(&self, handle: &Handle) -> Result<FileRecord, ApiError> {
+        self.meta.get_file(handle)?.ok_or_else(|| {
+            ApiError::not_found("file_not_found", format!("no file has handle {handle}"))
+        })
+    }
+
+    pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, ApiError> {
+        let handle = self.meta.handle_for_upload(upload)?.ok_or_else(|| {
+            ApiError::not_found(
+                "upload_not_found",
+                format!("no upload has id {upload}; start a new upload with /multipart/start"),
+            )
+        })?;
+        self.file(&handle)
+    }
+
+    fn uploading(&self, upload: &UploadId) -> Result<FileRecord, ApiError> {
+        let file = self.file_for_upload(upload)?;
+        if file.status != FileStatus::Uploading {
+            return Err(ApiError::conflict(
+                "upload_complete",
+                format!(
+                    "upload {upload} is already complete; its file is {}",
+                    file.handle
+                ),
+                Some(file.status),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Checks a chunk's position before any of its bytes are read.
+    pub fn check_chunk(
+        &self,
+        upload: &UploadId,
+        offset: u64,
+        size: u64,
+    ) -> Result<FileRecord, ApiError> {
+        let file = self.uploading(upload)?;
+        let end = offset.checked_add(size);
+        if end.is_none_or(|end| end > file.size) {
+            return Err(ApiError::invalid(
+                "chunk_out_of_range",
+                format!(
+                    "a chunk of {size} bytes at offset {offset} goes past the declared file size of {} bytes",
+                    file.size
+                ),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Writes one chunk durably and records it. Returns the chunk's quoted MD5 ETag
+    /// only once the bytes are fsync'd and the range is flushed to the metadata store.
+    pub async fn write_chunk<S, E>(&self, chunk: IncomingChunk<S>) -> Result<String, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let file = self.check_chunk(&chunk.upload_id, chunk.offset, chunk.size)?;
+        let declared_md5 = chunk
+            .md5
+            .as_deref()
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(m.trim())
+                    .ok()
+                    .filter(|d| d.len() == 16)
+                    .map(hex::encode)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "invalid_md5",
+                            format!("md5 {m:?} is not a base64 MD5 digest"),
+                        )
+                    })
+            })
+            .transpose()?;
+
+        let _guard = self
+            .part_locks
+            .lock((chunk.upload_id.clone(), chunk.part.get()))
+            .await;
+        let mut part = self
+            .meta
+            .get_part(&chunk.upload_id, chunk.part)?
+            .unwrap_or_default();
+        let whole_part = file.mode != UploadMode::Intelligent;
+        if whole_part {
+            if let Some(len) = part.committed_len.filter(|&len| len != chunk.size) {
+                return Err(ApiError::conflict(
+                    "part_conflict",
+                    format!(
+                        "part {} was already uploaded with {len} bytes; it cannot be replaced by {} bytes",
+                        chunk.part, chunk.size
+                    ),
+                    None,
+                ));
+            }
+        }
+        let written = self
+            .parts
+            .write_chunk(
+                &chunk.upload_id,
+                chunk.part,
+                chunk.offset,
+                ChunkSize::Exact(chunk.size),
+                &part.received,
+                chunk.body,
+            )
+            .await?;
+        if let Some(declared) = declared_md5 {
+            if declared != written.md5_hex {
+                return Err(ChunkError::Md5Mismatch {
+                    declared,
+                    actual: written.md5_hex,
+                }
+                .into());
+            }
+        }
+        let etag = format!("\"{}\"", written.md5_hex);
+        part.received
+            .insert(chunk.offset, chunk.offset + chunk.size);
+        if whole_part {
+            part.committed_len = Some(chunk.size);
+            part.etag = Some(etag.clone());
+        }
+        self.meta.put_part(&chunk.upload_id, chunk.part, &part)?;
+        self.meta.flush().await?;
+        Ok(etag)
+    }
+
+    /// Intelligent ingestion: declares a part whole. Its chunks must cover it from byte 0 without gaps.
+    pub async fn commit_part(
+        &self,
+        upload: &UploadId,
+        part_number: PartNumber,
+    ) -> Result<u64, ApiError> {
+        let file = self.file_for_upload(upload)?;
+        let _guard = self
+            .part_locks
+            .lock((upload.clone(), part_number.get()))
+            .await;
+        let mut part = self.meta.get_part(upload, part_number)?.ok_or_else(|| {
+            ApiError::invalid(
+                "part_missing",
+                format!(
+                    "part {part_number} has no bytes yet; upload its chunks before committing it"
+                ),
+            )
+        })?;
+        if file.status != FileStatus::Uploading {
+            return Ok(part
+                .committed_len
+                .unwrap_or(part.received.contiguous_prefix()));
+        }
+        let len = whole_length(&part).ok_or_else(|| {
+            ApiError::invalid(
+                "part_incomplete",
+                format!(
+                    "part {part_number} has gaps: only bytes {:?} arrived; send the missing chunks, then commit again",
+                    part.received.intersect(0, u64::MAX)
+                ),
+            )
+        })?;
+        part.committed_len = Some(len);
+        self.meta.put_part(upload, part_number, &part)?;
+        self.meta.flush().await?;
+        Ok(len)
+    }
+
+    /// Completes an upload: checks every part is there, records the segment list
+    /// (no bytes are copied) and queues the file for replication. Idempotent.
+    pub async fn complete(
+        &self,
+        upload: &UploadId,
+        claimed: Option<Vec<ClaimedPart>>,
+    ) -> Result<FileRecord, ApiError> {
+        let _guard = self.part_locks.lock((upload.clone(), 0)).await;
+        let mut file = self.file_for_upload(upload)?;
+        if file.status != FileStatus::Uploading {
+            return Ok(file);
+        }
+        let parts = self.meta.parts(upload)?;
+        if let Some(claimed) = &claimed {
+            check_claimed_parts(claimed, &parts)?;
+        }
+        let mut segments = Vec::with_capacity(parts.len());
+        let mut missing = Vec::new();
+        let mut expected_number = 1u32;
+        for (number, part) in &parts {
+            missing.extend(expected_number..number.get());
+            expected_number = number.get() + 1;
+            match part.committed_len.or_else(|| whole_length(part)) {
+                Some(len) if len > 0 => segments.push(Segment {
+                    file: PartStore::part_file(upload, *number),
+                    offset: 0,
+                    len,
+                }),
+                _ => missing.push(number.get()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ApiError::invalid(
+                "missing_parts",
+                format!(
+                    "cannot complete: parts {} are missing or have gaps",
+                    join_numbers(&missing)
+                ),
+            ));
+        }
+        let total: u64 = segments.iter().map(|s| s.len).sum();
+        if total != file.size {
+            return Err(ApiError::invalid(
+                "size_mismatch",
+                if total < file.size {
+                    format!(
+                        "cannot complete: {total} of the declared {} bytes arrived in parts 1..={}; upload the parts after part {}",
+                        file.size,
+                        expected_number - 1,
+                        expected_number - 1
+                    )
+                } else {
+                    format!(
+                        "the parts hold {total} bytes but the declared size is {} bytes",
+                        file.size
+                    )
+                },
+            ));
+        }
+        file.segments = segments;
+        self.finish(&mut file).await?;
+        Ok(file)
+    }
+
+    /// Marks a file complete at this POP and queues it for final storage, durably.
+    async fn finish(&self, file: &mut FileRecord) -> Result<(), ApiError> {
+        file.status = FileStatus::InTransit;
+        file.completed_at_ms = Some(now_ms());
+        self.meta.put_file(
+            file,
+            JobChange::Upsert(ReplicationJob::new(file.handle.clone())),
+        )?;
+        self.meta.flush().await?;
+        self.replication_wakeup.notify_one();
+        tracing::info!(handle = %file.handle, size = file.size, "upload complete, queued for replication");
+        Ok(())
+    }
+
+    /// A whole file in one request (`/api/store`). `declared_size` is the body's
+    /// length when the client said it; otherwise the body is read up to the size limit.
+    pub async fn store_whole<S, E>(
+        &self,
+        upload: NewUpload,
+        declared_size: Option<u64>,
+        body: S,
+    ) -> Result<FileRecord, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        if let Some(size) = declared_size {
+            self.check_size(size)?;
+        }
+        let mut file = self.new_record(&upload)?;
+        let part = PartNumber::new(1)?;
+        self.parts.create_upload(&file.upload_id).await?;
+        let size = match declared_size {
+            Some(size) => ChunkSize::Exact(size),
+            None => ChunkSize::AtMost(self.max_file_size),
+        };
+        let written = self
+            .parts
+            .write_chunk(&file.upload_id, part, 0, size, &Default::default(), body)
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing was acknowledged: drop the bytes.
+                let _ = self.parts.remove_upload(&file.upload_id).await;
+                return Err(match e {
+                    ChunkError::TooLong { .. } if declared_size.is_none() => ApiError::TooLarge {
+                        message: format!(
+                            "the body exceeds this POP's limit of {} bytes",
+                            self.max_file_size
+                        ),
+                    },
+                    other => other.into(),
+                });
+            }
+        };
+        file.size = written.len;
+        file.segments = vec![Segment {
+            file: PartStore::part_file(&file.upload_id, part),
+            offset: 0,
+            len: written.len,
+        }];
+        self.finish(&mut file).await?;
+        Ok(file)
+    }
+}
+
+/// The part's length when its received bytes are one run from byte 0.
+fn whole_length(part: &PartRecord) -> Option<u64> {
+    (part.received.len() == 1)
+        .then(|| part.received.contiguous_prefix())
+        .filter(|&len| len > 0)
+}
+
+fn check_claimed_parts(
+    claimed: &[ClaimedPart],
+    stored: &[(PartNumber, PartRecord)],
+) -> Result<(), ApiError> {
+    let mut missing = Vec::new();
+    for claim in claimed {
+        match stored.iter().find(|(n, _)| *n == claim.number) {
+            None => missing.push(claim.number.get()),
+            Some((_, part)) => {
+                let (Some(theirs), Some(ours)) = (claim.etag.as_deref(), part.etag.as_deref())
+                else {
+                    continue;
+                };
+                if theirs.trim_matches('"') != ours.trim_matches('"') {
+                    return Err(ApiError::invalid(
+                        "etag_mismatch",
+                        format!(
+                            "part {} has ETag {ours}, not {theirs}; upload the part again or send its ETag",
+                            claim.number
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(ApiError::invalid(
+            "missing_parts",
+            format!(
+                "cannot complete: parts {} were never uploaded",
+                join_numbers(&missing)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn join_numbers(numbers: &[u32]) -> String {
+    numbers
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,201 @@
+//! The embedded default final store: a directory, `{root}/{container}/{key}`.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
+use crate::parts::sync_dir;
+use crate::{ByteStream, StorageError};
+
+pub struct LocalDirStore {
+    root: PathBuf,
+}
+
+impl LocalDirStore {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| StorageError::io(format!("creating {}", root.display()), e))?;
+        Ok(LocalDirStore { root })
+    }
+
+    fn object_path(&self, container: &str, key: &str) -> Result<PathBuf, FinalStoreError> {
+        let rel = Path::new(container).join(key);
+        // Keys come from validated store options, but the store must not trust that.
+        if container.is_empty()
+            || key.is_empty()
+            || key.ends_with('/')
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(FinalStoreError::Rejected(format!(
+                "object name {container}/{key} is not a plain relative path"
+            )));
+        }
+        Ok(self.root.join(rel))
+    }
+}
+
+fn io_err(context: String) -> impl FnOnce(io::Error) -> FinalStoreError {
+    move |e| FinalStoreError::Local(StorageError::io(context, e))
+}
+
+async fn sha256_of_file(path: &Path) -> Result<(String, u64), FinalStoreError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+#[async_trait]
+impl FinalStore for LocalDirStore {
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+
+    async fn put(
+        &self,
+        object: &ObjectToStore<'_>,
+        _journal: &dyn PutJournal,
+    ) -> Result<PutOutcome, FinalStoreError> {
+        let path = self.object_path(object.container, object.key)?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| FinalStoreError::Rejected(format!("{} has no parent", path.display())))?
+            .to_path_buf();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let tmp = dir.join(format!(".incoming-{}", cin_domain::UploadId::generate()));
+        let result = async {
+            let mut out = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(io_err(format!("creating {}", tmp.display())))?;
+            let mut hasher = Sha256::new();
+            let mut written = 0u64;
+            let mut source = object.source.read_all();
+            while let Some(chunk) = source.next().await {
+                let chunk = chunk.map_err(io_err("reading the local copy".into()))?;
+                hasher.update(&chunk);
+                written += chunk.len() as u64;
+                out.write_all(&chunk)
+                    .await
+                    .map_err(io_err(format!("writing {}", tmp.display())))?;
+            }
+            out.sync_all()
+                .await
+                .map_err(io_err(format!("syncing {}", tmp.display())))?;
+            drop(out);
+            let sent = hex::encode(hasher.finalize());
+            if written != object.source.size {
+                return Err(FinalStoreError::Verification(format!(
+                    "local copy has {written} bytes, the record says {}",
+                    object.source.size
+                )));
+            }
+            // Read back what landed: the contract is verified, not merely written.
+            let (landed, landed_size) = sha256_of_file(&tmp).await?;
+            if landed != sent || landed_size != written {
+                return Err(FinalStoreError::Verification(format!(
+                    "wrote sha256 {sent} ({written} bytes) but read back {landed} ({landed_size} bytes)"
+                )));
+            }
+            tokio::fs::rename(&tmp, &path)
+                .await
+                .map_err(io_err(format!("renaming into {}", path.display())))?;
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || sync_dir(&d))
+                .await
+                .map_err(|e| FinalStoreError::Local(StorageError::io("sync task", io::Error::other(e.to_string()))))??;
+            Ok(PutOutcome { sha256: sent, size: written })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    async fn head(
+        &self,
+        container: &str,
+        key: &str,
+    ) -> Result<Option<ObjectInfo>, FinalStoreError> {
+        let path = self.object_path(container, key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(Some(ObjectInfo {
+                size: m.len(),
+                sha256: None,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(format!("inspecting {}", path.display()))(e)),
+        }
+    }
+
+    async fn get(
+        &self,
+        container: &str,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ByteStream, FinalStoreError> {
+        let path = self.object_path(container, key)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FinalStoreError::NotFound {
+                    container: container.into(),
+                    key: key.into(),
+                })
+            }
+            Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
+        };
+        let len = match range {
+            Some((start, end)) => {
+                file.seek(io::SeekFrom::Start(start))
+                    .await
+                    .map_err(io_err(format!("seeking {}", path.display())))?;
+                end.saturating_sub(start)
+            }
+            None => u64::MAX,
+        };
+        Ok(Box::pin(ReaderStream::with_capacity(
+            file.take(len),
+            256 * 1024,
+        )))
+    }
+
+    async fn delete(&self, container: &str, key: &str) -> Result<(), FinalStoreError> {
+        let path = self.object_path(container, key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
+        }
+    }
+
+    async fn check(&self) -> Result<(), FinalStoreError> {
+        tokio::fs::metadata(&self.root)
+            .await
+            .map(|_| ())
+            .map_err(io_err(format!("inspecting {}", self.root.display())))
+    }
+}

@@ -1,0 +1,16 @@
+//! Where a POP keeps things: the metadata store (records of files, parts and
+//! replication jobs), the local part files holding uploaded bytes, and the final
+//! stores the replicator delivers complete files to.
+
+pub mod error;
+pub mod final_store;
+pub mod metadata;
+pub mod parts;
+
+pub use error::{ChunkError, StorageError};
+pub use final_store::{
+    FinalStore, FinalStoreError, LocalDirStore, NoJournal, ObjectInfo, ObjectToStore, PutJournal,
+    PutOutcome,
+};
+pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
+pub use parts::{ByteStream, ChunkSize, ChunkWritten, LocalObject, PartStore};

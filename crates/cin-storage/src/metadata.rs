@@ -1,0 +1,324 @@
+//! The metadata store: records of files, of the parts of uploads in progress, and
+//! of pending replication jobs. Writes are visible at once; `flush` makes them
+//! durable and must complete before a client is told about them.
+
+use std::path::Path;
+
+use cin_domain::{FileRecord, Handle, PartNumber, PartRecord, ReplicationJob, UploadId};
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::StorageError;
+
+/// What to do with a file's replication job when its record is written.
+#[derive(Clone, Debug)]
+pub enum JobChange {
+    Keep,
+    Upsert(ReplicationJob),
+    Remove,
+}
+
+/// Records of files, parts and replication jobs.
+pub trait MetadataStore: Send + Sync {
+    fn get_file(&self, handle: &Handle) -> Result<Option<FileRecord>, StorageError>;
+    /// Writes a file record (and the upload id index), and changes its job in the
+    /// same atomic step, so a file is never complete without a pending job.
+    fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError>;
+    fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError>;
+    /// Every file record; for start-up checks and sweeps.
+    fn files(&self) -> Result<Vec<FileRecord>, StorageError>;
+
+    fn get_part(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+    ) -> Result<Option<PartRecord>, StorageError>;
+    fn put_part(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+        record: &PartRecord,
+    ) -> Result<(), StorageError>;
+    /// Parts of an upload in part-number order.
+    fn parts(&self, upload: &UploadId) -> Result<Vec<(PartNumber, PartRecord)>, StorageError>;
+
+    fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError>;
+    fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError>;
+    fn jobs(&self) -> Result<Vec<ReplicationJob>, StorageError>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+}
+
+/// Format version of every stored value; bumped when a record's shape changes incompatibly.
+const VALUE_VERSION: u8 = 1;
+
+/// [`MetadataStore`] on sled: one tree per record kind, values versioned and checksummed.
+pub struct SledMetadataStore {
+    db: sled::Db,
+    files: sled::Tree,
+    uploads: sled::Tree,
+    parts: sled::Tree,
+    jobs: sled::Tree,
+}
+
+impl SledMetadataStore {
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(SledMetadataStore {
+            files: db.open_tree("files")?,
+            uploads: db.open_tree("uploads")?,
+            parts: db.open_tree("parts")?,
+            jobs: db.open_tree("jobs")?,
+            db,
+        })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(VALUE_VERSION);
+    out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    if raw.len() < 5 {
+        return Err(corrupt("value too short".into()));
+    }
+    if raw[0] != VALUE_VERSION {
+        return Err(corrupt(format!("unknown format version {}", raw[0])));
+    }
+    let crc = u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]);
+    let body = &raw[5..];
+    if crc32fast::hash(body) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))
+}
+
+fn part_key(upload: &UploadId, part: PartNumber) -> Vec<u8> {
+    let mut key = upload.as_str().as_bytes().to_vec();
+    key.extend_from_slice(&part.get().to_be_bytes());
+    key
+}
+
+impl MetadataStore for SledMetadataStore {
+    fn get_file(&self, handle: &Handle) -> Result<Option<FileRecord>, StorageError> {
+        let key = handle.as_str().as_bytes();
+        self.files.get(key)?.map(|v| decode(key, &v)).transpose()
+    }
+
+    fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError> {
+        let key = file.handle.as_str().as_bytes();
+        let value = encode(file);
+        let job_value = match &job {
+            JobChange::Upsert(j) => Some(encode(j)),
+            _ => None,
+        };
+        (&self.files, &self.uploads, &self.jobs)
+            .transaction(|(files, uploads, jobs)| {
+                files.insert(key, value.as_slice())?;
+                uploads.insert(file.upload_id.as_str().as_bytes(), key)?;
+                match (&job, &job_value) {
+                    (JobChange::Upsert(_), Some(v)) => {
+                        jobs.insert(key, v.as_slice())?;
+                    }
+                    (JobChange::Remove, _) => {
+                        jobs.remove(key)?;
+                    }
+                    _ => {}
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| StorageError::Transaction(format!("{e:?}")))
+    }
+
+    fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError> {
+        let key = upload.as_str().as_bytes();
+        match self.uploads.get(key)? {
+            None => Ok(None),
+            Some(v) => {
+                let s = std::str::from_utf8(&v).map_err(|e| StorageError::Corrupt {
+                    key: upload.to_string(),
+                    reason: e.to_string(),
+                })?;
+                Handle::parse(s)
+                    .map(Some)
+                    .map_err(|e| StorageError::Corrupt {
+                        key: upload.to_string(),
+                        reason: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    fn files(&self) -> Result<Vec<FileRecord>, StorageError> {
+        self.files
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn get_part(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+    ) -> Result<Option<PartRecord>, StorageError> {
+        let key = part_key(upload, part);
+        self.parts.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    fn put_part(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+        record: &PartRecord,
+    ) -> Result<(), StorageError> {
+        self.parts.insert(part_key(upload, part), encode(record))?;
+        Ok(())
+    }
+
+    fn parts(&self, upload: &UploadId) -> Result<Vec<(PartNumber, PartRecord)>, StorageError> {
+        self.parts
+            .scan_prefix(upload.as_str().as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let n = k
+                    .get(k.len().saturating_sub(4)..)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| StorageError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        reason: "bad part key".into(),
+                    })?;
+                let part = PartNumber::new(i64::from(n)).map_err(|e| StorageError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: e.to_string(),
+                })?;
+                Ok((part, decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError> {
+        let key = handle.as_str().as_bytes();
+        self.jobs.get(key)?.map(|v| decode(key, &v)).transpose()
+    }
+
+    fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError> {
+        self.jobs
+            .insert(job.handle.as_str().as_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    fn jobs(&self) -> Result<Vec<ReplicationJob>, StorageError> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.db.flush_async().await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cin_domain::{FileStatus, StoreOptions, UploadMode};
+
+    fn record() -> FileRecord {
+        FileRecord {
+            handle: Handle::generate(),
+            upload_id: UploadId::generate(),
+            filename: "a.txt".into(),
+            mimetype: "text/plain".into(),
+            size: 10,
+            mode: UploadMode::Regular,
+            status: FileStatus::Uploading,
+            created_at_ms: 1,
+            completed_at_ms: None,
+            stored_at_ms: None,
+            store: StoreOptions::default(),
+            profile: "default".into(),
+            container: "default".into(),
+            key: "k".into(),
+            segments: vec![],
+            sha256: None,
+            replication_attempts: 0,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = record();
+        {
+            let store = SledMetadataStore::open(dir.path()).unwrap();
+            store
+                .put_file(
+                    &file,
+                    JobChange::Upsert(ReplicationJob::new(file.handle.clone())),
+                )
+                .unwrap();
+            let mut part = PartRecord::default();
+            part.received.insert(0, 5);
+            store
+                .put_part(&file.upload_id, PartNumber::new(2).unwrap(), &part)
+                .unwrap();
+            store
+                .put_part(&file.upload_id, PartNumber::new(1).unwrap(), &part)
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledMetadataStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_file(&file.handle).unwrap(), Some(file.clone()));
+        assert_eq!(
+            store.handle_for_upload(&file.upload_id).unwrap(),
+            Some(file.handle.clone())
+        );
+        let parts = store.parts(&file.upload_id).unwrap();
+        assert_eq!(
+            parts.iter().map(|(n, _)| n.get()).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(store.jobs().unwrap().len(), 1);
+        store.put_file(&file, JobChange::Remove).unwrap();
+        assert!(store.jobs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_values_are_errors_not_panics() {
+        assert!(decode::<FileRecord>(b"k", b"\x01\0\0\0\0{}").is_err());
+        assert!(decode::<FileRecord>(b"k", b"").is_err());
+        let mut good = encode(&record());
+        let last = good.len() - 2;
+        good[last] ^= 0x55;
+        assert!(decode::<FileRecord>(b"k", &good).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! Local part files. Every chunk is written in place inside its part's file and
+//! fsync'd before it is acknowledged; a complete file is a list of segments over
+//! these files, read back without any concatenation copy.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cin_domain::{PartNumber, RangeSet, Segment, UploadId};
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::{ChunkError, StorageError};
+
+/// A stream of file bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// Bytes gathered from the request body before one trip to the blocking pool.
+const WRITE_BATCH: usize = 1 << 20;
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The directory of part files: `{root}/{upload_id}/{part:05}`.
+#[derive(Clone, Debug)]
+pub struct PartStore {
+    root: Arc<PathBuf>,
+}
+
+/// How long a chunk's body must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkSize {
+    /// Exactly this many bytes; a shorter body is a truncated chunk.
+    Exact(u64),
+    /// Whatever the body holds, up to this many bytes.
+    AtMost(u64),
+}
+
+impl ChunkSize {
+    pub fn limit(self) -> u64 {
+        match self {
+            ChunkSize::Exact(n) | ChunkSize::AtMost(n) => n,
+        }
+    }
+}
+
+/// What a successfully written chunk looked like.
+#[derive(Clone, Debug)]
+pub struct ChunkWritten {
+    pub len: u64,
+    /// Lower-case hex MD5 of the chunk's bytes.
+    pub md5_hex: String,
+}
+
+impl PartStore {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| StorageError::io(format!("creating {}", root.display()), e))?;
+        Ok(PartStore {
+            root: Arc::new(root),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The segment name of a part, relative to the root.
+    pub fn part_file(upload: &UploadId, part: PartNumber) -> String {
+        format!("{}/{:05}", upload, part.get())
+    }
+
+    fn resolve(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    /// Creates the upload's directory durably, so later part files have a home after a crash.
+    pub async fn create_upload(&self, upload: &UploadId) -> Result<(), StorageError> {
+        let dir = self.root.join(upload.as_str());
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+            sync_dir(&root)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Removes every part file of an upload.
+    pub async fn remove_upload(&self, upload: &UploadId) -> Result<(), StorageError> {
+        let dir = self.root.join(upload.as_str());
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(format!("removing {}", dir.display()), e)),
+        }
+    }
+
+    /// Writes a chunk of `size` bytes at `offset` in a part file and
+    /// fsyncs it. Bytes over ranges in `acknowledged` are compared, never overwritten:
+    /// a resend of the same bytes succeeds, different bytes fail with `Conflict`.
+    /// Returns only once the bytes are durable; the caller then records the range.
+    pub async fn write_chunk<S, E>(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+        offset: u64,
+        size: ChunkSize,
+        acknowledged: &RangeSet,
+        body: S,
+    ) -> Result<ChunkWritten, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let path = self.resolve(&Self::part_file(upload, part));
+        let expected_len = size.limit();
+        let overlap = acknowledged.intersect(offset, offset.saturating_add(expected_len));
+        let writer = ChunkWriter::open(path, offset, overlap).await?;
+        let mut writer = Some(writer);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0usize;
+        let mut received: u64 = 0;
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.next().await {
+            let frame = frame.map_err(|e| ChunkError::Body(e.to_string()))?;
+            received += frame.len() as u64;
+            if received > expected_len {
+                return Err(ChunkError::TooLong {
+                    expected: expected_len,
+                });
+            }
+            batch_len += frame.len();
+            batch.push(frame);
+            if batch_len >= WRITE_BATCH {
+                writer = Some(run_batch(writer.take(), std::mem::take(&mut batch)).await?);
+                batch_len = 0;
+            }
+        }
+        if received < expected_len && matches!(size, ChunkSize::Exact(_)) {
+            return Err(ChunkError::Truncated {
+                received,
+                expected: expected_len,
+            });
+        }
+        let w = run_batch(writer.take(), batch).await?;
+        tokio::task::spawn_blocking(move || w.finish())
+            .await
+            .map_err(join_error)?
+    }
+
+    /// Streams bytes `[start, end)` of the file made of `segments`.
+    pub fn read_range(&self, segments: &[Segment], start: u64, end: u64) -> ByteStream {
+        let mut pieces = Vec::new();
+        let mut file_pos = 0u64;
+        for seg in segments {
+            let seg_start = file_pos;
+            let seg_end = file_pos + seg.len;
+            file_pos = seg_end;
+            let (s, e) = (start.max(seg_start), end.min(seg_end));
+            if s < e {
+                pieces.push((self.resolve(&seg.file), seg.offset + (s - seg_start), e - s));
+            }
+        }
+        let stream = futures_util::stream::iter(pieces)
+            .then(|(path, at, len)| async move {
+                let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                })?;
+                file.seek(io::SeekFrom::Start(at)).await?;
+                Ok::<_, io::Error>(ReaderStream::with_capacity(file.take(len), READ_BUFFER))
+            })
+            .try_flatten();
+        Box::pin(stream)
+    }
+
+    /// True when every segment's file is present with at least the bytes it names.
+    pub async fn has_segments(&self, segments: &[Segment]) -> bool {
+        for seg in segments {
+            match tokio::fs::metadata(self.resolve(&seg.file)).await {
+                Ok(m) if m.len() >= seg.offset + seg.len => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A complete local file: its segments in the part store.
+#[derive(Clone, Debug)]
+pub struct LocalObject {
+    pub parts: PartStore,
+    pub segments: Vec<Segment>,
+    pub size: u64,
+}
+
+impl LocalObject {
+    pub fn read_range(&self, start: u64, end: u64) -> ByteStream {
+        self.parts.read_range(&self.segments, start, end)
+    }
+
+    pub fn read_all(&self) -> ByteStream {
+        self.read_range(0, self.size)
+    }
+}
+
+/// The blocking half of a chunk write: owns the file and the running digest.
+struct ChunkWriter {
+    file: File,
+    path: PathBuf,
+    created: bool,
+    pos: u64,
+    /// Acknowledged ranges inside this chunk, compared instead of written.
+    overlap: Vec<(u64, u64)>,
+    md5: Md5,
+    len: u64,
+}
+
+impl ChunkWriter {
+    async fn open(
+        path: PathBuf,
+        offset: u64,
+        overlap: Vec<(u64, u64)>,
+    ) -> Result<Self, ChunkError> {
+        tokio::task::spawn_blocking(move || {
+            let created = !path.exists();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))?;
+            Ok(ChunkWriter {
+                file,
+                path,
+                created,
+                pos: offset,
+                overlap,
+                md5: Md5::new(),
+                len: 0,
+            })
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<(), ChunkError> {
+        self.md5.update(buf);
+        let start = self.pos;
+        let end = start + buf.len() as u64;
+        let mut cursor = start;
+        // Walk the acknowledged ranges inside [start, end): compare those, write the gaps.
+        for &(a, b) in &self.overlap {
+            let (a, b) = (a.max(start), b.min(end));
+            if a >= b {
+                continue;
+            }
+            if cursor < a {
+                self.write_at(
+                    &buf[(cursor - start) as usize..(a - start) as usize],
+                    cursor,
+                )?;
+            }
+            self.compare_at(&buf[(a - start) as usize..(b - start) as usize], a)?;
+            cursor = b;
+        }
+        if cursor < end {
+            self.write_at(&buf[(cursor - start) as usize..], cursor)?;
+        }
+        self.pos = end;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], at: u64) -> Result<(), ChunkError> {
+        self.file
+            .write_all_at(buf, at)
+            .map_err(|e| StorageError::io(format!("writing {}", self.path.display()), e).into())
+    }
+
+    fn compare_at(&self, buf: &[u8], at: u64) -> Result<(), ChunkError> {
+        let mut existing = vec![0u8; buf.len()];
+        self.file
+            .read_exact_at(&mut existing, at)
+            .map_err(|e| StorageError::io(format!("reading {}", self.path.display()), e))?;
+        match existing.iter().zip(buf).position(|(x, y)| x != y) {
+            Some(i) => Err(ChunkError::Conflict {
+                offset: at + i as u64,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(self) -> Result<ChunkWritten, ChunkError> {
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io(format!("syncing {}", self.path.display()), e))?;
+        if self.created {
+            if let Some(dir) = self.path.parent() {
+                sync_dir(dir)?;
+            }
+        }
+        Ok(ChunkWritten {
+            len: self.len,
+            md5_hex: hex::encode(self.md5.finalize()),
+        })
+    }
+}
+
+async fn run_batch(
+    writer: Option<ChunkWriter>,
+    batch: Vec<Bytes>,
+) -> Result<ChunkWriter, ChunkError> {
+    let mut w = writer
+        .ok_or_else(|| ChunkError::Body("chunk writer lost after an earlier failure".into()))?;
+    if batch.is_empty() {
+        return Ok(w);
+    }
+    tokio::task::spawn_blocking(move || {
+        for frame in &batch {
+            w.write(frame)?;
+        }
+        Ok(w)
+    })
+    .await
+    .map_err(join_error)?
+}
+
+/// Makes a directory entry (a new file, a rename) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
+}
+
+fn join_error(e: tokio::task::JoinError) -> StorageError {
+    StorageError::io("background I/O task", io::Error::other(e.to_string()))
+}
+
+impl From<tokio::task::JoinError> for ChunkError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ChunkError::Storage(join_error(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(chunks: Vec<&'static [u8]>) -> impl Stream<Item = Result<Bytes, String>> + Send {
+        futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from_static(c))))
+    }
+
+    async fn collect(s: ByteStream) -> Vec<u8> {
+        s.try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn chunks_land_at_offsets_and_read_back_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartStore::open(dir.path()).unwrap();
+        let up = UploadId::generate();
+        store.create_upload(&up).await.unwrap();
+        let p1 = PartNumber::new(1).unwrap();
+        let p2 = PartNumber::new(2).unwrap();
+        let none = RangeSet::new();
+        store
+            .write_chunk(&up, p1, 3, ChunkSize::Exact(3), &none, body(vec![b"def"]))
+            .await
+            .unwrap();
+        store
+            .write_chunk(
+                &up,
+                p1,
+                0,
+                ChunkSize::Exact(3),
+                &none,
+                body(vec![b"a", b"bc"]),
+            )
+            .await
+            .unwrap();
+        store
+            .write_chunk(&up, p2, 0, ChunkSize::Exact(2), &none, body(vec![b"gh"]))
+            .await
+            .unwrap();
+        let segments = vec![
+            Segment {
+                file: PartStore::part_file(&up, p1),
+                offset: 0,
+                len: 6,
+            },
+            Segment {
+                file: PartStore::part_file(&up, p2),
+                offset: 0,
+                len: 2,
+            },
+        ];
+        assert_eq!(
+            collect(store.read_range(&segments, 0, 8)).await,
+            b"abcdefgh"
+        );
+        assert_eq!(collect(store.read_range(&segments, 4, 7)).await, b"efg");
+    }
+
+    #[tokio::test]
+    async fn resends_compare_instead_of_overwriting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartStore::open(dir.path()).unwrap();
+        let up = UploadId::generate();
+        store.create_upload(&up).await.unwrap();
+        let p1 = PartNumber::new(1).unwrap();
+        store
+            .write_chunk(
+                &up,
+                p1,
+                0,
+                ChunkSize::Exact(4),
+                &RangeSet::new(),
+                body(vec![b"abcd"]),
+            )
+            .await
+            .unwrap();
+        let mut acked = RangeSet::new();
+        acked.insert(0, 4);
+        store
+            .write_chunk(&up, p1, 0, ChunkSize::Exact(4), &acked, body(vec![b"abcd"]))
+            .await
+            .unwrap();
+        let err = store
+            .write_chunk(&up, p1, 2, ChunkSize::Exact(4), &acked, body(vec![b"cXef"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ChunkError::Conflict { offset: 3 }), "{err}");
+        let seg = vec![Segment {
+            file: PartStore::part_file(&up, p1),
+            offset: 0,
+            len: 4,
+        }];
+        assert_eq!(collect(store.read_range(&seg, 0, 4)).await, b"abcd");
+    }
+
+    #[tokio::test]
+    async fn short_and_long_bodies_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartStore::open(dir.path()).unwrap();
+        let up = UploadId::generate();
+        store.create_upload(&up).await.unwrap();
+        let p1 = PartNumber::new(1).unwrap();
+        let none = RangeSet::new();
+        let short = store
+            .write_chunk(&up, p1, 0, ChunkSize::Exact(5), &none, body(vec![b"abc"]))
+            .await;
+        assert!(matches!(
+            short,
+            Err(ChunkError::Truncated {
+                received: 3,
+                expected: 5
+            })
+        ));
+        let long = store
+            .write_chunk(&up, p1, 0, ChunkSize::Exact(2), &none, body(vec![b"abc"]))
+            .await;
+        assert!(matches!(long, Err(ChunkError::TooLong { expected: 2 })));
+    }
+}

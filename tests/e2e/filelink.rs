@@ -1,0 +1,140 @@
+//! The filelink: Range, conditional requests, HEAD, headers, and the answer before completion.
+
+use serde_json::{json, Value};
+
+use crate::support::{random_bytes, spawn_app};
+
+#[tokio::test]
+async fn ranges_and_conditional_requests() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(10_000, 20);
+    // Three parts, so ranges cross segment boundaries.
+    let handle = app.upload_regular("naïve file.bin", &bytes, 4000).await;
+    let url = app.url(&format!("/{handle}"));
+
+    let full = app.http.get(&url).send().await.unwrap();
+    assert_eq!(full.status(), 200);
+    let etag = full.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(full.headers()["accept-ranges"], "bytes");
+    assert_eq!(full.headers()["content-length"], "10000");
+    assert_eq!(full.headers()["content-type"], "application/octet-stream");
+    let disposition = full.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        disposition.contains("filename*=UTF-8''na%C3%AFve%20file.bin"),
+        "{disposition}"
+    );
+
+    let part = app
+        .http
+        .get(&url)
+        .header("range", "bytes=3990-4010")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"], "bytes 3990-4010/10000");
+    assert_eq!(part.bytes().await.unwrap(), &bytes[3990..4011]);
+
+    let suffix = app
+        .http
+        .get(&url)
+        .header("range", "bytes=-100")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suffix.status(), 206);
+    assert_eq!(suffix.bytes().await.unwrap(), &bytes[9900..]);
+
+    let open = app
+        .http
+        .get(&url)
+        .header("range", "bytes=7999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 206);
+    assert_eq!(open.bytes().await.unwrap(), &bytes[7999..]);
+
+    let beyond = app
+        .http
+        .get(&url)
+        .header("range", "bytes=10000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), 416);
+    assert_eq!(beyond.headers()["content-range"], "bytes */10000");
+
+    let cached = app
+        .http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), 304);
+    assert!(cached.bytes().await.unwrap().is_empty());
+
+    let stale = app
+        .http
+        .get(&url)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"someotheretag\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 200, "a stale If-Range gets the whole file");
+    assert_eq!(stale.bytes().await.unwrap(), bytes);
+
+    let fresh = app
+        .http
+        .get(&url)
+        .header("range", "bytes=0-9")
+        .header("if-range", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), 206);
+    assert_eq!(fresh.bytes().await.unwrap(), &bytes[..10]);
+
+    let head = app.http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "10000");
+    assert!(head.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn filelink_before_completion_says_upload_incomplete() {
+    let app = spawn_app().await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "a.bin", "mimetype": "text/plain", "size": 10, "store": {"location": "s3"}}))
+        .await;
+    let handle = start["handle"].as_str().unwrap();
+    let resp = app
+        .http
+        .get(app.url(&format!("/{handle}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upload_incomplete");
+    assert_eq!(body["error"]["status"], "Uploading");
+    let meta = app.metadata(handle).await;
+    assert_eq!(meta["status"], "Uploading");
+    assert_eq!(meta["filename"], "a.bin");
+    let api_meta: Value = app
+        .http
+        .get(app.url(&format!("/api/file/{handle}/metadata")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(api_meta["handle"], handle);
+    assert_eq!(api_meta["size"], 10);
+}

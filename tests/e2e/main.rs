@@ -1,0 +1,10 @@
+//! End-to-end tests: each starts a real POP on port 0 with its own data directory
+//! and drives it over HTTP, with plain HTTP calls and with real client SDKs.
+
+mod bad_input;
+mod filelink;
+mod multipart;
+mod restart;
+mod sdk;
+mod store_api;
+mod support;

@@ -1,0 +1,205 @@
+//! The Filestack-style multipart flow in both modes, with JSON and form bodies.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{random_bytes, sha256_hex, spawn_app, MIB};
+
+#[tokio::test]
+async fn regular_upload_out_of_order_serves_at_once_then_is_stored() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(3 * MIB + 12345, 1);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "report.pdf", "mimetype": "application/pdf", "size": bytes.len(), "store": {"location": "S3"}}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+    assert_eq!(handle.len(), 20);
+    assert_eq!(start["url"], app.url(&format!("/{handle}")));
+    assert_eq!(
+        start["location_url"],
+        app.base.trim_start_matches("http://")
+    );
+
+    let chunks: Vec<&[u8]> = bytes.chunks(MIB).collect();
+    let mut parts = Vec::new();
+    for i in [3usize, 0, 2, 1] {
+        let resp = app
+            .send_chunk(upload_id, i as u32 + 1, None, chunks[i])
+            .await;
+        assert_eq!(resp.status(), 200);
+        let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+        assert_eq!(
+            etag,
+            format!(
+                "\"{}\"",
+                hex::encode(<md5::Md5 as md5::Digest>::digest(chunks[i]))
+            )
+        );
+        parts.push((i + 1, etag));
+    }
+    parts.sort();
+    let parts: Vec<Value> = parts
+        .iter()
+        .map(|(n, e)| json!({"part_number": n, "etag": e}))
+        .collect();
+    let resp = app.complete(upload_id, json!({"parts": parts})).await;
+    assert_eq!(resp.status(), 200);
+    let done: Value = resp.json().await.unwrap();
+    assert_eq!(done["handle"], handle);
+    assert_eq!(done["size"], bytes.len());
+    assert_eq!(done["filename"], "report.pdf");
+    assert!(
+        done["status"] == "InTransit" || done["status"] == "Stored",
+        "{done}"
+    );
+
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+
+    let meta = app
+        .wait_status(handle, "Stored", Duration::from_secs(20))
+        .await;
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+    assert_eq!(meta["mimetype"], "application/pdf");
+    assert_eq!(meta["size"], bytes.len());
+    assert_eq!(meta["container"], "default");
+    assert_eq!(meta["location"], "s3");
+    let key = meta["key"].as_str().unwrap();
+    assert_eq!(key, format!("{handle}_report.pdf"));
+    let in_origin = std::fs::read(app.data_dir.join("origin/default").join(key)).unwrap();
+    assert_eq!(sha256_hex(&in_origin), sha256_hex(&bytes));
+    // Still served (from the local cache) once stored.
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+}
+
+#[tokio::test]
+async fn intelligent_ingestion_chunks_at_offsets_in_any_order() {
+    let app = spawn_app().await;
+    let part_size = 2 * MIB;
+    let bytes = random_bytes(2 * part_size + 777, 2);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "movie.mp4", "mimetype": "video/mp4", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
+        .await;
+    assert_eq!(start["upload_type"], "intelligent_ingestion");
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+
+    for (p, part) in bytes.chunks(part_size).enumerate().rev() {
+        // Chunks of 300 KiB, sent last to first, like a client that retried.
+        let chunk = 300 * 1024;
+        let offsets: Vec<usize> = (0..part.len()).step_by(chunk).collect();
+        for &off in offsets.iter().rev() {
+            let end = (off + chunk).min(part.len());
+            let resp = app
+                .send_chunk(upload_id, p as u32 + 1, Some(off as u64), &part[off..end])
+                .await;
+            assert_eq!(resp.status(), 200);
+        }
+        let resp = app
+            .post_json("/multipart/commit", json!({"apikey": "k", "upload_id": upload_id, "part": p + 1, "size": bytes.len(), "store": {"location": "S3"}}))
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = app
+        .complete(
+            upload_id,
+            json!({"fii": true, "filename": "movie.mp4", "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+    let meta = app
+        .wait_status(handle, "Stored", Duration::from_secs(20))
+        .await;
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+}
+
+#[tokio::test]
+async fn form_bodies_are_accepted_like_json() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(100_000, 3);
+    let resp = app
+        .http
+        .post(app.url("/multipart/start"))
+        .form(&[
+            ("apikey", "k"),
+            ("filename", "f.txt"),
+            ("mimetype", "text/plain"),
+            ("size", "100000"),
+            ("store_location", "s3"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let start: Value = resp.json().await.unwrap();
+    let upload_id = start["upload_id"].as_str().unwrap().to_owned();
+    let resp = app
+        .http
+        .post(app.url("/multipart/upload"))
+        .form(&[
+            ("apikey", "k"),
+            ("upload_id", upload_id.as_str()),
+            ("part", "1"),
+            ("size", "100000"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let up: Value = resp.json().await.unwrap();
+    let put = app
+        .http
+        .put(up["url"].as_str().unwrap())
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let etag = put.headers()["etag"].to_str().unwrap().to_owned();
+    let resp = app
+        .http
+        .post(app.url("/multipart/complete"))
+        .form(&[
+            ("apikey", "k"),
+            ("upload_id", upload_id.as_str()),
+            ("parts", format!("1:{etag}").as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let done: Value = resp.json().await.unwrap();
+    assert_eq!(app.download(done["handle"].as_str().unwrap()).await, bytes);
+}
+
+#[tokio::test]
+async fn complete_is_idempotent() {
+    let app = spawn_app().await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "b.bin", "size": 3, "store": {"location": "s3"}}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    assert_eq!(
+        app.send_chunk(upload_id, 1, None, b"abc").await.status(),
+        200
+    );
+    let first: Value = app
+        .complete(upload_id, json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second: Value = app
+        .complete(upload_id, json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["handle"], second["handle"]);
+    assert_eq!(
+        app.download(first["handle"].as_str().unwrap()).await,
+        b"abc"
+    );
+}

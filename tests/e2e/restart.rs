@@ -1,0 +1,160 @@
+//! Kill the POP (SIGKILL: no shutdown, no flush) and start it again on the same
+//! data directory: every acknowledged chunk is still there and pending work resumes.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{random_bytes, sha256_hex, PopProcess, MIB};
+
+#[tokio::test]
+async fn acknowledged_chunks_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = random_bytes(4 * MIB + 99, 40);
+    let chunk = MIB / 2;
+    let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
+    let half = pieces.len() / 2;
+
+    let pop = PopProcess::start(dir.path());
+    let start = pop
+        .start(json!({"apikey": "k", "filename": "big.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap().to_owned();
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    // One part holds everything; chunks at offsets inside it.
+    for (i, piece) in pieces.iter().enumerate().take(half) {
+        let resp = pop
+            .send_chunk(&upload_id, 1, Some((i * chunk) as u64), piece)
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    pop.kill();
+
+    let pop = PopProcess::start(dir.path());
+    assert_eq!(pop.metadata(&handle).await["status"], "Uploading");
+    // Resending an acknowledged chunk is still idempotent after the restart.
+    assert_eq!(
+        pop.send_chunk(&upload_id, 1, Some(0), pieces[0])
+            .await
+            .status(),
+        200
+    );
+    for (i, piece) in pieces.iter().enumerate().skip(half) {
+        let resp = pop
+            .send_chunk(&upload_id, 1, Some((i * chunk) as u64), piece)
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = pop
+        .post_json(
+            "/multipart/commit",
+            json!({"upload_id": upload_id, "part": 1, "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let resp = pop.complete(&upload_id, json!({"fii": true})).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sha256_hex(&pop.download(&handle).await), sha256_hex(&bytes));
+    pop.kill();
+
+    // A complete upload still serves after another kill, and replication finishes.
+    let pop = PopProcess::start(dir.path());
+    assert_eq!(sha256_hex(&pop.download(&handle).await), sha256_hex(&bytes));
+    let meta = pop
+        .wait_status(&handle, "Stored", Duration::from_secs(30))
+        .await;
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+}
+
+#[tokio::test]
+async fn pending_replication_runs_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // A plain file where the origin's container directory belongs makes delivery fail.
+    let origin = dir.path().join("origin");
+    std::fs::create_dir_all(&origin).unwrap();
+    std::fs::write(origin.join("default"), b"in the way").unwrap();
+
+    let bytes = random_bytes(MIB + 1, 41);
+    let pop = PopProcess::start(dir.path());
+    let resp = pop
+        .http
+        .post(pop.url("/api/store/s3?filename=a.bin"))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let handle = resp.json::<Value>().await.unwrap()["handle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The failure is visible, the file stays InTransit and keeps serving.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let meta = loop {
+        let meta = pop.metadata(&handle).await;
+        if meta["replication"]["attempts"].as_u64().unwrap_or(0) >= 2 {
+            break meta;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retries seen: {meta}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(meta["status"], "InTransit");
+    assert!(
+        meta["replication"]["last_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{meta}"
+    );
+    assert_eq!(pop.download(&handle).await, bytes);
+    pop.kill();
+
+    std::fs::remove_file(origin.join("default")).unwrap();
+    let pop = PopProcess::start(dir.path());
+    let meta = pop
+        .wait_status(&handle, "Stored", Duration::from_secs(30))
+        .await;
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+    assert!(meta["replication"]["last_error"].is_null(), "{meta}");
+    let key = meta["key"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(origin.join("default").join(key)).unwrap(),
+        bytes
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_uploads_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = random_bytes(3 * MIB, 42);
+    let app = crate::support::spawn_app_in(dir.path(), |_| {}).await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "c.bin", "size": bytes.len(), "store": {"location": "s3"}}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap().to_owned();
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    let parts: Vec<&[u8]> = bytes.chunks(MIB).collect();
+    assert_eq!(
+        app.send_chunk(&upload_id, 1, None, parts[0]).await.status(),
+        200
+    );
+    app.stop().await;
+
+    let app = crate::support::spawn_app_in(dir.path(), |_| {}).await;
+    assert_eq!(
+        app.send_chunk(&upload_id, 2, None, parts[1]).await.status(),
+        200
+    );
+    assert_eq!(
+        app.send_chunk(&upload_id, 3, None, parts[2]).await.status(),
+        200
+    );
+    assert_eq!(app.complete(&upload_id, json!({})).await.status(), 200);
+    assert_eq!(app.download(&handle).await, bytes);
+    app.wait_status(&handle, "Stored", Duration::from_secs(20))
+        .await;
+    app.stop().await;
+}

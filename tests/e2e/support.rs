@@ -1,0 +1,309 @@
+//! `spawn_app()` and the helpers every end-to-end test shares.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cin_edge::Config;
+use rand::{RngCore, SeedableRng};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// An HTTP client for one POP, with the calls tests make.
+pub struct Pop {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A POP running inside the test process.
+pub struct TestApp {
+    pub pop: Pop,
+    pub data_dir: PathBuf,
+    _tmp: Option<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts a POP on port 0 with a fresh data directory, after `tweak` adjusts its config.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut app = spawn_app_in(tmp.path(), tweak).await;
+    app._tmp = Some(tmp);
+    app
+}
+
+pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = Config::default();
+    config.server.data_dir = data_dir.to_path_buf();
+    config.server.shutdown_grace_secs = 5;
+    config.replicator.retry_base_ms = 50;
+    config.replicator.retry_cap_ms = 500;
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(cin_edge::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        pop: Pop::new(base),
+        data_dir: data_dir.to_path_buf(),
+        _tmp: None,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// Shuts the POP down gracefully and waits until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server run");
+        }
+    }
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Pop;
+    fn deref(&self) -> &Pop {
+        &self.pop
+    }
+}
+
+impl Pop {
+    pub fn new(base: String) -> Pop {
+        Pop {
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `POST /multipart/start` that must succeed.
+    pub async fn start(&self, body: Value) -> Value {
+        let resp = self.post_json("/multipart/start", body).await;
+        assert_eq!(resp.status(), 200, "start failed");
+        resp.json().await.expect("start json")
+    }
+
+    /// Asks for an upload URL and PUTs `bytes` to it; returns the PUT response.
+    pub async fn send_chunk(
+        &self,
+        upload_id: &str,
+        part: u32,
+        offset: Option<u64>,
+        bytes: &[u8],
+    ) -> reqwest::Response {
+        let mut req = json!({
+            "apikey": "k", "upload_id": upload_id, "part": part, "size": bytes.len(),
+            "md5": md5_b64(bytes), "store": {"location": "s3"},
+        });
+        if let Some(offset) = offset {
+            req["offset"] = json!(offset);
+            req["fii"] = json!(true);
+        }
+        let resp = self.post_json("/multipart/upload", req).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "upload call failed: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        let answer: Value = resp.json().await.expect("upload json");
+        let mut put = self
+            .http
+            .put(answer["url"].as_str().expect("url"))
+            .body(bytes.to_vec());
+        if let Some(headers) = answer["headers"].as_object() {
+            for (k, v) in headers {
+                put = put.header(k, v.as_str().expect("header value"));
+            }
+        }
+        put.send().await.expect("put")
+    }
+
+    pub async fn complete(&self, upload_id: &str, extra: Value) -> reqwest::Response {
+        let mut body = json!({"apikey": "k", "upload_id": upload_id});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        self.post_json("/multipart/complete", body).await
+    }
+
+    pub async fn metadata(&self, handle: &str) -> Value {
+        let resp = self
+            .http
+            .get(self.url(&format!("/{handle}/metadata")))
+            .send()
+            .await
+            .expect("metadata");
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("metadata json")
+    }
+
+    pub async fn download(&self, handle: &str) -> Vec<u8> {
+        let resp = self
+            .http
+            .get(self.url(&format!("/{handle}")))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(resp.status(), 200, "filelink GET");
+        resp.bytes().await.expect("body").to_vec()
+    }
+
+    /// Polls metadata until `status` is reached (or panics after `timeout`).
+    pub async fn wait_status(&self, handle: &str, status: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let meta = self.metadata(handle).await;
+            if meta["status"] == status {
+                return meta;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{handle} never reached {status}: {meta}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Uploads `bytes` in regular mode in parts of `part_size`; returns the handle.
+    pub async fn upload_regular(&self, name: &str, bytes: &[u8], part_size: usize) -> String {
+        let start = self
+            .start(json!({"apikey": "k", "filename": name, "mimetype": "application/octet-stream", "size": bytes.len(), "store": {"location": "S3"}}))
+            .await;
+        let upload_id = start["upload_id"].as_str().expect("upload_id").to_owned();
+        let mut parts = Vec::new();
+        for (i, chunk) in bytes.chunks(part_size).enumerate() {
+            let resp = self.send_chunk(&upload_id, i as u32 + 1, None, chunk).await;
+            assert_eq!(resp.status(), 200);
+            let etag = resp.headers()["etag"].to_str().expect("etag").to_owned();
+            parts.push(json!({"part_number": i + 1, "etag": etag}));
+        }
+        let resp = self.complete(&upload_id, json!({"parts": parts})).await;
+        assert_eq!(resp.status(), 200);
+        let done: Value = resp.json().await.expect("complete json");
+        done["handle"].as_str().expect("handle").to_owned()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A POP running as its own process, for tests that kill it.
+pub struct PopProcess {
+    pub pop: Pop,
+    child: Child,
+}
+
+impl std::ops::Deref for PopProcess {
+    type Target = Pop;
+    fn deref(&self) -> &Pop {
+        &self.pop
+    }
+}
+
+impl PopProcess {
+    pub fn start(data_dir: &Path) -> PopProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cin-edge"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("NO_COLOR", "1")
+            .env("CIN__REPLICATOR__RETRY_BASE_MS", "50")
+            .env("CIN__REPLICATOR__RETRY_CAP_MS", "500")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cin-edge");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let url = rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        let _ = tx.send(url);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("cin-edge did not log its address");
+        PopProcess {
+            pop: Pop::new(base),
+            child,
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PopProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0u8; len];
+    rng.fill_bytes(&mut out);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn md5_b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use md5::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes))
+}
+
+pub const MIB: usize = 1024 * 1024;
