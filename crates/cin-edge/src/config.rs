@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -169,26 +169,17 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            uploads: UploadsConfig::default(),
-            storage: StorageConfig::default(),
-            replicator: ReplicatorConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl Config {
     /// Defaults, then `file` if given, then `CIN__*` environment variables.
-    pub fn load(file: Option<&Path>) -> Result<Config, figment::Error> {
+    pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed("CIN__").split("__")).extract()
+        figment
+            .merge(Env::prefixed("CIN__").split("__"))
+            .extract()
+            .map_err(Box::new)
     }
 
     /// Checks what the types cannot: every name that must resolve does.

@@ -109,7 +109,7 @@ fn parse_range(header: &str, size: u64) -> RangeRequest {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: axum::http::HeaderName) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: axum::http::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 

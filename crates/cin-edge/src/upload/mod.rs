@@ -353,6 +353,12 @@ impl Uploads {
             ));
         }
         let total: u64 = segments.iter().map(|s| s.len).sum();
+        if segments.is_empty() && file.size > 0 {
+            return Err(ApiError::invalid(
+                "missing_parts",
+                "cannot complete: no part has arrived yet; upload the parts first",
+            ));
+        }
         if total != file.size {
             return Err(ApiError::invalid(
                 "size_mismatch",
