@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod filelink;
+mod final_store;
 mod multipart;
 mod restart;
 mod sdk;

@@ -307,3 +307,137 @@ pub fn md5_b64(bytes: &[u8]) -> String {
 }
 
 pub const MIB: usize = 1024 * 1024;
+
+pub const S3_ACCESS_KEY: &str = "cinedgetestkey";
+pub const S3_SECRET_KEY: &str = "cinedgetestsecret";
+
+/// A real S3-compatible server (s3s-fs, which checks SigV4 signatures) on a free port.
+pub struct S3Server {
+    pub endpoint: String,
+    port: u16,
+    root: TempDir,
+    child: Option<Child>,
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("CIN_TEST_S3S_FS") {
+        return PathBuf::from(path);
+    }
+    let installed =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tools/bin/s3s-fs");
+    assert!(
+        installed.exists(),
+        "the S3 tests need s3s-fs: run scripts/test (it installs it), or set CIN_TEST_S3S_FS"
+    );
+    installed
+}
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut server = S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            root: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.resume().await;
+        server
+    }
+
+    /// Starts (again) on the same port and directory.
+    pub async fn resume(&mut self) {
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("s3s-fs did not start on port {}", self.port);
+    }
+
+    /// Stops the server, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// An SDK client, configured as it would be for AWS but for the endpoint.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                S3_ACCESS_KEY,
+                S3_SECRET_KEY,
+                None,
+                None,
+                "test",
+            ))
+            .load()
+            .await;
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&shared)
+                .force_path_style(true)
+                .build(),
+        )
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) {
+        self.client()
+            .await
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("create bucket");
+    }
+
+    /// A storage profile delivering to `bucket` on this server.
+    pub fn profile(&self, bucket: &str) -> cin_edge::config::StorageProfile {
+        cin_edge::config::StorageProfile {
+            kind: cin_edge::config::ProfileKind::S3,
+            bucket: bucket.to_owned(),
+            endpoint: self.endpoint.clone(),
+            force_path_style: true,
+            access_key_id: S3_ACCESS_KEY.to_owned(),
+            secret_access_key: S3_SECRET_KEY.to_owned(),
+            part_size: 5 * MIB as u64,
+            concurrency: 2,
+            ..Default::default()
+        }
+    }
+
+    /// Multipart uploads the server holds open. s3s-fs does not implement
+    /// ListMultipartUploads; it keeps one `.upload-{id}.json` file per open upload.
+    pub fn open_multipart_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path())
+            .expect("s3s-fs root")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with(".upload-") && name.ends_with(".json"))
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

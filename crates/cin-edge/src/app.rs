@@ -45,7 +45,7 @@ struct Node {
     replicator: Arc<Replicator>,
 }
 
-fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
+async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     config.validate().map_err(anyhow::Error::msg)?;
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -55,7 +55,7 @@ fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?,
     );
     let parts = PartStore::open(data_dir.join("parts"))?;
-    let destinations = Arc::new(Destinations::open(&config.storage, &data_dir)?);
+    let destinations = Arc::new(Destinations::open(&config.storage, &data_dir).await?);
     let wakeup = Arc::new(Notify::new());
     let public_url = if config.server.public_url.is_empty() {
         format!("http://{bound}")
@@ -150,7 +150,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    let node = open_node(config, bound)?;
+    let node = open_node(config, bound).await?;
     tracing::info!(
         "listening on http://{bound} (public url {}, data dir {})",
         node.state.public_url,

@@ -72,11 +72,30 @@ pub struct StorageProfile {
     /// `local` or `s3`.
     pub kind: ProfileKind,
     /// Bucket name (s3), or the container name reported for a local profile.
+    /// Uploads whose `store.container` names this bucket are delivered here.
     pub bucket: String,
     /// Local profiles: directory holding `{bucket}/{key}`; relative to `data_dir`.
     pub path: PathBuf,
     /// Prefix put in front of every key.
     pub key_prefix: String,
+    /// S3: region of the bucket.
+    pub region: String,
+    /// S3: endpoint URL of an S3-compatible service; empty for AWS itself.
+    pub endpoint: String,
+    /// S3: address buckets as `endpoint/bucket` (most S3-compatible services need this).
+    pub force_path_style: bool,
+    /// S3: access key; empty uses the standard AWS credential chain
+    /// (environment, shared profile, web identity, container or instance role).
+    pub access_key_id: String,
+    /// S3: secret key belonging to `access_key_id`.
+    pub secret_access_key: String,
+    /// S3: canned ACL for objects when the upload does not ask for one (`private`,
+    /// `public-read`); empty leaves it to the bucket's settings.
+    pub acl: String,
+    /// S3: multipart part size in bytes (at least 5 MiB); files up to this size go in one PutObject.
+    pub part_size: u64,
+    /// S3: parts of one file uploaded at the same time.
+    pub concurrency: usize,
 }
 
 impl Default for StorageProfile {
@@ -86,6 +105,14 @@ impl Default for StorageProfile {
             bucket: "default".into(),
             path: PathBuf::from("origin"),
             key_prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            force_path_style: false,
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            acl: String::new(),
+            part_size: 16 * 1024 * 1024,
+            concurrency: 4,
         }
     }
 }
@@ -197,6 +224,17 @@ impl Config {
         for (name, profile) in &self.storage.profiles {
             if profile.bucket.is_empty() {
                 return Err(format!("storage.profiles.{name}.bucket must not be empty"));
+            }
+            if profile.kind == ProfileKind::S3 && profile.part_size < 5 * 1024 * 1024 {
+                return Err(format!(
+                    "storage.profiles.{name}.part_size is {}; S3 needs parts of at least 5 MiB (5242880)",
+                    profile.part_size
+                ));
+            }
+            if profile.access_key_id.is_empty() != profile.secret_access_key.is_empty() {
+                return Err(format!(
+                    "storage.profiles.{name}: set both access_key_id and secret_access_key, or neither"
+                ));
             }
         }
         if self.replicator.workers == 0 {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cin_domain::StoreOptions;
-use cin_storage::{FinalStore, LocalDirStore};
+use cin_storage::{FinalStore, LocalDirStore, S3Settings, S3Store};
 
 use crate::config::{ProfileKind, StorageConfig, StorageProfile};
 use crate::error::ApiError;
@@ -35,14 +35,24 @@ pub struct Destinations {
 const KNOWN_LOCATIONS: [&str; 2] = ["s3", "local"];
 
 impl Destinations {
-    pub fn open(config: &StorageConfig, data_dir: &Path) -> anyhow::Result<Self> {
+    pub async fn open(config: &StorageConfig, data_dir: &Path) -> anyhow::Result<Self> {
         let mut by_name = BTreeMap::new();
         for (name, profile) in &config.profiles {
             let store: Arc<dyn FinalStore> = match profile.kind {
                 ProfileKind::Local => Arc::new(LocalDirStore::open(data_dir.join(&profile.path))?),
-                ProfileKind::S3 => {
-                    anyhow::bail!("storage profile {name}: kind s3 is not available in this build")
-                }
+                ProfileKind::S3 => Arc::new(
+                    S3Store::connect(S3Settings {
+                        bucket: profile.bucket.clone(),
+                        region: profile.region.clone(),
+                        endpoint: profile.endpoint.clone(),
+                        force_path_style: profile.force_path_style,
+                        access_key_id: profile.access_key_id.clone(),
+                        secret_access_key: profile.secret_access_key.clone(),
+                        part_size: profile.part_size,
+                        concurrency: profile.concurrency,
+                    })
+                    .await,
+                ),
             };
             by_name.insert(
                 name.clone(),

@@ -10,7 +10,7 @@ pub mod parts;
 pub use error::{ChunkError, StorageError};
 pub use final_store::{
     FinalStore, FinalStoreError, LocalDirStore, NoJournal, ObjectInfo, ObjectToStore, PutJournal,
-    PutOutcome,
+    PutOutcome, S3Settings, S3Store,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
 pub use parts::{ByteStream, ChunkSize, ChunkWritten, LocalObject, PartStore};

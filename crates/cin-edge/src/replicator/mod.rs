@@ -149,7 +149,11 @@ impl Replicator {
                     source: &source,
                     filename: &file.filename,
                     mimetype: &file.mimetype,
-                    acl: file.store.access.as_deref(),
+                    acl: file
+                        .store
+                        .access
+                        .as_deref()
+                        .or(Some(destination.profile.acl.as_str()).filter(|a| !a.is_empty())),
                 };
                 destination
                     .store

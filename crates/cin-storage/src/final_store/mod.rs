@@ -2,6 +2,7 @@
 //! [`FinalStore`] and marks it `Stored` only after `put` returned Ok.
 
 mod local;
+mod s3;
 
 use async_trait::async_trait;
 use cin_domain::MultipartCheckpoint;
@@ -10,6 +11,7 @@ use thiserror::Error;
 use crate::{ByteStream, LocalObject, StorageError};
 
 pub use local::LocalDirStore;
+pub use s3::{S3Settings, S3Store, MIN_PART_SIZE};
 
 #[derive(Debug, Error)]
 pub enum FinalStoreError {

@@ -1,0 +1,691 @@
+//! Final storage on S3 or an S3-compatible service, through `aws-sdk-s3`.
+//!
+//! Small files go up in one `PutObject`; larger ones as a multipart upload read
+//! part by part from the local segments (at most `concurrency` parts in memory).
+//! Every request carries a SHA-256 checksum the service verifies; the finished
+//! object's size and checksum are checked with `HeadObject` before `put` returns.
+//! Multipart progress is journaled, so a restarted replicator resumes the same
+//! upload, and uploads that cannot be resumed are aborted, never left behind.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as S3Body;
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart as S3CompletedPart,
+    ObjectCannedAcl,
+};
+use aws_sdk_s3::Client;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use cin_domain::{CompletedPart, MultipartCheckpoint};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio_util::io::ReaderStream;
+
+use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
+use crate::{ByteStream, LocalObject};
+
+/// S3 requires parts of at least 5 MiB (but the last).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+/// How to reach one S3 (or S3-compatible) service.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    /// The bucket `check` probes.
+    pub bucket: String,
+    pub region: String,
+    /// Empty: AWS's own endpoint for the region.
+    pub endpoint: String,
+    /// Address buckets as `endpoint/bucket` instead of `bucket.endpoint`.
+    pub force_path_style: bool,
+    /// Empty: the standard AWS credential chain (environment, profile, instance role...).
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Parts of this many bytes; files up to this size go in one PutObject.
+    pub part_size: u64,
+    /// Parts in flight at once per file.
+    pub concurrency: usize,
+}
+
+pub struct S3Store {
+    client: Client,
+    settings: S3Settings,
+}
+
+impl S3Store {
+    pub async fn connect(settings: S3Settings) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if !settings.access_key_id.is_empty() {
+            loader = loader.credentials_provider(Credentials::new(
+                settings.access_key_id.clone(),
+                settings.secret_access_key.clone(),
+                None,
+                None,
+                "cin-edge-config",
+            ));
+        }
+        if !settings.endpoint.is_empty() {
+            loader = loader.endpoint_url(settings.endpoint.clone());
+        }
+        let shared = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.force_path_style)
+            .build();
+        let settings = S3Settings {
+            part_size: settings.part_size.max(MIN_PART_SIZE),
+            concurrency: settings.concurrency.max(1),
+            ..settings
+        };
+        S3Store {
+            client: Client::from_conf(config),
+            settings,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn put_single(&self, object: &ObjectToStore<'_>) -> Result<PutOutcome, FinalStoreError> {
+        let bytes = read_bytes(object.source, 0, object.source.size).await?;
+        let digest = Sha256::digest(&bytes);
+        let sha256 = hex::encode(digest);
+        self.client
+            .put_object()
+            .bucket(object.container)
+            .key(object.key)
+            .content_type(object.mimetype)
+            .set_acl(acl(object.acl))
+            .set_metadata(Some(object_metadata(object, &sha256)))
+            .checksum_sha256(B64.encode(digest))
+            .body(S3Body::from(bytes))
+            .send()
+            .await
+            .map_err(classify)?;
+        self.verify(object, &sha256, Some(B64.encode(digest)))
+            .await?;
+        Ok(PutOutcome {
+            sha256,
+            size: object.source.size,
+        })
+    }
+
+    async fn put_multipart(
+        &self,
+        object: &ObjectToStore<'_>,
+        journal: &dyn PutJournal,
+    ) -> Result<PutOutcome, FinalStoreError> {
+        let size = object.source.size;
+        let part_size = journal
+            .resume()
+            .map(|cp| cp.part_size)
+            .filter(|&p| p >= MIN_PART_SIZE)
+            .unwrap_or(self.settings.part_size);
+        // One read up front gives the whole-file SHA-256 (stored as object metadata
+        // at creation) and every part's checksum (to skip parts already confirmed).
+        let (sha256, part_digests) = hash_parts(object.source, part_size).await?;
+        let mut resume_from = journal.resume();
+        loop {
+            let resuming = resume_from.is_some();
+            let (checkpoint, confirmed) = self
+                .resume_or_create(object, journal, resume_from.take(), part_size, &sha256)
+                .await?;
+            match self
+                .send_parts(
+                    object,
+                    journal,
+                    &checkpoint,
+                    confirmed,
+                    &part_digests,
+                    part_size,
+                )
+                .await
+            {
+                Err(FinalStoreError::Rejected(reason)) => {
+                    // The service refused the upload as it stands (e.g. it no longer
+                    // knows a journaled upload id): drop it, and start afresh once.
+                    self.abort(object.container, object.key, &checkpoint.upload_id)
+                        .await;
+                    journal.record(None).await?;
+                    if resuming {
+                        tracing::warn!(key = object.key, %reason, "resumed multipart upload refused; starting over");
+                        continue;
+                    }
+                    return Err(FinalStoreError::Rejected(reason));
+                }
+                Err(other) => return Err(other),
+                Ok(()) => break,
+            }
+        }
+        let composite = {
+            let mut h = Sha256::new();
+            for d in &part_digests {
+                h.update(d);
+            }
+            format!("{}-{}", B64.encode(h.finalize()), part_digests.len())
+        };
+        self.verify(object, &sha256, Some(composite)).await?;
+        Ok(PutOutcome { sha256, size })
+    }
+
+    /// Uploads the parts the service has not confirmed yet and completes the upload.
+    async fn send_parts(
+        &self,
+        object: &ObjectToStore<'_>,
+        journal: &dyn PutJournal,
+        checkpoint: &MultipartCheckpoint,
+        confirmed: HashMap<u32, CompletedPart>,
+        part_digests: &[[u8; 32]],
+        part_size: u64,
+    ) -> Result<(), FinalStoreError> {
+        let size = object.source.size;
+        let mut done: Vec<CompletedPart> = Vec::with_capacity(part_digests.len());
+        let mut in_flight = FuturesUnordered::new();
+
+        for (index, digest) in part_digests.iter().enumerate() {
+            let number = index as u32 + 1;
+            let checksum = B64.encode(digest);
+            if let Some(part) = confirmed
+                .get(&number)
+                .filter(|p| p.checksum.as_deref() == Some(checksum.as_str()))
+            {
+                done.push(part.clone());
+                continue;
+            }
+            while in_flight.len() >= self.settings.concurrency {
+                if let Some(result) = in_flight.next().await {
+                    done.push(result?);
+                    self.save_progress(journal, checkpoint, &done).await?;
+                }
+            }
+            let start = index as u64 * part_size;
+            let bytes = read_bytes(object.source, start, (start + part_size).min(size)).await?;
+            in_flight.push(self.upload_part(
+                object,
+                &checkpoint.upload_id,
+                number,
+                bytes,
+                checksum,
+            ));
+        }
+        while let Some(result) = in_flight.next().await {
+            done.push(result?);
+            self.save_progress(journal, checkpoint, &done).await?;
+        }
+        done.sort_by_key(|p| p.number);
+
+        let parts: Vec<S3CompletedPart> = done
+            .iter()
+            .map(|p| {
+                S3CompletedPart::builder()
+                    .part_number(p.number as i32)
+                    .e_tag(&p.etag)
+                    .set_checksum_sha256(p.checksum.clone())
+                    .build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(object.container)
+            .key(object.key)
+            .upload_id(&checkpoint.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(classify)?;
+        journal.record(None).await?;
+        Ok(())
+    }
+
+    /// Resumes the journaled multipart upload when the service still knows it
+    /// (returning the parts it confirmed), or starts a new one.
+    async fn resume_or_create(
+        &self,
+        object: &ObjectToStore<'_>,
+        journal: &dyn PutJournal,
+        resume_from: Option<MultipartCheckpoint>,
+        part_size: u64,
+        sha256: &str,
+    ) -> Result<(MultipartCheckpoint, HashMap<u32, CompletedPart>), FinalStoreError> {
+        if let Some(cp) = resume_from {
+            if cp.container == object.container && cp.key == object.key && cp.part_size == part_size
+            {
+                match self.confirmed_parts(&cp).await {
+                    Ok(parts) => {
+                        tracing::info!(key = object.key, upload_id = %cp.upload_id, confirmed = parts.len(), "resuming multipart upload");
+                        return Ok((cp, parts));
+                    }
+                    Err(FinalStoreError::Rejected(reason)) => {
+                        tracing::warn!(key = object.key, %reason, "journaled multipart upload is gone; starting over");
+                        self.abort(&cp.container, &cp.key, &cp.upload_id).await;
+                    }
+                    Err(other) => return Err(other),
+                }
+            } else {
+                self.abort(&cp.container, &cp.key, &cp.upload_id).await;
+            }
+            journal.record(None).await?;
+        }
+        // An upload created just before a crash, before its id was journaled, would be orphaned.
+        self.abort_stale_uploads(object.container, object.key).await;
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(object.container)
+            .key(object.key)
+            .content_type(object.mimetype)
+            .set_acl(acl(object.acl))
+            .set_metadata(Some(object_metadata(object, sha256)))
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(classify)?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| {
+                FinalStoreError::Rejected("CreateMultipartUpload answered no upload id".into())
+            })?
+            .to_owned();
+        let cp = MultipartCheckpoint {
+            upload_id,
+            container: object.container.to_owned(),
+            key: object.key.to_owned(),
+            part_size,
+            parts: Vec::new(),
+        };
+        journal.record(Some(cp.clone())).await?;
+        Ok((cp, HashMap::new()))
+    }
+
+    /// The journaled parts the service still lists for the upload (matched by number
+    /// and, where the service reports them, size and checksum).
+    async fn confirmed_parts(
+        &self,
+        cp: &MultipartCheckpoint,
+    ) -> Result<HashMap<u32, CompletedPart>, FinalStoreError> {
+        let mut listed: HashMap<u32, (Option<i64>, Option<String>)> = HashMap::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_parts()
+                .bucket(&cp.container)
+                .key(&cp.key)
+                .upload_id(&cp.upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(classify)?;
+            for p in page.parts() {
+                if let Some(n) = p.part_number() {
+                    listed.insert(n as u32, (p.size(), p.checksum_sha256().map(str::to_owned)));
+                }
+            }
+            marker = page.next_part_number_marker().map(str::to_owned);
+            if page.is_truncated() != Some(true) || marker.is_none() {
+                break;
+            }
+        }
+        Ok(cp
+            .parts
+            .iter()
+            .filter(|part| match listed.get(&part.number) {
+                None => false,
+                Some((_, Some(listed_sum))) => part.checksum.as_ref() == Some(listed_sum),
+                Some((_, None)) => true,
+            })
+            .map(|part| (part.number, part.clone()))
+            .collect())
+    }
+
+    async fn abort_stale_uploads(&self, bucket: &str, key: &str) {
+        let listed = match self
+            .client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(key)
+            .send()
+            .await
+        {
+            Ok(listed) => listed,
+            Err(e) => {
+                // Some S3-compatible services do not implement the listing; the journal still covers every upload but one created in the instant before a crash.
+                tracing::debug!(bucket, key, error = %classify(e), "cannot list open multipart uploads");
+                return;
+            }
+        };
+        for upload in listed.uploads() {
+            if let (Some(k), Some(id)) = (upload.key(), upload.upload_id()) {
+                if k == key {
+                    self.abort(bucket, key, id).await;
+                }
+            }
+        }
+    }
+
+    async fn abort(&self, bucket: &str, key: &str, upload_id: &str) {
+        let result = self
+            .client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(bucket, key, upload_id, error = %classify(e), "could not abort a multipart upload");
+        }
+    }
+
+    async fn upload_part(
+        &self,
+        object: &ObjectToStore<'_>,
+        upload_id: &str,
+        number: u32,
+        bytes: Bytes,
+        checksum: String,
+    ) -> Result<CompletedPart, FinalStoreError> {
+        let answer = self
+            .client
+            .upload_part()
+            .bucket(object.container)
+            .key(object.key)
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .checksum_sha256(&checksum)
+            .body(S3Body::from(bytes))
+            .send()
+            .await
+            .map_err(classify)?;
+        if let Some(echoed) = answer.checksum_sha256() {
+            if echoed != checksum {
+                return Err(FinalStoreError::Verification(format!(
+                    "part {number}: sent checksum {checksum}, service recorded {echoed}"
+                )));
+            }
+        }
+        let etag = answer.e_tag().ok_or_else(|| {
+            FinalStoreError::Rejected(format!("UploadPart {number} answered no ETag"))
+        })?;
+        Ok(CompletedPart {
+            number,
+            etag: etag.to_owned(),
+            checksum: Some(checksum),
+        })
+    }
+
+    async fn save_progress(
+        &self,
+        journal: &dyn PutJournal,
+        checkpoint: &MultipartCheckpoint,
+        done: &[CompletedPart],
+    ) -> Result<(), FinalStoreError> {
+        let mut cp = checkpoint.clone();
+        cp.parts = done.to_vec();
+        journal.record(Some(cp)).await?;
+        Ok(())
+    }
+
+    /// Checks the stored object's size, and its checksum when the service reports one.
+    async fn verify(
+        &self,
+        object: &ObjectToStore<'_>,
+        sha256: &str,
+        expected_checksum: Option<String>,
+    ) -> Result<(), FinalStoreError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(object.container)
+            .key(object.key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(classify)?;
+        let size = head.content_length().unwrap_or(-1);
+        if size != object.source.size as i64 {
+            return Err(FinalStoreError::Verification(format!(
+                "{}/{} has {size} bytes, {} were sent",
+                object.container, object.key, object.source.size
+            )));
+        }
+        if let (Some(stored), Some(expected)) = (head.checksum_sha256(), expected_checksum) {
+            if stored != expected {
+                return Err(FinalStoreError::Verification(format!(
+                    "{}/{} has checksum {stored}, expected {expected} (sha256 {sha256})",
+                    object.container, object.key
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn acl(access: Option<&str>) -> Option<ObjectCannedAcl> {
+    match access.map(|a| a.to_ascii_lowercase()) {
+        Some(a) if a == "public" || a == "public-read" => Some(ObjectCannedAcl::PublicRead),
+        Some(a) if a == "private" => Some(ObjectCannedAcl::Private),
+        _ => None,
+    }
+}
+
+/// Object metadata: filename (percent-encoded, as header values must be ASCII), mimetype, sha256.
+fn object_metadata(object: &ObjectToStore<'_>, sha256: &str) -> HashMap<String, String> {
+    let filename: String = object
+        .filename
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~ ".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("filename".to_owned(), filename);
+    meta.insert("mimetype".to_owned(), object.mimetype.to_owned());
+    meta.insert("sha256".to_owned(), sha256.to_owned());
+    meta
+}
+
+/// The whole file's hex SHA-256 and the raw SHA-256 of each part, in one read.
+async fn hash_parts(
+    source: &LocalObject,
+    part_size: u64,
+) -> Result<(String, Vec<[u8; 32]>), FinalStoreError> {
+    let mut whole = Sha256::new();
+    let mut part = Sha256::new();
+    let mut in_part = 0u64;
+    let mut digests = Vec::with_capacity(source.size.div_ceil(part_size) as usize);
+    let mut stream = source.read_all();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            FinalStoreError::Local(crate::StorageError::io("reading the local copy", e))
+        })?;
+        whole.update(&chunk);
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let take = rest.len().min((part_size - in_part) as usize);
+            part.update(&rest[..take]);
+            in_part += take as u64;
+            rest = &rest[take..];
+            if in_part == part_size {
+                digests.push(part.finalize_reset().into());
+                in_part = 0;
+            }
+        }
+    }
+    if in_part > 0 {
+        digests.push(part.finalize().into());
+    }
+    Ok((hex::encode(whole.finalize()), digests))
+}
+
+async fn read_bytes(source: &LocalObject, start: u64, end: u64) -> Result<Bytes, FinalStoreError> {
+    let mut out = Vec::with_capacity((end - start) as usize);
+    let mut stream = source.read_range(start, end);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            FinalStoreError::Local(crate::StorageError::io("reading the local copy", e))
+        })?;
+        out.extend_from_slice(&chunk);
+    }
+    if out.len() as u64 != end - start {
+        return Err(FinalStoreError::Local(crate::StorageError::io(
+            "reading the local copy",
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("expected {} bytes, read {}", end - start, out.len()),
+            ),
+        )));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Connection trouble and 5xx answers are `Unreachable` (retry later); an answer
+/// refusing the request (credentials, missing bucket, bad request) is `Rejected`.
+fn classify<E>(error: SdkError<E, HttpResponse>) -> FinalStoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match &error {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            FinalStoreError::Unreachable(aws_sdk_s3::error::DisplayErrorContext(&error).to_string())
+        }
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let status = service.raw().status().as_u16();
+            let detail = format!(
+                "{} (HTTP {status}): {}",
+                e.code().unwrap_or("error"),
+                e.message().unwrap_or("no message")
+            );
+            if status >= 500 {
+                FinalStoreError::Unreachable(detail)
+            } else {
+                FinalStoreError::Rejected(detail)
+            }
+        }
+        _ => FinalStoreError::Rejected(aws_sdk_s3::error::DisplayErrorContext(&error).to_string()),
+    }
+}
+
+#[async_trait]
+impl FinalStore for S3Store {
+    fn describe(&self) -> String {
+        let endpoint = if self.settings.endpoint.is_empty() {
+            "aws"
+        } else {
+            &self.settings.endpoint
+        };
+        format!(
+            "s3:{endpoint}/{} ({})",
+            self.settings.bucket, self.settings.region
+        )
+    }
+
+    async fn put(
+        &self,
+        object: &ObjectToStore<'_>,
+        journal: &dyn PutJournal,
+    ) -> Result<PutOutcome, FinalStoreError> {
+        if object.source.size <= self.settings.part_size {
+            self.put_single(object).await
+        } else {
+            self.put_multipart(object, journal).await
+        }
+    }
+
+    async fn head(
+        &self,
+        container: &str,
+        key: &str,
+    ) -> Result<Option<ObjectInfo>, FinalStoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(container)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(ObjectInfo {
+                size: head.content_length().unwrap_or(0).max(0) as u64,
+                sha256: head.metadata().and_then(|m| m.get("sha256")).cloned(),
+            })),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn get(
+        &self,
+        container: &str,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ByteStream, FinalStoreError> {
+        let request = self.client.get_object().bucket(container).key(key);
+        let request = match range {
+            Some((start, end)) if end > start => {
+                request.range(format!("bytes={}-{}", start, end - 1))
+            }
+            _ => request,
+        };
+        match request.send().await {
+            Ok(answer) => Ok(Box::pin(ReaderStream::with_capacity(
+                answer.body.into_async_read(),
+                256 * 1024,
+            ))),
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
+                Err(FinalStoreError::NotFound {
+                    container: container.into(),
+                    key: key.into(),
+                })
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn delete(&self, container: &str, key: &str) -> Result<(), FinalStoreError> {
+        self.client
+            .delete_object()
+            .bucket(container)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn check(&self) -> Result<(), FinalStoreError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.settings.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+}
