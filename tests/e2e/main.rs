@@ -6,6 +6,7 @@ mod filelink;
 mod final_store;
 mod multipart;
 mod restart;
+mod s3;
 mod sdk;
 mod store_api;
 mod support;

@@ -237,12 +237,18 @@ impl std::ops::Deref for PopProcess {
 
 impl PopProcess {
     pub fn start(data_dir: &Path) -> PopProcess {
+        Self::start_with_env(data_dir, &[])
+    }
+
+    /// Starts with extra `CIN__*` configuration variables.
+    pub fn start_with_env(data_dir: &Path, env: &[(String, String)]) -> PopProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cin-edge"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("NO_COLOR", "1")
             .env("CIN__REPLICATOR__RETRY_BASE_MS", "50")
             .env("CIN__REPLICATOR__RETRY_CAP_MS", "500")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -423,6 +429,33 @@ impl S3Server {
             concurrency: 2,
             ..Default::default()
         }
+    }
+
+    /// `CIN__*` variables that configure storage profile `name` for `bucket` on this server.
+    pub fn profile_env(&self, name: &str, bucket: &str) -> Vec<(String, String)> {
+        let key =
+            |field: &str| format!("CIN__STORAGE__PROFILES__{}__{}", name.to_uppercase(), field);
+        vec![
+            (key("KIND"), "s3".into()),
+            (key("BUCKET"), bucket.into()),
+            (key("ENDPOINT"), self.endpoint.clone()),
+            (key("FORCE_PATH_STYLE"), "true".into()),
+            (key("ACCESS_KEY_ID"), S3_ACCESS_KEY.into()),
+            (key("SECRET_ACCESS_KEY"), S3_SECRET_KEY.into()),
+            (key("PART_SIZE"), (5 * MIB).to_string()),
+            (key("CONCURRENCY"), "1".into()),
+        ]
+    }
+
+    /// Parts of multipart uploads the server holds (s3s-fs: `.upload_id-{id}.part-{n}` files).
+    pub fn uploaded_parts(&self) -> usize {
+        std::fs::read_dir(self.root.path())
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|name| name.starts_with(".upload_id-"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Multipart uploads the server holds open. s3s-fs does not implement

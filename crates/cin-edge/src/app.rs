@@ -101,6 +101,18 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     })
 }
 
+/// How often final stores are asked whether they accept requests.
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+async fn probe_destinations(destinations: Arc<Destinations>, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(PROBE_INTERVAL) => destinations.probe_all().await,
+        }
+    }
+}
+
 /// The configured secret, or one generated on first start and kept in the data directory
 /// so signed URLs stay valid across restarts.
 fn signing_secret(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
@@ -161,7 +173,11 @@ pub async fn run(
     }
 
     let (stop_workers, workers_stopped) = watch::channel(false);
-    let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped));
+    let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped.clone()));
+    tokio::spawn(probe_destinations(
+        node.state.destinations.clone(),
+        workers_stopped,
+    ));
 
     let (signal_tx, mut signal_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use cin_domain::StoreOptions;
-use cin_storage::{FinalStore, LocalDirStore, S3Settings, S3Store};
+use cin_storage::{FinalStore, FinalStoreError, LocalDirStore, S3Settings, S3Store};
 
 use crate::config::{ProfileKind, StorageConfig, StorageProfile};
 use crate::error::ApiError;
@@ -16,6 +17,33 @@ pub struct Destination {
     pub name: String,
     pub profile: StorageProfile,
     pub store: Arc<dyn FinalStore>,
+    /// Why the store refused the last probe (bad credentials, missing bucket), if it did.
+    /// New uploads for a refusing store are turned away at start rather than failing later.
+    refusal: RwLock<Option<String>>,
+}
+
+/// How long a probe of a final store may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Destination {
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Asks the store whether it accepts requests; an unreachable store is not a refusal.
+    pub async fn probe(&self) {
+        let refusal = match tokio::time::timeout(PROBE_TIMEOUT, self.store.check()).await {
+            Ok(Err(FinalStoreError::Rejected(reason))) => Some(reason),
+            _ => None,
+        };
+        if let Some(reason) = &refusal {
+            tracing::warn!(profile = %self.name, %reason, "final store refuses requests");
+        }
+        *self.refusal.write().unwrap_or_else(|p| p.into_inner()) = refusal;
+    }
 }
 
 /// Where an upload will be delivered.
@@ -60,13 +88,20 @@ impl Destinations {
                     name: name.clone(),
                     profile: profile.clone(),
                     store,
+                    refusal: RwLock::new(None),
                 },
             );
         }
-        Ok(Destinations {
+        let destinations = Destinations {
             default_profile: config.default_profile.clone(),
             by_name,
-        })
+        };
+        destinations.probe_all().await;
+        Ok(destinations)
+    }
+
+    pub async fn probe_all(&self) {
+        futures_util::future::join_all(self.by_name.values().map(Destination::probe)).await;
     }
 
     pub fn get(&self, profile: &str) -> Option<&Destination> {
@@ -111,6 +146,15 @@ impl Destinations {
                     )
                 })?,
         };
+        if let Some(reason) = destination.refusal() {
+            return Err(ApiError::forbidden(
+                "storage_refused",
+                format!(
+                    "the final storage for container {:?} refuses requests ({reason}); the operator must fix the storage profile's credentials or bucket",
+                    destination.profile.bucket
+                ),
+            ));
+        }
         Ok(Placement {
             profile: destination.name.clone(),
             container: destination.profile.bucket.clone(),
