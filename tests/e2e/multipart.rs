@@ -203,3 +203,59 @@ async fn complete_is_idempotent() {
         b"abc"
     );
 }
+
+#[tokio::test]
+async fn chunk_size_hints_shrink_when_bodies_break_off() {
+    use tokio::io::AsyncWriteExt;
+
+    let app = spawn_app().await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "a.bin", "size": 4 * MIB, "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let ask = |offset: usize| {
+        app.post_json(
+            "/multipart/upload",
+            json!({"upload_id": upload_id, "part": 1, "size": MIB, "offset": offset, "fii": true}),
+        )
+    };
+    let first: Value = ask(0).await.json().await.unwrap();
+    assert_eq!(
+        first["chunk_size_hint"], MIB,
+        "1 MiB before anything is measured"
+    );
+
+    // A body that breaks off halfway, as on a dropped connection.
+    let url = reqwest::Url::parse(first["url"].as_str().unwrap()).unwrap();
+    let mut stream = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT {}?{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+        url.path(),
+        url.query().unwrap(),
+        url.authority(),
+        MIB
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![7u8; MIB / 2]).await.unwrap();
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let after: Value = ask(0).await.json().await.unwrap();
+    assert_eq!(
+        after["chunk_size_hint"],
+        MIB / 2,
+        "a broken body halves the hint"
+    );
+    let put = app
+        .send_chunk(upload_id, 1, Some(0), &random_bytes(MIB, 5))
+        .await;
+    assert_eq!(put.status(), 200);
+    let header: u64 = put.headers()["cin-chunk-size-hint"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(header >= 32 * 1024 && header <= 8 * MIB as u64, "{header}");
+}

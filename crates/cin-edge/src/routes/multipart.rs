@@ -123,6 +123,7 @@ pub async fn upload(
         "url": format!("{}/upload/{}/{}?{}", state.public_url, req.upload_id, part, query),
         "headers": headers,
         "location_url": state.location_url,
+        "chunk_size_hint": state.uploads.chunk_size_hint(&req.upload_id),
     })))
 }
 
@@ -191,19 +192,30 @@ pub async fn put_chunk(
             ));
         }
     }
-    let etag = state
+    let written = state
         .uploads
         .write_chunk(IncomingChunk {
-            upload_id,
+            upload_id: upload_id.clone(),
             part: PartNumber::new(part_number)?,
             offset: q.offset,
             size: q.size,
             md5: grant.md5.or_else(|| header_md5.map(str::to_owned)),
             body: body.into_data_stream(),
         })
-        .await?;
-    Ok((StatusCode::OK, [(ETAG, etag)]).into_response())
+        .await;
+    // Success or not, the answer carries the size this network seems to handle.
+    let hint = (
+        CHUNK_SIZE_HINT,
+        state.uploads.chunk_size_hint(&upload_id).to_string(),
+    );
+    Ok(match written {
+        Ok(etag) => (StatusCode::OK, [(ETAG.as_str(), etag), hint]).into_response(),
+        Err(e) => ([hint], e).into_response(),
+    })
 }
+
+/// Response header with the chunk size (bytes) the POP suggests for this upload.
+pub const CHUNK_SIZE_HINT: &str = "cin-chunk-size-hint";
 
 #[derive(Debug, Deserialize)]
 pub struct CommitRequest {

@@ -2,6 +2,7 @@
 //! durably, commit parts, complete the file. Handlers translate requests into these
 //! calls; the rules live here.
 
+mod assessment;
 mod locks;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio::sync::Notify;
 
 use crate::destinations::Destinations;
 use crate::error::ApiError;
+use assessment::Assessment;
 use locks::KeyedLocks;
 
 pub fn now_ms() -> u64 {
@@ -64,6 +66,7 @@ pub struct Uploads {
     max_file_size: u64,
     part_locks: KeyedLocks<(UploadId, u32)>,
     replication_wakeup: Arc<Notify>,
+    assessment: Assessment,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -83,6 +86,7 @@ impl Uploads {
             max_file_size,
             part_locks: KeyedLocks::new(),
             replication_wakeup,
+            assessment: Assessment::default(),
         }
     }
 
@@ -241,6 +245,7 @@ impl Uploads {
                 ));
             }
         }
+        let receiving = std::time::Instant::now();
         let written = self
             .parts
             .write_chunk(
@@ -251,7 +256,18 @@ impl Uploads {
                 &part.received,
                 chunk.body,
             )
-            .await?;
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                if matches!(e, ChunkError::Truncated { .. } | ChunkError::Body(_)) {
+                    self.assessment.record_failure(&chunk.upload_id);
+                }
+                return Err(e.into());
+            }
+        };
+        self.assessment
+            .record_success(&chunk.upload_id, written.len, receiving.elapsed());
         if let Some(declared) = declared_md5 {
             if declared != written.md5_hex {
                 return Err(ChunkError::Md5Mismatch {
@@ -271,6 +287,11 @@ impl Uploads {
         self.meta.put_part(&chunk.upload_id, chunk.part, &part)?;
         self.meta.flush().await?;
         Ok(etag)
+    }
+
+    /// The chunk size (bytes) this upload's network has been handling well.
+    pub fn chunk_size_hint(&self, upload: &UploadId) -> u64 {
+        self.assessment.hint(upload)
     }
 
     /// Intelligent ingestion: declares a part whole. Its chunks must cover it from byte 0 without gaps.
@@ -379,6 +400,7 @@ impl Uploads {
         }
         file.segments = segments;
         self.finish(&mut file).await?;
+        self.assessment.forget(upload);
         Ok(file)
     }
 
