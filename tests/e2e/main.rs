@@ -2,6 +2,8 @@
 //! and drives it over HTTP, with plain HTTP calls and with real client SDKs.
 
 mod bad_input;
+mod client;
+mod fault_proxy;
 mod filelink;
 mod final_store;
 mod multipart;

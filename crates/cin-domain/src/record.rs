@@ -32,6 +32,27 @@ pub enum UploadMode {
     Intelligent,
     /// One request carries the whole file (`/api/store`).
     Direct,
+    /// tus 1.0: bytes appended at the current offset by PATCH requests.
+    Tus,
+}
+
+/// tus concatenation: how an upload relates to others.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TusConcat {
+    #[default]
+    None,
+    /// A piece of a later final upload; never delivered to final storage on its own.
+    Partial,
+    /// The concatenation of these partial uploads, in order.
+    Final(Vec<UploadId>),
+}
+
+/// What a tus upload carries beyond the common record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TusState {
+    /// `Upload-Metadata` as the client sent it, echoed on HEAD.
+    pub metadata: String,
+    pub concat: TusConcat,
 }
 
 /// A run of bytes in a local file. A complete file is the concatenation of its
@@ -73,11 +94,29 @@ pub struct FileRecord {
     pub sha256: Option<String>,
     pub replication_attempts: u32,
     pub last_error: Option<String>,
+    /// The client has not declared the size yet (tus `Upload-Defer-Length`); `size` is 0 until it does.
+    #[serde(default)]
+    pub length_deferred: bool,
+    /// Set when an abandoned upload was swept: its bytes are gone, the record stays as a tombstone.
+    #[serde(default)]
+    pub expired_at_ms: Option<u64>,
+    #[serde(default)]
+    pub tus: Option<TusState>,
 }
 
 impl FileRecord {
     pub fn is_complete(&self) -> bool {
         self.status != FileStatus::Uploading
+    }
+
+    pub fn is_tus_partial(&self) -> bool {
+        matches!(
+            &self.tus,
+            Some(TusState {
+                concat: TusConcat::Partial,
+                ..
+            })
+        )
     }
 }
 
@@ -90,6 +129,9 @@ pub struct PartRecord {
     pub committed_len: Option<u64>,
     /// Quoted MD5 of the part, returned as the PUT's ETag (regular mode).
     pub etag: Option<String>,
+    /// When bytes last arrived (ms since the Unix epoch), for sweeping abandoned uploads.
+    #[serde(default)]
+    pub touched_at_ms: u64,
 }
 
 /// A pending delivery of a complete file to final storage. Kept in the metadata store

@@ -1,6 +1,7 @@
 //! Wiring: open the stores, build the router, run the server and the replicator
 //! until a shutdown future resolves, then stop in order.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::Request;
 use axum::http::{HeaderName, Method};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::Router;
 use cin_storage::{MetadataStore, PartStore, SledMetadataStore};
 use tokio::net::TcpListener;
@@ -76,6 +80,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         parts.clone(),
         destinations.clone(),
         config.uploads.max_file_size,
+        Duration::from_secs(config.uploads.expire_after_secs),
         wakeup.clone(),
     );
     let replicator = Arc::new(Replicator::new(
@@ -101,6 +106,20 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     })
 }
 
+/// `X-HTTP-Method-Override` on a POST (for clients that cannot send PATCH or DELETE).
+async fn method_override(mut request: Request, next: Next) -> Response {
+    if request.method() == Method::POST {
+        let wanted = request
+            .headers()
+            .get("x-http-method-override")
+            .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
+        if let Some(method) = wanted {
+            *request.method_mut() = method;
+        }
+    }
+    next.run(request).await
+}
+
 /// How often final stores are asked whether they accept requests.
 const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -109,6 +128,20 @@ async fn probe_destinations(destinations: Arc<Destinations>, mut stop: watch::Re
         tokio::select! {
             _ = stop.changed() => {}
             _ = tokio::time::sleep(PROBE_INTERVAL) => destinations.probe_all().await,
+        }
+    }
+}
+
+async fn sweep_expired(state: SharedState, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_secs(state.config.uploads.sweep_interval_secs.max(1));
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(interval) => {
+                if let Err(e) = state.uploads.sweep_expired().await {
+                    tracing::error!(error = %e, "sweeping expired uploads failed");
+                }
+            }
         }
     }
 }
@@ -131,26 +164,65 @@ fn signing_secret(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-pub fn router(state: SharedState) -> Router {
-    let cors = CorsLayer::new()
+fn cors() -> CorsLayer {
+    CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([
             Method::GET,
             Method::HEAD,
             Method::POST,
             Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
             Method::OPTIONS,
         ])
         .allow_headers(Any)
-        .expose_headers([
-            HeaderName::from_static("etag"),
-            HeaderName::from_static("content-range"),
-            HeaderName::from_static("content-length"),
-        ]);
+        .expose_headers(
+            [
+                "etag",
+                "content-range",
+                "content-length",
+                "location",
+                "cin-handle",
+                "cin-chunk-size-hint",
+            ]
+            .into_iter()
+            .chain(routes::tus::EXPOSED_HEADERS)
+            .map(HeaderName::from_static)
+            .collect::<Vec<_>>(),
+        )
+}
+
+pub fn router(state: SharedState) -> Router {
     routes::router()
         .with_state(state)
         .layer(TraceLayer::new_for_http())
-        .layer(cors)
+}
+
+/// The whole HTTP service: `X-HTTP-Method-Override`, CORS, then the routes.
+fn service(
+    state: SharedState,
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send>
+       + Clone
+       + Send {
+    let plain = router(state);
+    let with_cors = plain.clone().layer(cors());
+    let routed = tower::service_fn(move |request: Request| {
+        // The CORS layer answers every OPTIONS as a preflight; tus's own OPTIONS
+        // (no Access-Control-Request-Method) must reach its handler.
+        let service = if request.method() == Method::OPTIONS
+            && !request
+                .headers()
+                .contains_key("access-control-request-method")
+        {
+            plain.clone()
+        } else {
+            with_cors.clone()
+        };
+        tower::ServiceExt::oneshot(service, request)
+    });
+    // The override must act before routing, so it wraps the router rather than being one of its layers.
+    tower::Layer::layer(&axum::middleware::from_fn(method_override), routed)
 }
 
 /// Serves on `listener` until `shutdown` resolves; then drains requests (up to the
@@ -176,8 +248,9 @@ pub async fn run(
     let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped.clone()));
     tokio::spawn(probe_destinations(
         node.state.destinations.clone(),
-        workers_stopped,
+        workers_stopped.clone(),
     ));
+    tokio::spawn(sweep_expired(node.state.clone(), workers_stopped));
 
     let (signal_tx, mut signal_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -185,11 +258,15 @@ pub async fn run(
         let _ = signal_tx.send(true);
     });
     let mut drain_started = signal_rx.clone();
-    let server =
-        axum::serve(listener, router(node.state.clone())).with_graceful_shutdown(async move {
-            let _ = drain_started.wait_for(|s| *s).await;
-            tracing::info!("shutting down: no new connections, draining requests");
-        });
+    let app = service(node.state.clone());
+    let server = axum::serve(
+        listener,
+        <_ as axum::ServiceExt<Request>>::into_make_service(app),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = drain_started.wait_for(|s| *s).await;
+        tracing::info!("shutting down: no new connections, draining requests");
+    });
     let serve = tokio::spawn(async move { server.await });
     let _ = signal_rx.wait_for(|s| *s).await;
     match tokio::time::timeout(grace, serve).await {

@@ -45,6 +45,11 @@ pub struct UploadsConfig {
     /// Secret for signing part-upload URLs. Empty: a random secret is generated once
     /// and kept in `{data_dir}/url-signing.key`.
     pub url_signing_secret: String,
+    /// Seconds without new bytes after which an unfinished upload expires: its bytes
+    /// are removed and its handle answers `expired`.
+    pub expire_after_secs: u64,
+    /// Seconds between sweeps for expired uploads.
+    pub sweep_interval_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -162,6 +167,8 @@ impl Default for UploadsConfig {
             max_file_size: 5 * 1024 * 1024 * 1024 * 1024,
             upload_url_ttl_secs: 3600,
             url_signing_secret: String::new(),
+            expire_after_secs: 86_400,
+            sweep_interval_secs: 300,
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum ApiError {
     TooLarge { message: String },
     #[error("the request body could not be read: {0}")]
     Body(String),
+    /// tus: the body's checksum differs from `Upload-Checksum`; nothing of it was kept.
+    #[error("the body does not match Upload-Checksum; nothing of it was kept, send it again")]
+    ChecksumMismatch,
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -68,7 +71,7 @@ impl ApiError {
         }
     }
 
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
@@ -76,6 +79,11 @@ impl ApiError {
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
             ApiError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            // 460 is tus's "Checksum Mismatch".
+            ApiError::ChecksumMismatch => (
+                StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
+                "checksum_mismatch",
+            ),
             ApiError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             ApiError::FinalStore(FinalStoreError::NotFound { .. }) => {
                 (StatusCode::NOT_FOUND, "not_found")

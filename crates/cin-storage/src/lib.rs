@@ -13,4 +13,4 @@ pub use final_store::{
     PutOutcome, S3Settings, S3Store,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
-pub use parts::{ByteStream, ChunkSize, ChunkWritten, LocalObject, PartStore};
+pub use parts::{ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore};

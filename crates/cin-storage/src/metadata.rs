@@ -44,6 +44,10 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<(), StorageError>;
     /// Parts of an upload in part-number order.
     fn parts(&self, upload: &UploadId) -> Result<Vec<(PartNumber, PartRecord)>, StorageError>;
+    /// Forgets every part record of an upload.
+    fn remove_parts(&self, upload: &UploadId) -> Result<(), StorageError>;
+    /// Forgets a file entirely: its record, upload index, parts and job.
+    fn delete_file(&self, file: &FileRecord) -> Result<(), StorageError>;
 
     fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError>;
     fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError>;
@@ -217,6 +221,22 @@ impl MetadataStore for SledMetadataStore {
             .collect()
     }
 
+    fn remove_parts(&self, upload: &UploadId) -> Result<(), StorageError> {
+        for key in self.parts.scan_prefix(upload.as_str().as_bytes()).keys() {
+            self.parts.remove(key?)?;
+        }
+        Ok(())
+    }
+
+    fn delete_file(&self, file: &FileRecord) -> Result<(), StorageError> {
+        self.remove_parts(&file.upload_id)?;
+        let key = file.handle.as_str().as_bytes();
+        self.jobs.remove(key)?;
+        self.uploads.remove(file.upload_id.as_str().as_bytes())?;
+        self.files.remove(key)?;
+        Ok(())
+    }
+
     fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError> {
         let key = handle.as_str().as_bytes();
         self.jobs.get(key)?.map(|v| decode(key, &v)).transpose()
@@ -271,6 +291,9 @@ mod tests {
             sha256: None,
             replication_attempts: 0,
             last_error: None,
+            length_deferred: false,
+            expired_at_ms: None,
+            tus: None,
         }
     }
 

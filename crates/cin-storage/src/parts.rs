@@ -48,12 +48,69 @@ impl ChunkSize {
     }
 }
 
+/// The digest computed over a chunk's bytes as they are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigestKind {
+    None,
+    Md5,
+    Sha1,
+    Sha256,
+}
+
+/// What to do when the request body breaks off before its declared end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBreak {
+    /// Nothing of the chunk counts: the client sends it again.
+    Refuse,
+    /// Keep (fsync) the bytes that arrived; the caller records them.
+    KeepPrefix,
+}
+
 /// What a successfully written chunk looked like.
 #[derive(Clone, Debug)]
 pub struct ChunkWritten {
+    /// Bytes written and fsync'd.
     pub len: u64,
-    /// Lower-case hex MD5 of the chunk's bytes.
-    pub md5_hex: String,
+    /// Raw digest of those bytes (empty for `DigestKind::None`).
+    pub digest: Vec<u8>,
+    /// Set when the body broke off and `OnBreak::KeepPrefix` kept what arrived.
+    pub broken_off: Option<String>,
+}
+
+enum Hasher {
+    None,
+    Md5(Md5),
+    Sha1(sha1::Sha1),
+    Sha256(sha2::Sha256),
+}
+
+impl Hasher {
+    fn new(kind: DigestKind) -> Self {
+        match kind {
+            DigestKind::None => Hasher::None,
+            DigestKind::Md5 => Hasher::Md5(Md5::new()),
+            DigestKind::Sha1 => Hasher::Sha1(sha1::Sha1::new()),
+            DigestKind::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::None => {}
+            Hasher::Md5(h) => h.update(bytes),
+            Hasher::Sha1(h) => h.update(bytes),
+            Hasher::Sha256(h) => h.update(bytes),
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Hasher::None => Vec::new(),
+            Hasher::Md5(h) => h.finalize().to_vec(),
+            Hasher::Sha1(h) => h.finalize().to_vec(),
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+        }
+    }
 }
 
 impl PartStore {
@@ -103,9 +160,10 @@ impl PartStore {
     }
 
     /// Writes a chunk of `size` bytes at `offset` in a part file and
-    /// fsyncs it. Bytes over ranges in `acknowledged` are compared, never overwritten:
-    /// a resend of the same bytes succeeds, different bytes fail with `Conflict`.
-    /// Returns only once the bytes are durable; the caller then records the range.
+    /// fsyncs it, with an MD5 of the bytes. Bytes over ranges in `acknowledged` are
+    /// compared, never overwritten: a resend of the same bytes succeeds, different
+    /// bytes fail with `Conflict`. Returns only once the bytes are durable; the
+    /// caller then records the range.
     pub async fn write_chunk<S, E>(
         &self,
         upload: &UploadId,
@@ -119,17 +177,56 @@ impl PartStore {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
+        self.write(
+            upload,
+            part,
+            offset,
+            size,
+            acknowledged,
+            body,
+            DigestKind::Md5,
+            OnBreak::Refuse,
+        )
+        .await
+    }
+
+    /// [`PartStore::write_chunk`] with a chosen digest and a choice of what a
+    /// body that breaks off leaves behind.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write<S, E>(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+        offset: u64,
+        size: ChunkSize,
+        acknowledged: &RangeSet,
+        body: S,
+        digest: DigestKind,
+        on_break: OnBreak,
+    ) -> Result<ChunkWritten, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
         let path = self.resolve(&Self::part_file(upload, part));
         let expected_len = size.limit();
         let overlap = acknowledged.intersect(offset, offset.saturating_add(expected_len));
-        let writer = ChunkWriter::open(path, offset, overlap).await?;
+        let writer = ChunkWriter::open(path, offset, overlap, digest).await?;
         let mut writer = Some(writer);
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0usize;
         let mut received: u64 = 0;
         let mut body = std::pin::pin!(body);
+        let mut broken_off = None;
         while let Some(frame) = body.next().await {
-            let frame = frame.map_err(|e| ChunkError::Body(e.to_string()))?;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) if on_break == OnBreak::KeepPrefix => {
+                    broken_off = Some(e.to_string());
+                    break;
+                }
+                Err(e) => return Err(ChunkError::Body(e.to_string())),
+            };
             received += frame.len() as u64;
             if received > expected_len {
                 return Err(ChunkError::TooLong {
@@ -143,16 +240,18 @@ impl PartStore {
                 batch_len = 0;
             }
         }
-        if received < expected_len && matches!(size, ChunkSize::Exact(_)) {
+        if received < expected_len && matches!(size, ChunkSize::Exact(_)) && broken_off.is_none() {
             return Err(ChunkError::Truncated {
                 received,
                 expected: expected_len,
             });
         }
         let w = run_batch(writer.take(), batch).await?;
-        tokio::task::spawn_blocking(move || w.finish())
+        let mut written = tokio::task::spawn_blocking(move || w.finish())
             .await
-            .map_err(join_error)?
+            .map_err(join_error)??;
+        written.broken_off = broken_off;
+        Ok(written)
     }
 
     /// Streams bytes `[start, end)` of the file made of `segments`.
@@ -218,7 +317,7 @@ struct ChunkWriter {
     pos: u64,
     /// Acknowledged ranges inside this chunk, compared instead of written.
     overlap: Vec<(u64, u64)>,
-    md5: Md5,
+    hasher: Hasher,
     len: u64,
 }
 
@@ -227,6 +326,7 @@ impl ChunkWriter {
         path: PathBuf,
         offset: u64,
         overlap: Vec<(u64, u64)>,
+        digest: DigestKind,
     ) -> Result<Self, ChunkError> {
         tokio::task::spawn_blocking(move || {
             let created = !path.exists();
@@ -243,7 +343,7 @@ impl ChunkWriter {
                 created,
                 pos: offset,
                 overlap,
-                md5: Md5::new(),
+                hasher: Hasher::new(digest),
                 len: 0,
             })
         })
@@ -252,7 +352,7 @@ impl ChunkWriter {
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<(), ChunkError> {
-        self.md5.update(buf);
+        self.hasher.update(buf);
         let start = self.pos;
         let end = start + buf.len() as u64;
         let mut cursor = start;
@@ -309,7 +409,8 @@ impl ChunkWriter {
         }
         Ok(ChunkWritten {
             len: self.len,
-            md5_hex: hex::encode(self.md5.finalize()),
+            digest: self.hasher.finish(),
+            broken_off: None,
         })
     }
 }

@@ -4,8 +4,9 @@ mod files;
 mod health;
 mod multipart;
 mod store_api;
+pub mod tus;
 
-use axum::routing::{get, post, put};
+use axum::routing::{get, head, options, post, put};
 use axum::Router;
 
 use crate::app::SharedState;
@@ -19,6 +20,15 @@ pub fn router() -> Router<SharedState> {
         .route("/multipart/complete", post(multipart::complete))
         .route("/upload/{upload_id}/{part}", put(multipart::put_chunk))
         .route("/api/store/{location}", post(store_api::store))
+        .route("/files", options(tus::options).post(tus::create))
+        .route("/files/", options(tus::options).post(tus::create))
+        .route(
+            "/files/{id}",
+            head(tus::head)
+                .patch(tus::patch)
+                .delete(tus::terminate)
+                .options(tus::options),
+        )
         .route("/api/file/{handle}/metadata", get(files::metadata))
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}", get(files::serve))

@@ -3,7 +3,9 @@
 //! calls; the rules live here.
 
 mod assessment;
+mod expiry;
 mod locks;
+mod tus;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +24,7 @@ use crate::destinations::Destinations;
 use crate::error::ApiError;
 use assessment::Assessment;
 use locks::KeyedLocks;
+pub use tus::{Appended, DeclaredChecksum};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -67,6 +70,7 @@ pub struct Uploads {
     part_locks: KeyedLocks<(UploadId, u32)>,
     replication_wakeup: Arc<Notify>,
     assessment: Assessment,
+    expire_after: std::time::Duration,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -77,6 +81,7 @@ impl Uploads {
         parts: PartStore,
         destinations: Arc<Destinations>,
         max_file_size: u64,
+        expire_after: std::time::Duration,
         replication_wakeup: Arc<Notify>,
     ) -> Self {
         Uploads {
@@ -87,6 +92,7 @@ impl Uploads {
             part_locks: KeyedLocks::new(),
             replication_wakeup,
             assessment: Assessment::default(),
+            expire_after,
         }
     }
 
@@ -131,6 +137,9 @@ impl Uploads {
             sha256: None,
             replication_attempts: 0,
             last_error: None,
+            length_deferred: false,
+            expired_at_ms: None,
+            tus: None,
         })
     }
 
@@ -268,16 +277,17 @@ impl Uploads {
         };
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
+        let md5_hex = hex::encode(&written.digest);
         if let Some(declared) = declared_md5 {
-            if declared != written.md5_hex {
+            if declared != md5_hex {
                 return Err(ChunkError::Md5Mismatch {
                     declared,
-                    actual: written.md5_hex,
+                    actual: md5_hex,
                 }
                 .into());
             }
         }
-        let etag = format!("\"{}\"", written.md5_hex);
+        let etag = format!("\"{md5_hex}\"");
         part.received
             .insert(chunk.offset, chunk.offset + chunk.size);
         if whole_part {

@@ -1,0 +1,453 @@
+//! The adaptive pieces of intelligent ingestion, as small state machines with no I/O
+//! so each rule is unit-tested on its own: chunk sizing, backoff, request timeouts
+//! and the number of parts in flight.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+
+/// How chunk sizes move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkPolicy {
+    /// First chunk size when neither the POP nor an earlier part suggested one.
+    pub initial: u64,
+    /// Chunks never shrink below this (filestack's FII floor: 32 KiB).
+    pub floor: u64,
+    /// Chunks never grow above this (the part size).
+    pub ceiling: u64,
+    /// Halve on failures and double after successes; `false` keeps `initial` forever.
+    pub adaptive: bool,
+    /// Consecutive acknowledged chunks before the size doubles.
+    pub grow_after: u32,
+    /// Start from, and never exceed, the POP's `chunk_size_hint`.
+    pub follow_hint: bool,
+}
+
+impl Default for ChunkPolicy {
+    fn default() -> Self {
+        ChunkPolicy {
+            initial: MIB,
+            floor: 32 * KIB,
+            ceiling: 8 * MIB,
+            adaptive: true,
+            grow_after: 3,
+            follow_hint: true,
+        }
+    }
+}
+
+/// The chunk size of one part. Each part owns one, so a part stuck on a bad
+/// connection shrinks without dragging the others down.
+#[derive(Debug, Clone)]
+pub struct ChunkSizer {
+    policy: ChunkPolicy,
+    current: u64,
+    hint: Option<u64>,
+    streak: u32,
+    failed: bool,
+}
+
+impl ChunkSizer {
+    /// `seed` is where an earlier part left off; `hint` the POP's last hint.
+    pub fn new(policy: ChunkPolicy, seed: Option<u64>, hint: Option<u64>) -> Self {
+        let hint = hint.filter(|_| policy.follow_hint);
+        let start = seed.or(hint).unwrap_or(policy.initial);
+        let mut sizer = ChunkSizer {
+            policy,
+            current: start,
+            hint,
+            streak: 0,
+            failed: false,
+        };
+        sizer.current = sizer.clamp(start);
+        sizer
+    }
+
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    pub fn at_floor(&self) -> bool {
+        self.current <= self.policy.floor
+    }
+
+    /// The largest size allowed now: the part size, lowered by the POP's hint.
+    pub fn ceiling(&self) -> u64 {
+        let ceiling = match self.hint {
+            Some(hint) => self.policy.ceiling.min(hint),
+            None => self.policy.ceiling,
+        };
+        ceiling.max(self.policy.floor)
+    }
+
+    fn clamp(&self, size: u64) -> u64 {
+        size.clamp(self.policy.floor.min(self.ceiling()), self.ceiling())
+    }
+
+    pub fn on_success(&mut self, hint: Option<u64>) {
+        if let Some(hint) = hint.filter(|&h| h > 0 && self.policy.follow_hint) {
+            let first = self.hint.is_none();
+            self.hint = Some(hint);
+            // The first hint is the POP's opinion of a good size: start from it,
+            // unless this part already learnt the link is worse than that.
+            if first && !self.failed {
+                self.current = hint;
+            }
+        }
+        self.current = self.clamp(self.current);
+        if !self.policy.adaptive {
+            return;
+        }
+        self.streak += 1;
+        if self.streak >= self.policy.grow_after {
+            self.streak = 0;
+            self.current = self.clamp(self.current.saturating_mul(2));
+        }
+    }
+
+    pub fn on_failure(&mut self) {
+        self.streak = 0;
+        self.failed = true;
+        if self.policy.adaptive {
+            self.current = self.clamp(self.current / 2);
+        }
+    }
+}
+
+/// Exponential backoff with full jitter (AWS architecture blog's "Full Jitter"):
+/// retries of many clients spread out instead of arriving in waves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackoffPolicy {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(20),
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// Upper bound of the wait after the `attempt`-th consecutive failure (1-based).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A uniformly random wait in `[0, ceiling(attempt)]`.
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        if ceiling.is_zero() {
+            return ceiling;
+        }
+        Duration::from_nanos(rng.gen_range(0..=ceiling.as_nanos().min(u64::MAX as u128) as u64))
+    }
+}
+
+/// Per-request deadlines from measured throughput: a chunk gets `factor` times the
+/// time it should take, never less than `min` (so a short stall or a slow fsync is
+/// not a failure) and never more than `max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeoutPolicy {
+    pub min: Duration,
+    pub max: Duration,
+    pub factor: f64,
+    /// Bytes per second assumed before anything was measured: pessimistic, so
+    /// the first chunks on a slow link are not cut short.
+    pub assumed_rate: f64,
+}
+
+impl Default for TimeoutPolicy {
+    fn default() -> Self {
+        TimeoutPolicy {
+            min: Duration::from_secs(10),
+            max: Duration::from_secs(600),
+            factor: 4.0,
+            assumed_rate: (128 * KIB) as f64,
+        }
+    }
+}
+
+impl TimeoutPolicy {
+    pub fn for_chunk(&self, bytes: u64, measured_rate: Option<f64>) -> Duration {
+        let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
+        let secs = self.factor * bytes as f64 / rate;
+        Duration::from_secs_f64(secs.min(self.max.as_secs_f64())).clamp(self.min, self.max)
+    }
+}
+
+/// Exponentially weighted throughput of acknowledged chunks, in bytes per second.
+#[derive(Debug, Clone, Default)]
+pub struct Throughput {
+    rate: Option<f64>,
+}
+
+impl Throughput {
+    const WEIGHT: f64 = 0.3;
+
+    /// Starts from an earlier measurement (another part's) when there is one.
+    pub fn starting_at(rate: Option<f64>) -> Self {
+        Throughput { rate }
+    }
+
+    pub fn observe(&mut self, bytes: u64, elapsed: Duration) {
+        // Sub-millisecond exchanges say more about timer resolution than the link.
+        let secs = elapsed.as_secs_f64().max(0.001);
+        let sample = bytes as f64 / secs;
+        self.rate = Some(match self.rate {
+            Some(rate) => rate + Self::WEIGHT * (sample - rate),
+            None => sample,
+        });
+    }
+
+    pub fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+}
+
+/// How many parts go at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrencyPolicy {
+    pub initial: usize,
+    pub max: usize,
+    /// Adapt to goodput; `false` keeps `initial`.
+    pub adaptive: bool,
+}
+
+impl Default for ConcurrencyPolicy {
+    fn default() -> Self {
+        ConcurrencyPolicy {
+            initial: 2,
+            max: 6,
+            adaptive: true,
+        }
+    }
+}
+
+/// AIMD on goodput: one more part in flight while that raises goodput, half as
+/// many when requests time out (the link is saturated) or goodput collapses.
+#[derive(Debug, Clone)]
+pub struct Concurrency {
+    policy: ConcurrencyPolicy,
+    current: usize,
+    previous: Option<f64>,
+}
+
+impl Concurrency {
+    pub fn new(policy: ConcurrencyPolicy) -> Self {
+        let current = policy.initial.clamp(1, policy.max.max(1));
+        Concurrency {
+            policy,
+            current,
+            previous: None,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.current
+    }
+
+    /// A measurement window ended with `goodput` acknowledged bytes per second,
+    /// during which `timeouts` requests timed out.
+    pub fn on_window(&mut self, goodput: f64, timeouts: u32) {
+        if !self.policy.adaptive {
+            return;
+        }
+        let max = self.policy.max.max(1);
+        match self.previous {
+            _ if timeouts > 0 => self.current = (self.current / 2).max(1),
+            Some(prev) if goodput < prev * 0.6 => self.current = (self.current / 2).max(1),
+            Some(prev) if goodput < prev * 1.05 => {} // a plateau: more parts would not help
+            _ => self.current = (self.current + 1).min(max),
+        }
+        self.previous = Some(goodput);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn sizer() -> ChunkSizer {
+        ChunkSizer::new(ChunkPolicy::default(), None, None)
+    }
+
+    #[test]
+    fn starts_at_one_mib_without_a_hint() {
+        assert_eq!(sizer().current(), MIB);
+    }
+
+    #[test]
+    fn halves_on_each_failure_down_to_the_floor() {
+        let mut s = sizer();
+        let mut seen = vec![s.current()];
+        for _ in 0..10 {
+            s.on_failure();
+            seen.push(s.current());
+        }
+        assert_eq!(
+            seen[..7],
+            [
+                MIB,
+                512 * KIB,
+                256 * KIB,
+                128 * KIB,
+                64 * KIB,
+                32 * KIB,
+                32 * KIB
+            ]
+        );
+        assert!(s.at_floor());
+        assert_eq!(s.current(), 32 * KIB);
+    }
+
+    #[test]
+    fn doubles_after_consecutive_successes_up_to_the_part_size() {
+        let mut s = sizer();
+        s.on_failure(); // 512 KiB
+        s.on_success(None);
+        s.on_success(None);
+        assert_eq!(s.current(), 512 * KIB, "two successes are not enough");
+        s.on_success(None);
+        assert_eq!(s.current(), MIB);
+        for _ in 0..30 {
+            s.on_success(None);
+        }
+        assert_eq!(s.current(), 8 * MIB);
+    }
+
+    #[test]
+    fn a_failure_breaks_the_success_streak() {
+        let mut s = sizer();
+        s.on_success(None);
+        s.on_success(None);
+        s.on_failure();
+        s.on_success(None);
+        s.on_success(None);
+        assert_eq!(s.current(), 512 * KIB);
+    }
+
+    #[test]
+    fn the_hint_is_the_start_and_the_ceiling() {
+        let mut s = sizer();
+        s.on_success(Some(2 * MIB));
+        assert_eq!(s.current(), 2 * MIB, "starts from the first hint");
+        for _ in 0..20 {
+            s.on_success(Some(2 * MIB));
+        }
+        assert_eq!(s.current(), 2 * MIB, "never above the hint");
+        let seeded = ChunkSizer::new(ChunkPolicy::default(), None, Some(256 * KIB));
+        assert_eq!(seeded.current(), 256 * KIB);
+        assert_eq!(seeded.ceiling(), 256 * KIB);
+    }
+
+    #[test]
+    fn a_part_that_failed_does_not_jump_to_the_hint() {
+        let mut s = sizer();
+        s.on_failure();
+        s.on_success(Some(4 * MIB));
+        assert_eq!(s.current(), 512 * KIB);
+    }
+
+    #[test]
+    fn fixed_policy_never_moves() {
+        let policy = ChunkPolicy {
+            initial: 8 * MIB,
+            adaptive: false,
+            follow_hint: false,
+            ..Default::default()
+        };
+        let mut s = ChunkSizer::new(policy, None, Some(MIB));
+        s.on_failure();
+        s.on_success(Some(MIB));
+        assert_eq!(s.current(), 8 * MIB);
+    }
+
+    #[test]
+    fn backoff_ceilings_grow_exponentially_to_the_cap() {
+        let b = BackoffPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        };
+        assert_eq!(b.ceiling(1), Duration::from_millis(100));
+        assert_eq!(b.ceiling(2), Duration::from_millis(200));
+        assert_eq!(b.ceiling(4), Duration::from_millis(800));
+        assert_eq!(b.ceiling(7), Duration::from_secs(5));
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_bounds_and_spreads() {
+        let b = BackoffPolicy::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 1..12 {
+            let delays: Vec<Duration> = (0..200).map(|_| b.delay(attempt, &mut rng)).collect();
+            let ceiling = b.ceiling(attempt);
+            assert!(delays.iter().all(|d| *d <= ceiling));
+            // Full jitter: both halves of the range get used.
+            assert!(delays.iter().any(|d| *d < ceiling / 2));
+            assert!(delays.iter().any(|d| *d > ceiling / 2));
+        }
+    }
+
+    #[test]
+    fn timeouts_follow_throughput_and_chunk_size_within_bounds() {
+        let t = TimeoutPolicy::default();
+        assert_eq!(t.for_chunk(32 * KIB, Some(100.0 * MIB as f64)), t.min);
+        // 8 MiB at 64 KiB/s takes 128 s; four times that is 512 s.
+        assert_eq!(
+            t.for_chunk(8 * MIB, Some(64.0 * KIB as f64)),
+            Duration::from_secs(512)
+        );
+        assert!(
+            t.for_chunk(2 * MIB, Some(64.0 * KIB as f64))
+                < t.for_chunk(4 * MIB, Some(64.0 * KIB as f64))
+        );
+        assert_eq!(t.for_chunk(8 * MIB, Some(1.0)), t.max);
+        // Unmeasured: the pessimistic assumption (1 MiB at 128 KiB/s = 8 s, x4).
+        assert_eq!(t.for_chunk(MIB, None), Duration::from_secs(32));
+    }
+
+    #[test]
+    fn throughput_is_smoothed() {
+        let mut tp = Throughput::default();
+        assert_eq!(tp.rate(), None);
+        tp.observe(MIB, Duration::from_secs(1));
+        assert_eq!(tp.rate(), Some(MIB as f64));
+        tp.observe(2 * MIB, Duration::from_secs(1));
+        let rate = tp.rate().unwrap_or_default();
+        assert!(rate > MIB as f64 && rate < 2.0 * MIB as f64);
+    }
+
+    #[test]
+    fn concurrency_grows_while_goodput_grows_and_halves_on_timeouts() {
+        let mut c = Concurrency::new(ConcurrencyPolicy {
+            initial: 2,
+            max: 5,
+            adaptive: true,
+        });
+        c.on_window(10.0, 0);
+        assert_eq!(c.limit(), 3);
+        c.on_window(15.0, 0);
+        assert_eq!(c.limit(), 4);
+        c.on_window(15.2, 0);
+        assert_eq!(c.limit(), 4, "a plateau holds");
+        c.on_window(30.0, 0);
+        c.on_window(60.0, 0);
+        assert_eq!(c.limit(), 5, "capped at max");
+        c.on_window(60.0, 2);
+        assert_eq!(c.limit(), 2, "timeouts halve");
+        c.on_window(10.0, 0);
+        assert_eq!(c.limit(), 1, "collapsing goodput halves");
+        c.on_window(1.0, 3);
+        assert_eq!(c.limit(), 1, "never below one");
+    }
+}

@@ -1,0 +1,256 @@
+//! [`Transport`] over HTTP, speaking the POP's Filestack-compatible multipart API.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::error::{ClientError, TransportError};
+use crate::transport::{
+    ChunkAck, ChunkRequest, CompleteRequest, Completed, StartRequest, Started, Transport,
+};
+
+/// Header by which a POP suggests its preferred largest chunk, in bytes.
+pub const CHUNK_SIZE_HINT_HEADER: &str = "cin-chunk-size-hint";
+
+/// Small control calls (start, commit, complete, metadata) get this long.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    http: reqwest::Client,
+    apikey: String,
+}
+
+impl HttpTransport {
+    pub fn new(apikey: impl Into<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            // A POP that does not accept a connection in 5 s is down or far away:
+            // better to fail fast and retry (or fail over) than to wait.
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        Ok(HttpTransport {
+            http,
+            apikey: apikey.into(),
+        })
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        url: String,
+        body: Value,
+        timeout: Duration,
+    ) -> Result<(T, reqwest::header::HeaderMap), TransportError> {
+        let resp = self
+            .http
+            .post(url)
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, timeout))?;
+        let resp = check(resp, timeout).await?;
+        let headers = resp.headers().clone();
+        let value = resp
+            .json::<T>()
+            .await
+            .map_err(|e| match from_reqwest(e, timeout) {
+                TransportError::Network(m) => TransportError::Protocol(m),
+                other => other,
+            })?;
+        Ok((value, headers))
+    }
+}
+
+fn url(pop: &str, path: &str) -> String {
+    format!("{}{}", pop.trim_end_matches('/'), path)
+}
+
+/// reqwest's own message hides the cause ("error sending request"); the chain names it.
+fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
+    if e.is_timeout() {
+        return TransportError::Timeout(timeout);
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    TransportError::Network(message)
+}
+
+/// Turns a non-2xx answer into its `{"error": {"code", "message"}}`.
+async fn check(
+    resp: reqwest::Response,
+    timeout: Duration,
+) -> Result<reqwest::Response, TransportError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.map_err(|e| from_reqwest(e, timeout))?;
+    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let error = parsed.as_ref().map(|v| &v["error"]);
+    let code = error
+        .and_then(|e| e["code"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("http_{}", status.as_u16()));
+    let message = error
+        .and_then(|e| e["message"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    Err(TransportError::Status {
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}
+
+fn hint_header(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers
+        .get(CHUNK_SIZE_HINT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n: &u64| n > 0)
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError> {
+        let body = json!({
+            "apikey": self.apikey,
+            "filename": req.filename,
+            "mimetype": req.mimetype,
+            "size": req.size,
+            "store": req.store,
+            "fii": true,
+        });
+        let (started, _) = self
+            .post(url(pop, "/multipart/start"), body, CONTROL_TIMEOUT)
+            .await?;
+        Ok(started)
+    }
+
+    async fn send_chunk(
+        &self,
+        pop: &str,
+        chunk: &ChunkRequest,
+        timeout: Duration,
+    ) -> Result<ChunkAck, TransportError> {
+        let began = Instant::now();
+        let body = json!({
+            "apikey": self.apikey,
+            "upload_id": chunk.upload_id,
+            "part": chunk.part,
+            "size": chunk.body.len(),
+            "md5": chunk.md5,
+            "offset": chunk.offset,
+            "fii": true,
+            "store": {"location": "s3"},
+        });
+        let (grant, _): (Value, _) = self
+            .post(url(pop, "/multipart/upload"), body, timeout)
+            .await?;
+        let put_url = grant["url"]
+            .as_str()
+            .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?;
+        let mut put = self.http.put(put_url).body(chunk.body.clone());
+        if let Some(headers) = grant["headers"].as_object() {
+            for (name, value) in headers {
+                if let Some(value) = value.as_str() {
+                    put = put.header(name.as_str(), value);
+                }
+            }
+        }
+        // The whole exchange shares one deadline.
+        let left = timeout
+            .saturating_sub(began.elapsed())
+            .max(Duration::from_millis(1));
+        let resp = put
+            .timeout(left)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, timeout))?;
+        let resp = check(resp, timeout).await?;
+        let hint = hint_header(resp.headers())
+            .or_else(|| grant["chunk_size_hint"].as_u64().filter(|&n| n > 0));
+        // Read the (tiny) body so the connection goes back to the pool.
+        resp.bytes().await.map_err(|e| from_reqwest(e, timeout))?;
+        Ok(ChunkAck { size_hint: hint })
+    }
+
+    async fn commit(
+        &self,
+        pop: &str,
+        upload_id: &str,
+        part: u32,
+        total_size: u64,
+    ) -> Result<(), TransportError> {
+        let body = json!({
+            "apikey": self.apikey,
+            "upload_id": upload_id,
+            "part": part,
+            "size": total_size,
+            "fii": true,
+            "store": {"location": "s3"},
+        });
+        let _: (Value, _) = self
+            .post(url(pop, "/multipart/commit"), body, CONTROL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        pop: &str,
+        req: &CompleteRequest,
+    ) -> Result<Completed, TransportError> {
+        let body = json!({
+            "apikey": self.apikey,
+            "upload_id": req.upload_id,
+            "filename": req.filename,
+            "mimetype": req.mimetype,
+            "size": req.size,
+            "store": req.store,
+            "fii": true,
+        });
+        let (done, _) = self
+            .post(url(pop, "/multipart/complete"), body, CONTROL_TIMEOUT)
+            .await?;
+        Ok(done)
+    }
+
+    async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
+        let resp = self
+            .http
+            .get(url(pop, &format!("/{handle}/metadata")))
+            .timeout(CONTROL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
+        let resp = check(resp, CONTROL_TIMEOUT).await?;
+        resp.json()
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()))
+    }
+
+    async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {
+        let resp = self
+            .http
+            .get(url(pop, "/healthz"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, timeout))?;
+        let resp = check(resp, timeout).await?;
+        resp.bytes().await.map_err(|e| from_reqwest(e, timeout))?;
+        Ok(())
+    }
+}

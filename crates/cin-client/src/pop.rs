@@ -1,0 +1,70 @@
+//! Choosing the nearest POP: probe each one's `/healthz` a few times in parallel,
+//! rank by round-trip time, unreachable POPs last (kept as a last resort).
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::transport::Transport;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbePolicy {
+    /// Probes per POP; the fastest counts (later ones reuse the connection, as uploads will).
+    pub samples: u32,
+    /// A probe slower than this counts as a miss.
+    pub timeout: Duration,
+}
+
+impl Default for ProbePolicy {
+    fn default() -> Self {
+        ProbePolicy {
+            samples: 3,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PopRtt {
+    pub pop: String,
+    /// Best round trip measured; `None` when every probe failed (or none was made).
+    pub rtt: Option<Duration>,
+}
+
+/// Ranks `pops`, fastest first. A single POP is not probed.
+pub async fn rank_pops(
+    transport: &dyn Transport,
+    clock: &dyn Clock,
+    pops: &[String],
+    policy: &ProbePolicy,
+) -> Vec<PopRtt> {
+    if pops.len() < 2 {
+        return pops
+            .iter()
+            .map(|pop| PopRtt {
+                pop: pop.clone(),
+                rtt: None,
+            })
+            .collect();
+    }
+    let probes = pops.iter().map(|pop| async move {
+        let mut best: Option<Duration> = None;
+        for _ in 0..policy.samples.max(1) {
+            let began = clock.now();
+            if transport.probe(pop, policy.timeout).await.is_ok() {
+                let rtt = clock.now().saturating_sub(began);
+                best = Some(best.map_or(rtt, |b| b.min(rtt)));
+            }
+        }
+        PopRtt {
+            pop: pop.clone(),
+            rtt: best,
+        }
+    });
+    let mut ranked = join_all(probes).await;
+    // Stable: unreachable POPs keep the order they were given in.
+    ranked.sort_by_key(|p| (p.rtt.is_none(), p.rtt));
+    ranked
+}

@@ -1,0 +1,603 @@
+//! A simulated POP and a fake clock: the upload engine's unit tests run whole
+//! uploads, faults and hours of backoff in milliseconds, without a network.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::adaptive::{BackoffPolicy, KIB, MIB};
+use crate::clock::{Clock, Sleep};
+use crate::error::{ClientError, TransportError};
+use crate::ranges::RangeSet;
+use crate::source::MemorySource;
+use crate::state::{FileIdentity, StateDir};
+use crate::transport::{
+    ChunkAck, ChunkRequest, CompleteRequest, Completed, StartRequest, Started, StoreOptions,
+    Transport,
+};
+use crate::upload::{Quiet, ResumePlan, UploadJob, UploadOptions, Uploader};
+
+/// Time moves only when something sleeps or the simulated network "takes" time.
+#[derive(Default)]
+pub struct FakeClock {
+    now: Mutex<Duration>,
+    pub sleeps: Mutex<Vec<Duration>>,
+}
+
+impl FakeClock {
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap() += by;
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Duration {
+        *self.now.lock().unwrap()
+    }
+
+    fn sleep(&self, duration: Duration) -> Sleep {
+        self.advance(duration);
+        self.sleeps.lock().unwrap().push(duration);
+        Box::pin(async {})
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// The connection breaks halfway through the body.
+    Reset,
+    /// No answer until the request's deadline.
+    Timeout,
+    Status(u16, &'static str),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub part: u32,
+    pub offset: u64,
+    pub size: u64,
+    pub timeout: Duration,
+    pub fault: Option<Fault>,
+}
+
+type Script = Box<dyn FnMut(&Call, usize) -> Option<Fault> + Send>;
+
+/// A POP on a link of `bandwidth` bytes/s and `latency` per request, whose chunk
+/// answers follow `script` (called with each call and its index).
+pub struct SimPop {
+    clock: Arc<FakeClock>,
+    pub bandwidth: f64,
+    pub latency: Duration,
+    pub hint: Option<u64>,
+    script: Mutex<Script>,
+    pub calls: Mutex<Vec<Call>>,
+    /// Bytes the POP holds, per part, and which ranges it acknowledged.
+    stored: Mutex<BTreeMap<u32, (Vec<u8>, RangeSet)>>,
+    pub rtt: HashMap<String, Duration>,
+    pub refuse_start: HashSet<String>,
+    pub starts: Mutex<Vec<String>>,
+    pub completed: Mutex<u32>,
+    in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+impl SimPop {
+    pub fn new(clock: Arc<FakeClock>) -> Self {
+        SimPop {
+            clock,
+            bandwidth: (10 * MIB) as f64,
+            latency: Duration::from_millis(20),
+            hint: None,
+            script: Mutex::new(Box::new(|_, _| None)),
+            calls: Mutex::new(Vec::new()),
+            stored: Mutex::new(BTreeMap::new()),
+            rtt: HashMap::new(),
+            refuse_start: HashSet::new(),
+            starts: Mutex::new(Vec::new()),
+            completed: Mutex::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn script(
+        self,
+        script: impl FnMut(&Call, usize) -> Option<Fault> + Send + 'static,
+    ) -> Self {
+        *self.script.lock().unwrap() = Box::new(script);
+        self
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The file as the POP would serve it.
+    pub fn file(&self) -> Vec<u8> {
+        let stored = self.stored.lock().unwrap();
+        stored.values().flat_map(|(b, _)| b.clone()).collect()
+    }
+
+    pub fn acked(&self, part: u32) -> RangeSet {
+        let stored = self.stored.lock().unwrap();
+        stored
+            .get(&part)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Transport for SimPop {
+    async fn start(&self, pop: &str, _req: &StartRequest) -> Result<Started, TransportError> {
+        self.starts.lock().unwrap().push(pop.to_owned());
+        if self.refuse_start.contains(pop) {
+            return Err(TransportError::Network("connection reset by peer".into()));
+        }
+        Ok(Started {
+            upload_id: "up1".into(),
+            handle: "HANDLE".into(),
+            url: format!("{pop}/HANDLE"),
+            location_url: pop.into(),
+        })
+    }
+
+    async fn send_chunk(
+        &self,
+        _pop: &str,
+        chunk: &ChunkRequest,
+        timeout: Duration,
+    ) -> Result<ChunkAck, TransportError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        // Let other part tasks run, as a real request would.
+        tokio::task::yield_now().await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let size = chunk.body.len() as u64;
+        let mut call = Call {
+            part: chunk.part,
+            offset: chunk.offset,
+            size,
+            timeout,
+            fault: None,
+        };
+        let index = self.calls.lock().unwrap().len();
+        call.fault = (self.script.lock().unwrap())(&call, index);
+        self.calls.lock().unwrap().push(call.clone());
+        let transfer = Duration::from_secs_f64(size as f64 / self.bandwidth);
+        match call.fault {
+            None => {
+                self.clock.advance(self.latency + transfer);
+                let mut stored = self.stored.lock().unwrap();
+                let (bytes, acked) = stored.entry(chunk.part).or_default();
+                let end = (chunk.offset + size) as usize;
+                if bytes.len() < end {
+                    bytes.resize(end, 0);
+                }
+                bytes[chunk.offset as usize..end].copy_from_slice(&chunk.body);
+                acked.insert(chunk.offset, chunk.offset + size);
+                Ok(ChunkAck {
+                    size_hint: self.hint,
+                })
+            }
+            Some(Fault::Reset) => {
+                self.clock.advance(self.latency + transfer / 2);
+                Err(TransportError::Network("connection reset by peer".into()))
+            }
+            Some(Fault::Timeout) => {
+                self.clock.advance(timeout);
+                Err(TransportError::Timeout(timeout))
+            }
+            Some(Fault::Status(status, code)) => {
+                self.clock.advance(self.latency);
+                Err(TransportError::Status {
+                    status,
+                    code: code.into(),
+                    message: "simulated".into(),
+                })
+            }
+        }
+    }
+
+    async fn commit(&self, _: &str, _: &str, part: u32, _: u64) -> Result<(), TransportError> {
+        let stored = self.stored.lock().unwrap();
+        match stored.get(&part) {
+            Some((bytes, acked)) if acked.first_gap(bytes.len() as u64).is_none() => Ok(()),
+            _ => Err(TransportError::Status {
+                status: 400,
+                code: "part_incomplete".into(),
+                message: format!("part {part} has gaps"),
+            }),
+        }
+    }
+
+    async fn complete(&self, pop: &str, _: &CompleteRequest) -> Result<Completed, TransportError> {
+        *self.completed.lock().unwrap() += 1;
+        Ok(Completed {
+            handle: "HANDLE".into(),
+            url: format!("{pop}/HANDLE"),
+            status: "InTransit".into(),
+        })
+    }
+
+    async fn metadata(&self, _: &str, _: &str) -> Result<Value, TransportError> {
+        Ok(json!({"status": "InTransit"}))
+    }
+
+    async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {
+        match self.rtt.get(pop) {
+            Some(rtt) if *rtt <= timeout => {
+                self.clock.advance(*rtt);
+                Ok(())
+            }
+            _ => {
+                self.clock.advance(timeout);
+                Err(TransportError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+fn data(len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn options() -> UploadOptions {
+    UploadOptions {
+        seed: Some(42),
+        ..UploadOptions::default()
+    }
+}
+
+fn job(bytes: &Bytes, pops: &[&str]) -> UploadJob {
+    UploadJob {
+        source: Arc::new(MemorySource(bytes.clone())),
+        filename: "f.bin".into(),
+        mimetype: "application/octet-stream".into(),
+        store: StoreOptions::s3(),
+        pops: pops.iter().map(|p| p.to_string()).collect(),
+        resume: None,
+    }
+}
+
+fn uploader(pop: &Arc<SimPop>, clock: &Arc<FakeClock>, options: UploadOptions) -> Uploader {
+    Uploader::new(pop.clone(), clock.clone(), options, Arc::new(Quiet))
+}
+
+fn sizes(calls: &[Call], part: u32) -> Vec<u64> {
+    calls
+        .iter()
+        .filter(|c| c.part == part)
+        .map(|c| c.size)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_clean_link_delivers_every_byte_and_chunks_grow_to_the_part_size() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    let bytes = data(96 * MIB as usize + 12345);
+    let report = uploader(&pop, &clock, options())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    assert_eq!(report.handle, "HANDLE");
+    assert_eq!(report.sent_bytes, bytes.len() as u64);
+    assert_eq!(report.failed_requests, 0);
+    assert_eq!(*pop.completed.lock().unwrap(), 1);
+    // Part 1: three chunks of 1 MiB, then 2 MiB, then 4 MiB (the part ends there).
+    assert_eq!(sizes(&pop.calls(), 1)[..4], [MIB, MIB, MIB, 2 * MIB]);
+    // Later parts start where the previous one ended, up to the 8 MiB part size.
+    assert!(pop.calls().iter().all(|c| c.size <= 8 * MIB));
+    assert!(
+        pop.calls().iter().any(|c| c.size == 8 * MIB),
+        "{:?}",
+        sizes(&pop.calls(), 3)
+    );
+}
+
+#[tokio::test]
+async fn failures_halve_the_chunk_and_only_the_missing_range_is_resent() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()).script(|call, _| {
+        (call.part == 1 && call.offset == MIB && call.size > 128 * KIB).then_some(Fault::Reset)
+    }));
+    let bytes = data(3 * MIB as usize);
+    let mut opts = options();
+    opts.concurrency.initial = 1;
+    let report = uploader(&pop, &clock, opts)
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls: Vec<(u64, u64)> = pop.calls().iter().map(|c| (c.offset, c.size)).collect();
+    assert_eq!(
+        calls[..5],
+        [
+            (0, MIB),
+            (MIB, MIB),       // reset
+            (MIB, 512 * KIB), // reset
+            (MIB, 256 * KIB), // reset
+            (MIB, 128 * KIB), // goes through
+        ]
+    );
+    assert_eq!(report.failed_requests, 3);
+    // No acknowledged byte was sent twice.
+    let mut seen = RangeSet::new();
+    for c in pop.calls().iter().filter(|c| c.fault.is_none()) {
+        assert_eq!(seen.overlap(c.offset, c.offset + c.size), 0);
+        seen.insert(c.offset, c.offset + c.size);
+    }
+}
+
+#[tokio::test]
+async fn below_the_floor_it_keeps_retrying_with_backoff_until_the_deadline() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()).script(|_, _| Some(Fault::Reset)));
+    let bytes = data(MIB as usize);
+    let mut opts = options();
+    opts.retry_deadline = Duration::from_secs(30 * 60);
+    let err = uploader(&pop, &clock, opts.clone())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap_err();
+    let ClientError::GaveUp {
+        attempts, stalled, ..
+    } = err
+    else {
+        panic!("expected GaveUp, got {err}");
+    };
+    assert!(stalled >= opts.retry_deadline);
+    // Not a fixed retry count: with a 20 s backoff cap, half an hour is many attempts.
+    assert!(attempts > 50, "{attempts}");
+    let calls = pop.calls();
+    assert!(
+        calls.iter().skip(5).all(|c| c.size == 32 * KIB),
+        "stuck at the floor"
+    );
+    // Every wait within its full-jitter bound, and it waited about the deadline in all.
+    let sleeps = clock.sleeps.lock().unwrap().clone();
+    for (i, sleep) in sleeps.iter().enumerate() {
+        assert!(
+            *sleep <= opts.backoff.ceiling(i as u32 + 1),
+            "sleep {i}: {sleep:?}"
+        );
+    }
+    assert!(clock.now() >= opts.retry_deadline);
+    assert!(clock.now() < opts.retry_deadline + Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn backoff_grows_with_consecutive_failures_and_resets_after_success() {
+    let clock = Arc::new(FakeClock::default());
+    // Six failures, then a clean link.
+    let pop = Arc::new(SimPop::new(clock.clone()).script(|_, i| (i < 6).then_some(Fault::Reset)));
+    let mut opts = options();
+    opts.backoff = BackoffPolicy {
+        base: Duration::from_millis(100),
+        cap: Duration::from_secs(10),
+    };
+    uploader(&pop, &clock, opts.clone())
+        .upload(job(&data(MIB as usize), &["http://pop"]))
+        .await
+        .unwrap();
+    let sleeps = clock.sleeps.lock().unwrap().clone();
+    assert_eq!(sleeps.len(), 6);
+    for (i, s) in sleeps.iter().enumerate() {
+        assert!(*s <= opts.backoff.ceiling(i as u32 + 1));
+    }
+    // The later waits may be far longer than the first ceiling (exponential growth).
+    assert!(
+        sleeps[3..].iter().any(|s| *s > Duration::from_millis(100)),
+        "{sleeps:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_server_hint_sets_start_and_ceiling() {
+    let clock = Arc::new(FakeClock::default());
+    let mut sim = SimPop::new(clock.clone());
+    sim.hint = Some(2 * MIB);
+    let pop = Arc::new(sim);
+    let bytes = data(24 * MIB as usize);
+    uploader(&pop, &clock, options())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls = pop.calls();
+    assert!(
+        calls.iter().all(|c| c.size <= 2 * MIB),
+        "never above the hint"
+    );
+    assert_eq!(sizes(&calls, 1)[..2], [MIB, 2 * MIB], "jumps to the hint");
+}
+
+#[tokio::test]
+async fn timeouts_follow_measured_throughput_and_a_timeout_halves_the_chunk() {
+    let clock = Arc::new(FakeClock::default());
+    let mut sim = SimPop::new(clock.clone()).script(|_, i| (i == 6).then_some(Fault::Timeout));
+    // A slow link: 32 KiB/s.
+    sim.bandwidth = (32 * KIB) as f64;
+    sim.latency = Duration::from_millis(1);
+    let pop = Arc::new(sim);
+    let mut opts = options();
+    opts.concurrency.initial = 1;
+    opts.concurrency.adaptive = false;
+    opts.chunks.initial = 256 * KIB;
+    uploader(&pop, &clock, opts.clone())
+        .upload(job(&data(8 * MIB as usize), &["http://pop"]))
+        .await
+        .unwrap();
+    let calls = pop.calls();
+    // 256 KiB at a measured 32 KiB/s takes 8 s: the deadline is 4x that, not a fixed value.
+    let t = calls[1].timeout.as_secs_f64();
+    assert!((31.0..=33.0).contains(&t), "{t}");
+    // A bigger chunk gets proportionally more time.
+    let big = calls.iter().find(|c| c.size == 512 * KIB).unwrap();
+    assert!(
+        big.timeout > calls[1].timeout * 2 - Duration::from_secs(1),
+        "{big:?}"
+    );
+    assert_eq!(calls[6].size, MIB);
+    assert_eq!(calls[7].size, 512 * KIB, "a timeout halves like a reset");
+}
+
+#[tokio::test]
+async fn a_conflict_is_fatal_at_once() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(
+        SimPop::new(clock.clone()).script(|_, _| Some(Fault::Status(409, "chunk_conflict"))),
+    );
+    let err = uploader(&pop, &clock, options())
+        .upload(job(&data(MIB as usize), &["http://pop"]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("chunk_conflict"), "{err}");
+    assert_eq!(pop.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_and_shrink() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(
+        SimPop::new(clock.clone())
+            .script(|_, i| (i == 0).then_some(Fault::Status(503, "storage_error"))),
+    );
+    uploader(&pop, &clock, options())
+        .upload(job(&data(MIB as usize), &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(sizes(&pop.calls(), 1)[..2], [MIB, 512 * KIB]);
+}
+
+#[tokio::test]
+async fn several_parts_go_at_once_within_the_limit() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    let bytes = data(64 * MIB as usize);
+    let mut opts = options();
+    opts.concurrency.max = 4;
+    uploader(&pop, &clock, opts)
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let max = pop.max_in_flight.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&max), "{max}");
+}
+
+#[tokio::test]
+async fn the_nearest_pop_is_chosen_and_a_failed_start_fails_over() {
+    let clock = Arc::new(FakeClock::default());
+    let mut sim = SimPop::new(clock.clone());
+    sim.rtt = HashMap::from([
+        ("http://far".to_string(), Duration::from_millis(120)),
+        ("http://near".to_string(), Duration::from_millis(5)),
+        ("http://mid".to_string(), Duration::from_millis(40)),
+    ]);
+    let pop = Arc::new(sim);
+    let pops = ["http://far", "http://down", "http://near", "http://mid"];
+    let report = uploader(&pop, &clock, options())
+        .upload(job(&data(1000), &pops))
+        .await
+        .unwrap();
+    assert_eq!(report.pop, "http://near");
+
+    let mut sim = SimPop::new(clock.clone());
+    sim.rtt = pop.rtt.clone();
+    sim.refuse_start = HashSet::from(["http://near".to_string()]);
+    let pop = Arc::new(sim);
+    let report = uploader(&pop, &clock, options())
+        .upload(job(&data(1000), &pops))
+        .await
+        .unwrap();
+    assert_eq!(report.pop, "http://mid");
+    assert_eq!(*pop.starts.lock().unwrap(), ["http://near", "http://mid"]);
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_without_resending_acknowledged_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let bytes = data(20 * MIB as usize);
+    // The first run dies (a fatal answer stands in for a kill) after 7 chunks.
+    let pop = Arc::new(
+        SimPop::new(clock.clone())
+            .script(|_, i| (i >= 7).then_some(Fault::Status(400, "simulated_kill"))),
+    );
+    let mut opts = options();
+    // One part at a time: the kill then falls between two chunks, deterministically.
+    opts.concurrency.initial = 1;
+    opts.concurrency.adaptive = false;
+    let plan = ResumePlan {
+        dir: StateDir::new(dir.path()),
+        identity: FileIdentity {
+            path: "/data/f.bin".into(),
+            size: bytes.len() as u64,
+            mtime_secs: 1,
+            mtime_nanos: 0,
+        },
+        resume: true,
+    };
+    let mut first = job(&bytes, &["http://pop"]);
+    first.resume = Some(plan.clone());
+    assert!(uploader(&pop, &clock, opts).upload(first).await.is_err());
+    let recorded = StateDir::load(&plan.dir.file_for(&plan.identity))
+        .unwrap()
+        .unwrap();
+    let acked_before: u64 = recorded.acked_bytes();
+    assert!(acked_before > 0);
+    for (part, progress) in &recorded.parts {
+        assert_eq!(
+            progress.acked,
+            pop.acked(*part),
+            "the state matches the POP"
+        );
+    }
+
+    // The second run, on the same simulated POP, now healthy.
+    *pop.script.lock().unwrap() = Box::new(|_, _| None);
+    let before = pop.calls().len();
+    let mut second = job(&bytes, &["http://pop"]);
+    second.resume = Some(plan.clone());
+    let report = uploader(&pop, &clock, options())
+        .upload(second)
+        .await
+        .unwrap();
+    assert!(report.resumed);
+    assert_eq!(report.skipped_bytes, acked_before);
+    assert_eq!(report.sent_bytes, bytes.len() as u64 - acked_before);
+    for call in &pop.calls()[before..] {
+        let acked = recorded
+            .parts
+            .get(&call.part)
+            .map(|p| p.acked.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            acked.overlap(call.offset, call.offset + call.size),
+            0,
+            "{call:?} re-sent"
+        );
+    }
+    assert_eq!(pop.file(), bytes.to_vec());
+    assert_eq!(
+        *pop.starts.lock().unwrap(),
+        ["http://pop"],
+        "no second start"
+    );
+    assert!(
+        !plan.dir.file_for(&plan.identity).exists(),
+        "state removed when done"
+    );
+}

@@ -1,0 +1,117 @@
+//! The calls the upload algorithm makes to a POP, behind a trait so the algorithm
+//! runs against a simulated transport in unit tests and against HTTP for real.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::TransportError;
+
+/// Where the POP delivers the finished file (Filestack's `store` options).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreOptions {
+    /// `s3` (the only location Filestack clients name; any POP store is "s3").
+    pub location: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl StoreOptions {
+    pub fn s3() -> Self {
+        StoreOptions {
+            location: "s3".into(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub filename: String,
+    pub mimetype: String,
+    pub size: u64,
+    pub store: StoreOptions,
+}
+
+/// `/multipart/start`'s answer. The handle and filelink are valid from now on.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Started {
+    pub upload_id: String,
+    pub handle: String,
+    pub url: String,
+    #[serde(default)]
+    pub location_url: String,
+}
+
+/// One chunk: `body` goes at `offset` inside part `part` (1-based).
+#[derive(Debug, Clone)]
+pub struct ChunkRequest {
+    pub upload_id: String,
+    pub part: u32,
+    pub offset: u64,
+    /// Base64 of the chunk's raw MD5 digest.
+    pub md5: String,
+    pub body: Bytes,
+}
+
+/// The POP acknowledged a chunk: its bytes are durable there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkAck {
+    /// The POP's preferred largest chunk, in bytes, when it said one.
+    pub size_hint: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompleteRequest {
+    pub upload_id: String,
+    pub filename: String,
+    pub mimetype: String,
+    pub size: u64,
+    pub store: StoreOptions,
+}
+
+/// `/multipart/complete`'s answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Completed {
+    pub handle: String,
+    pub url: String,
+    #[serde(default)]
+    pub status: String,
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync {
+    async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError>;
+
+    /// Sends one chunk (ask for its upload URL, then PUT the bytes), all of it
+    /// within `timeout`.
+    async fn send_chunk(
+        &self,
+        pop: &str,
+        chunk: &ChunkRequest,
+        timeout: Duration,
+    ) -> Result<ChunkAck, TransportError>;
+
+    /// Declares a part whole; `total_size` is the file's size.
+    async fn commit(
+        &self,
+        pop: &str,
+        upload_id: &str,
+        part: u32,
+        total_size: u64,
+    ) -> Result<(), TransportError>;
+
+    async fn complete(&self, pop: &str, req: &CompleteRequest)
+        -> Result<Completed, TransportError>;
+
+    /// `GET /{handle}/metadata`.
+    async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError>;
+
+    /// `GET /healthz`, for round-trip time probes.
+    async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError>;
+}

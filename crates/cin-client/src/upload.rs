@@ -1,0 +1,653 @@
+//! The upload engine: start (nearest POP first, failing over), send every part in
+//! adaptive chunks with several parts in flight, commit each part, complete, and
+//! record every acknowledged chunk so an interrupted upload resumes where it stopped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use md5::Digest;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::adaptive::{
+    BackoffPolicy, ChunkPolicy, ChunkSizer, Concurrency, ConcurrencyPolicy, Throughput,
+    TimeoutPolicy, MIB,
+};
+use crate::clock::Clock;
+use crate::error::{ClientError, Failure, TransportError};
+use crate::pop::{rank_pops, PopRtt, ProbePolicy};
+use crate::ranges::RangeSet;
+use crate::source::ByteSource;
+use crate::state::{Checkpoint, FileIdentity, StateDir, UploadState, STATE_VERSION};
+use crate::transport::{ChunkRequest, CompleteRequest, StartRequest, StoreOptions, Transport};
+
+/// Every knob of the algorithm. `Default` is intelligent ingestion as `cin` runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadOptions {
+    /// Bytes per part (filestack's FII uses 8 MiB).
+    pub part_size: u64,
+    pub chunks: ChunkPolicy,
+    pub backoff: BackoffPolicy,
+    pub timeouts: TimeoutPolicy,
+    pub concurrency: ConcurrencyPolicy,
+    /// How long a part keeps retrying without any acknowledged byte before the
+    /// upload gives up. There is no retry count: a flaky link gets all this time.
+    pub retry_deadline: Duration,
+    pub probe: ProbePolicy,
+    /// Seeds backoff jitter, for reproducible runs; `None` draws from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            part_size: 8 * MIB,
+            chunks: ChunkPolicy::default(),
+            backoff: BackoffPolicy::default(),
+            timeouts: TimeoutPolicy::default(),
+            concurrency: ConcurrencyPolicy::default(),
+            retry_deadline: Duration::from_secs(15 * 60),
+            probe: ProbePolicy::default(),
+            seed: None,
+        }
+    }
+}
+
+impl UploadOptions {
+    /// A classic chunked client for comparison (today's filestack-js): fixed chunks
+    /// of `chunk` bytes that never shrink, a fixed number of parts in flight.
+    pub fn fixed(chunk: u64, parts_in_flight: usize) -> Self {
+        let defaults = UploadOptions::default();
+        UploadOptions {
+            chunks: ChunkPolicy {
+                initial: chunk,
+                floor: chunk,
+                ceiling: chunk.max(defaults.part_size),
+                adaptive: false,
+                follow_hint: false,
+                ..ChunkPolicy::default()
+            },
+            concurrency: ConcurrencyPolicy {
+                initial: parts_in_flight,
+                max: parts_in_flight,
+                adaptive: false,
+            },
+            ..defaults
+        }
+    }
+}
+
+/// What happened, for the user and for whoever watches the upload.
+pub trait Observer: Send + Sync {
+    fn session(&self, _info: &SessionInfo) {}
+    fn acked(&self, _bytes: u64) {}
+    fn retrying(&self, _part: u32, _error: &TransportError, _next_chunk: u64, _delay: Duration) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub pop: String,
+    pub upload_id: String,
+    pub handle: String,
+    pub url: String,
+    pub size: u64,
+    /// Bytes acknowledged by an earlier run (resume); not sent again.
+    pub already_acked: u64,
+    pub resumed: bool,
+    /// Round trips measured when choosing the POP (empty with one POP or on resume).
+    pub ranking: Vec<PopRtt>,
+}
+
+/// The outcome of one upload.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadReport {
+    pub handle: String,
+    pub url: String,
+    pub status: String,
+    pub size: u64,
+    pub pop: String,
+    pub upload_id: String,
+    pub resumed: bool,
+    /// Bytes acknowledged by an earlier run and skipped by this one.
+    pub skipped_bytes: u64,
+    /// Chunk bytes this run put on the wire, failed attempts included.
+    pub sent_bytes: u64,
+    pub failed_requests: u64,
+    pub elapsed_ms: u64,
+}
+
+/// One upload to do.
+pub struct UploadJob {
+    pub source: Arc<dyn ByteSource>,
+    pub filename: String,
+    pub mimetype: String,
+    pub store: StoreOptions,
+    /// Candidate POPs; the nearest that accepts the upload gets it.
+    pub pops: Vec<String>,
+    /// Where to record progress, and whether to pick up an earlier run's.
+    pub resume: Option<ResumePlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResumePlan {
+    pub dir: StateDir,
+    pub identity: FileIdentity,
+    /// Continue the recorded upload of this file if there is one (else start anew,
+    /// still recording).
+    pub resume: bool,
+}
+
+pub struct Uploader {
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    options: UploadOptions,
+    observer: Arc<dyn Observer>,
+}
+
+/// One upload's fixed facts, shared by its part tasks.
+struct Session {
+    pop: String,
+    upload_id: String,
+    url: String,
+}
+
+struct Counters {
+    acked: AtomicU64,
+    sent: AtomicU64,
+    failures: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+/// What part tasks share. Chunk sizes and throughput stay per part; only the POP's
+/// hint and a starting point for the next part pass between them.
+struct Shared {
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    options: UploadOptions,
+    observer: Arc<dyn Observer>,
+    source: Arc<dyn ByteSource>,
+    session: Session,
+    checkpoint: Option<Checkpoint>,
+    counters: Counters,
+    /// The POP's latest chunk size hint.
+    hint: Mutex<Option<u64>>,
+    /// Chunk sizing and rate where the last finished part ended: the next part
+    /// starts there (its own copy), so growth carries across short parts.
+    handoff: Mutex<Option<(ChunkSizer, Option<f64>)>>,
+    seeds: Mutex<StdRng>,
+}
+
+struct PartJob {
+    number: u32,
+    /// Offset of the part in the file.
+    start: u64,
+    len: u64,
+    acked: RangeSet,
+}
+
+/// Measurement windows shorter than this are noise.
+const WINDOW: Duration = Duration::from_millis(250);
+
+impl Uploader {
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        clock: Arc<dyn Clock>,
+        options: UploadOptions,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
+        Uploader {
+            transport,
+            clock,
+            options,
+            observer,
+        }
+    }
+
+    pub async fn upload(&self, job: UploadJob) -> Result<UploadReport, ClientError> {
+        if job.pops.is_empty() {
+            return Err(ClientError::NoPop);
+        }
+        if self.options.part_size == 0 {
+            return Err(ClientError::Invalid(
+                "part size must be at least 1 byte".into(),
+            ));
+        }
+        let began = self.clock.now();
+        let recorded = match &job.resume {
+            Some(plan) if plan.resume => self.recorded_upload(plan)?,
+            _ => None,
+        };
+        let resumed = recorded.is_some();
+        let result = match recorded {
+            Some((state, path)) => {
+                let result = self.run(&job, state, path, Vec::new(), true, began).await;
+                match result {
+                    // The POP no longer knows the upload (expired, or its data was
+                    // wiped): the recorded ranges are worthless, start over.
+                    Err(ClientError::Request { ref source, .. })
+                        if source.code() == Some("upload_not_found") =>
+                    {
+                        tracing::warn!("the recorded upload is gone from its POP; starting anew");
+                        self.fresh(&job, began).await
+                    }
+                    other => other,
+                }
+            }
+            None => self.fresh(&job, began).await,
+        };
+        result.map(|mut report| {
+            report.resumed = resumed;
+            report
+        })
+    }
+
+    /// The recorded upload of this very file (same path, size and mtime), if any.
+    fn recorded_upload(
+        &self,
+        plan: &ResumePlan,
+    ) -> Result<Option<(UploadState, PathBuf)>, ClientError> {
+        let path = plan.dir.file_for(&plan.identity);
+        match StateDir::load(&path)? {
+            Some(state) if state.file == plan.identity => Ok(Some((state, path))),
+            Some(_) => {
+                tracing::warn!(
+                    "{} changed since its upload was interrupted; starting anew",
+                    plan.identity.path.display()
+                );
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn fresh(&self, job: &UploadJob, began: Duration) -> Result<UploadReport, ClientError> {
+        let size = job.source.len();
+        let ranking = rank_pops(
+            self.transport.as_ref(),
+            self.clock.as_ref(),
+            &job.pops,
+            &self.options.probe,
+        )
+        .await;
+        let request = StartRequest {
+            filename: job.filename.clone(),
+            mimetype: job.mimetype.clone(),
+            size,
+            store: job.store.clone(),
+        };
+        let mut errors = Vec::new();
+        let mut started = None;
+        for candidate in &ranking {
+            match self.transport.start(&candidate.pop, &request).await {
+                Ok(answer) => {
+                    started = Some((candidate.pop.clone(), answer));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(pop = %candidate.pop, error = %e, "start failed; trying the next POP");
+                    errors.push((candidate.pop.clone(), e));
+                }
+            }
+        }
+        let Some((pop, answer)) = started else {
+            return Err(ClientError::AllPopsFailed(errors));
+        };
+        let state = UploadState {
+            version: STATE_VERSION,
+            pop,
+            upload_id: answer.upload_id,
+            handle: answer.handle,
+            url: answer.url,
+            file: job
+                .resume
+                .as_ref()
+                .map(|plan| plan.identity.clone())
+                .unwrap_or_else(|| FileIdentity {
+                    path: PathBuf::from(&job.filename),
+                    size,
+                    mtime_secs: 0,
+                    mtime_nanos: 0,
+                }),
+            filename: job.filename.clone(),
+            mimetype: job.mimetype.clone(),
+            store: job.store.clone(),
+            part_size: self.options.part_size,
+            parts: BTreeMap::new(),
+        };
+        let path = job
+            .resume
+            .as_ref()
+            .map(|plan| plan.dir.file_for(&plan.identity))
+            .unwrap_or_default();
+        self.run(job, state, path, ranking, false, began).await
+    }
+
+    async fn run(
+        &self,
+        job: &UploadJob,
+        state: UploadState,
+        state_path: PathBuf,
+        ranking: Vec<PopRtt>,
+        resumed: bool,
+        began: Duration,
+    ) -> Result<UploadReport, ClientError> {
+        let size = job.source.len();
+        let part_size = state.part_size.max(1);
+        let already_acked = state.acked_bytes();
+        self.observer.session(&SessionInfo {
+            pop: state.pop.clone(),
+            upload_id: state.upload_id.clone(),
+            handle: state.handle.clone(),
+            url: state.url.clone(),
+            size,
+            already_acked,
+            resumed,
+            ranking,
+        });
+        let mut jobs = VecDeque::new();
+        let parts = size.div_ceil(part_size);
+        for index in 0..parts {
+            let number = u32::try_from(index + 1).map_err(|_| {
+                ClientError::Invalid(format!(
+                    "{size} bytes make more parts of {part_size} bytes than the protocol numbers"
+                ))
+            })?;
+            let start = index * part_size;
+            let progress = state.parts.get(&number).cloned().unwrap_or_default();
+            if progress.committed {
+                continue;
+            }
+            jobs.push_back(PartJob {
+                number,
+                start,
+                len: part_size.min(size - start),
+                acked: progress.acked,
+            });
+        }
+        let checkpoint = match &job.resume {
+            Some(_) => Some(Checkpoint::create(state_path, state.clone()).await?),
+            None => None,
+        };
+        let seed = self
+            .options
+            .seed
+            .unwrap_or_else(|| rand::thread_rng().next_u64());
+        let shared = Arc::new(Shared {
+            transport: self.transport.clone(),
+            clock: self.clock.clone(),
+            options: self.options.clone(),
+            observer: self.observer.clone(),
+            source: job.source.clone(),
+            session: Session {
+                pop: state.pop.clone(),
+                upload_id: state.upload_id.clone(),
+                url: state.url.clone(),
+            },
+            checkpoint,
+            counters: Counters {
+                acked: AtomicU64::new(0),
+                sent: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
+            },
+            hint: Mutex::new(None),
+            handoff: Mutex::new(None),
+            seeds: Mutex::new(StdRng::seed_from_u64(seed)),
+        });
+
+        match run_parts(&shared, jobs).await {
+            Ok(()) => {}
+            // Already completed (an earlier run got that far): completing again is
+            // idempotent and returns the file.
+            Err(ClientError::Request { ref source, .. })
+                if source.code() == Some("upload_complete") => {}
+            Err(e) => return Err(e),
+        }
+        job.source.check_unchanged()?;
+        let complete = CompleteRequest {
+            upload_id: state.upload_id.clone(),
+            filename: state.filename.clone(),
+            mimetype: state.mimetype.clone(),
+            size,
+            store: state.store.clone(),
+        };
+        let done = retrying(&shared, "complete", 0, || {
+            shared.transport.complete(&shared.session.pop, &complete)
+        })
+        .await?;
+        if let Some(checkpoint) = &shared.checkpoint {
+            checkpoint.remove().await?;
+        }
+        let elapsed = self.clock.now().saturating_sub(began);
+        Ok(UploadReport {
+            handle: done.handle,
+            url: if done.url.is_empty() {
+                shared.session.url.clone()
+            } else {
+                done.url
+            },
+            status: done.status,
+            size,
+            pop: shared.session.pop.clone(),
+            upload_id: shared.session.upload_id.clone(),
+            resumed,
+            skipped_bytes: already_acked,
+            sent_bytes: shared.counters.sent.load(Ordering::Relaxed),
+            failed_requests: shared.counters.failures.load(Ordering::Relaxed),
+            elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// Runs the parts with an adaptive number in flight; the first fatal error stops all.
+async fn run_parts(
+    shared: &Arc<Shared>,
+    mut pending: VecDeque<PartJob>,
+) -> Result<(), ClientError> {
+    let mut concurrency = Concurrency::new(shared.options.concurrency.clone());
+    let mut running = JoinSet::new();
+    let mut window_start = shared.clock.now();
+    let mut window_acked = 0;
+    let mut window_timeouts = 0;
+    loop {
+        while running.len() < concurrency.limit() {
+            let Some(job) = pending.pop_front() else {
+                break;
+            };
+            running.spawn(run_part(shared.clone(), job));
+        }
+        let Some(finished) = running.join_next().await else {
+            return Ok(());
+        };
+        match finished {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                running.abort_all();
+                return Err(e);
+            }
+            Err(e) => {
+                running.abort_all();
+                return Err(ClientError::Invalid(format!("a part task failed: {e}")));
+            }
+        }
+        let now = shared.clock.now();
+        let span = now.saturating_sub(window_start);
+        if span >= WINDOW {
+            let acked = shared.counters.acked.load(Ordering::Relaxed);
+            let timeouts = shared.counters.timeouts.load(Ordering::Relaxed);
+            let goodput = (acked - window_acked) as f64 / span.as_secs_f64();
+            concurrency.on_window(goodput, (timeouts - window_timeouts) as u32);
+            tracing::debug!(goodput, parts_in_flight = concurrency.limit(), "window");
+            window_start = now;
+            window_acked = acked;
+            window_timeouts = timeouts;
+        }
+    }
+}
+
+/// Sends one part's missing ranges chunk by chunk, then commits it.
+async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientError> {
+    let options = &shared.options;
+    let handoff = lock(&shared.handoff).clone();
+    let hint = *lock(&shared.hint);
+    let (mut sizer, rate) =
+        handoff.unwrap_or_else(|| (ChunkSizer::new(options.chunks.clone(), None, hint), None));
+    let mut throughput = Throughput::starting_at(rate);
+    let mut rng = StdRng::seed_from_u64(lock(&shared.seeds).next_u64());
+    let mut attempts = 0u32;
+    let mut last_progress = shared.clock.now();
+
+    while let Some((gap_start, gap_end)) = job.acked.first_gap(job.len) {
+        let size = sizer.current().min(gap_end - gap_start);
+        let body = shared.source.read_at(job.start + gap_start, size).await?;
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+        let request = ChunkRequest {
+            upload_id: shared.session.upload_id.clone(),
+            part: job.number,
+            offset: gap_start,
+            md5,
+            body,
+        };
+        let timeout = options.timeouts.for_chunk(size, throughput.rate());
+        let sent_at = shared.clock.now();
+        shared.counters.sent.fetch_add(size, Ordering::Relaxed);
+        match shared
+            .transport
+            .send_chunk(&shared.session.pop, &request, timeout)
+            .await
+        {
+            Ok(ack) => {
+                throughput.observe(size, shared.clock.now().saturating_sub(sent_at));
+                if let Some(h) = ack.size_hint {
+                    *lock(&shared.hint) = Some(h);
+                }
+                sizer.on_success(ack.size_hint);
+                job.acked.insert(gap_start, gap_start + size);
+                if let Some(checkpoint) = &shared.checkpoint {
+                    checkpoint
+                        .acked(job.number, gap_start, gap_start + size)
+                        .await?;
+                }
+                shared.counters.acked.fetch_add(size, Ordering::Relaxed);
+                shared.observer.acked(size);
+                attempts = 0;
+                last_progress = shared.clock.now();
+            }
+            Err(error) => {
+                match error.classify() {
+                    Failure::Fatal => {
+                        return Err(ClientError::Request {
+                            what: "chunk upload",
+                            pop: shared.session.pop.clone(),
+                            source: error,
+                        })
+                    }
+                    Failure::Shrink => sizer.on_failure(),
+                    Failure::Retry => {}
+                }
+                if matches!(error, TransportError::Timeout(_)) {
+                    shared.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                shared.counters.failures.fetch_add(1, Ordering::Relaxed);
+                attempts += 1;
+                let stalled = shared.clock.now().saturating_sub(last_progress);
+                if stalled >= options.retry_deadline {
+                    return Err(ClientError::GaveUp {
+                        part: job.number,
+                        attempts,
+                        stalled,
+                        last: error,
+                    });
+                }
+                let delay = options
+                    .backoff
+                    .delay(attempts, &mut rng)
+                    .min(options.retry_deadline - stalled);
+                tracing::debug!(part = job.number, %error, next_chunk = sizer.current(), ?delay, "chunk failed; retrying");
+                shared
+                    .observer
+                    .retrying(job.number, &error, sizer.current(), delay);
+                shared.clock.sleep(delay).await;
+            }
+        }
+    }
+
+    let total = shared.source.len();
+    retrying(&shared, "commit", job.number, || {
+        shared.transport.commit(
+            &shared.session.pop,
+            &shared.session.upload_id,
+            job.number,
+            total,
+        )
+    })
+    .await?;
+    if let Some(checkpoint) = &shared.checkpoint {
+        checkpoint.committed(job.number).await?;
+    }
+    *lock(&shared.handoff) = Some((sizer, throughput.rate()));
+    Ok(())
+}
+
+/// A small control call (commit, complete), retried like chunks but without sizes.
+async fn retrying<T, F, Fut>(
+    shared: &Shared,
+    what: &'static str,
+    part: u32,
+    mut call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TransportError>>,
+{
+    let first = shared.clock.now();
+    let mut rng = StdRng::seed_from_u64(lock(&shared.seeds).next_u64());
+    let mut attempts = 0;
+    loop {
+        let error = match call().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        attempts += 1;
+        let stalled = shared.clock.now().saturating_sub(first);
+        if error.classify() == Failure::Fatal {
+            return Err(ClientError::Request {
+                what,
+                pop: shared.session.pop.clone(),
+                source: error,
+            });
+        }
+        if stalled >= shared.options.retry_deadline {
+            return Err(ClientError::GaveUp {
+                part,
+                attempts,
+                stalled,
+                last: error,
+            });
+        }
+        shared.counters.failures.fetch_add(1, Ordering::Relaxed);
+        let delay = shared
+            .options
+            .backoff
+            .delay(attempts, &mut rng)
+            .min(shared.options.retry_deadline - stalled);
+        tracing::debug!(what, part, %error, ?delay, "retrying");
+        shared.clock.sleep(delay).await;
+    }
+}
+
+/// A poisoned lock only means another part task panicked; its data is still sound.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

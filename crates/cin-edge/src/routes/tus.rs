@@ -1,0 +1,520 @@
+//! tus 1.0.0 at `/files/` (https://tus.io/protocols/resumable-upload), with the
+//! creation, creation-with-upload, creation-defer-length, termination, checksum,
+//! expiration and concatenation extensions. Every tus upload is also a file with
+//! a handle and a filelink, replicated like any other.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use cin_domain::{FileRecord, StoreOptions, TusConcat, UploadId, UploadMode};
+use cin_storage::DigestKind;
+
+use crate::app::SharedState;
+use crate::error::ApiError;
+use crate::upload::{Appended, DeclaredChecksum, NewUpload};
+
+pub const TUS_VERSION: &str = "1.0.0";
+const TUS_EXTENSIONS: &str =
+    "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation";
+const TUS_CHECKSUMS: &str = "sha1,md5,sha256";
+const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
+
+/// Headers a browser client must be able to read (CORS `Access-Control-Expose-Headers`).
+pub const EXPOSED_HEADERS: [&str; 11] = [
+    "upload-offset",
+    "upload-length",
+    "upload-defer-length",
+    "upload-metadata",
+    "upload-expires",
+    "upload-concat",
+    "tus-resumable",
+    "tus-version",
+    "tus-extension",
+    "tus-max-size",
+    "cin-filelink",
+];
+
+/// A tus answer: a status and headers; `Tus-Resumable` is added to every one.
+struct TusResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl TusResponse {
+    fn new(status: StatusCode) -> Self {
+        TusResponse {
+            status,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl ToString) -> Self {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            self.headers.insert(HeaderName::from_static(name), v);
+        }
+        self
+    }
+}
+
+impl IntoResponse for TusResponse {
+    fn into_response(mut self) -> Response {
+        self.headers
+            .insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+        (self.status, self.headers).into_response()
+    }
+}
+
+/// A tus error answer: the JSON error body with tus's status codes (410 for
+/// expired uploads) and `Tus-Resumable`.
+enum TusError {
+    Api(ApiError),
+    /// An answer with a status the common error type does not carry (415).
+    Raw(Box<Response>),
+}
+
+impl From<ApiError> for TusError {
+    fn from(e: ApiError) -> Self {
+        TusError::Api(e)
+    }
+}
+
+impl IntoResponse for TusError {
+    fn into_response(self) -> Response {
+        let error = match self {
+            TusError::Raw(response) => return *response,
+            TusError::Api(error) => error,
+        };
+        let expired = matches!(
+            &error,
+            ApiError::NotFound {
+                code: "expired",
+                ..
+            }
+        );
+        let mut response = error.into_response();
+        if expired {
+            *response.status_mut() = StatusCode::GONE;
+        }
+        response
+            .headers_mut()
+            .insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+        response
+    }
+}
+
+type TusResult = Result<TusResponse, TusError>;
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Every request but OPTIONS must speak our tus version; others get 412 and the versions we do speak.
+fn check_version(headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if header(headers, "tus-resumable") == Some(TUS_VERSION) {
+        return Ok(());
+    }
+    let mut response = TusError::Api(ApiError::Invalid {
+        code: "unsupported_tus_version",
+        message: format!("this server speaks tus {TUS_VERSION}; send Tus-Resumable: {TUS_VERSION}"),
+    })
+    .into_response();
+    *response.status_mut() = StatusCode::PRECONDITION_FAILED;
+    response
+        .headers_mut()
+        .insert("tus-version", HeaderValue::from_static(TUS_VERSION));
+    Err(Box::new(response))
+}
+
+fn parse_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    header(headers, name)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::invalid(
+                    "invalid_header",
+                    format!("{name} must be a non-negative integer, got {v:?}"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// `Upload-Metadata`: comma-separated `key base64value` pairs (the value may be absent).
+fn parse_metadata(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut it = pair.splitn(2, ' ');
+        let key = it.next().unwrap_or_default().to_owned();
+        let value = match it.next().map(str::trim).filter(|v| !v.is_empty()) {
+            None => String::new(),
+            Some(v) => {
+                let bytes = B64.decode(v).map_err(|_| {
+                    ApiError::invalid(
+                        "invalid_metadata",
+                        format!("Upload-Metadata value of {key:?} is not base64"),
+                    )
+                })?;
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        };
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn upload_from_metadata(metadata: &[(String, String)], size: u64) -> NewUpload {
+    let get = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| {
+                metadata
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.clone())
+            })
+            .filter(|v| !v.is_empty())
+    };
+    NewUpload {
+        filename: get(&["filename", "name"]).unwrap_or_default(),
+        mimetype: get(&["filetype", "mimetype", "type"]),
+        size,
+        store: StoreOptions {
+            location: get(&["location"]),
+            container: get(&["container"]),
+            path: get(&["path"]),
+            region: get(&["region"]),
+            access: get(&["access"]),
+        },
+        mode: UploadMode::Tus,
+    }
+}
+
+/// `Upload-Checksum: <algorithm> <base64 digest>`.
+fn parse_checksum(headers: &HeaderMap) -> Result<Option<DeclaredChecksum>, ApiError> {
+    let Some(raw) = header(headers, "upload-checksum") else {
+        return Ok(None);
+    };
+    let (algorithm, digest) = raw.split_once(' ').ok_or_else(|| {
+        ApiError::invalid(
+            "invalid_checksum",
+            "Upload-Checksum must be \"<algorithm> <base64 digest>\"",
+        )
+    })?;
+    let kind = match algorithm.to_ascii_lowercase().as_str() {
+        "sha1" => DigestKind::Sha1,
+        "md5" => DigestKind::Md5,
+        "sha256" => DigestKind::Sha256,
+        other => {
+            return Err(ApiError::invalid(
+                "unsupported_checksum",
+                format!(
+                    "checksum algorithm {other:?} is not supported; use one of {TUS_CHECKSUMS}"
+                ),
+            ))
+        }
+    };
+    let digest = B64.decode(digest.trim()).map_err(|_| {
+        ApiError::invalid(
+            "invalid_checksum",
+            "the Upload-Checksum digest is not base64",
+        )
+    })?;
+    Ok(Some(DeclaredChecksum { kind, digest }))
+}
+
+fn upload_url(state: &SharedState, upload: &UploadId) -> String {
+    format!("{}/files/{}", state.public_url, upload)
+}
+
+/// The upload id named by a URL or path ending in `/files/{id}` (for `Upload-Concat: final;...`).
+fn upload_id_of(url: &str) -> Result<UploadId, ApiError> {
+    let id = url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    UploadId::parse(id).map_err(|_| {
+        ApiError::invalid(
+            "invalid_concat",
+            format!("{url:?} does not name an upload on this server"),
+        )
+    })
+}
+
+fn http_date(ms: u64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Headers that describe the file behind an upload.
+fn with_file_headers(
+    state: &SharedState,
+    response: TusResponse,
+    file: &FileRecord,
+) -> Result<TusResponse, ApiError> {
+    let mut response = response.header("cin-handle", &file.handle).header(
+        "cin-filelink",
+        format!("{}/{}", state.public_url, file.handle),
+    );
+    if let Some(expires) = state.uploads.expires_at_ms(file)? {
+        response = response.header("upload-expires", http_date(expires));
+    }
+    Ok(response)
+}
+
+pub async fn options(State(state): State<SharedState>) -> Response {
+    TusResponse::new(StatusCode::NO_CONTENT)
+        .header("tus-version", TUS_VERSION)
+        .header("tus-extension", TUS_EXTENSIONS)
+        .header("tus-max-size", state.config.uploads.max_file_size)
+        .header("tus-checksum-algorithm", TUS_CHECKSUMS)
+        .into_response()
+}
+
+pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(refused) = check_version(&headers) {
+        return *refused;
+    }
+    match create_upload(&state, &headers, body).await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> TusResult {
+    let raw_metadata = header(headers, "upload-metadata")
+        .unwrap_or_default()
+        .to_owned();
+    let metadata = parse_metadata(&raw_metadata)?;
+    let concat = header(headers, "upload-concat").unwrap_or_default();
+
+    if let Some(list) = concat.strip_prefix("final;") {
+        let partials = list
+            .split_whitespace()
+            .map(upload_id_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        if partials.is_empty() {
+            return Err(ApiError::invalid(
+                "invalid_concat",
+                "Upload-Concat: final; lists no partial uploads",
+            )
+            .into());
+        }
+        let file = state
+            .uploads
+            .tus_concat(upload_from_metadata(&metadata, 0), partials, raw_metadata)
+            .await?;
+        let response = TusResponse::new(StatusCode::CREATED)
+            .header("location", upload_url(state, &file.upload_id));
+        return Ok(with_file_headers(state, response, &file)?);
+    }
+    let partial = match concat {
+        "" => false,
+        "partial" => true,
+        other => {
+            return Err(ApiError::invalid(
+                "invalid_concat",
+                format!("Upload-Concat must be \"partial\" or \"final;<urls>\", got {other:?}"),
+            )
+            .into())
+        }
+    };
+    let length = parse_u64(headers, "upload-length")?;
+    let deferred = match (length, header(headers, "upload-defer-length")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "invalid_length",
+                "send Upload-Length or Upload-Defer-Length, not both",
+            )
+            .into())
+        }
+        (Some(_), None) => false,
+        (None, Some("1")) => true,
+        (None, Some(other)) => {
+            return Err(ApiError::invalid(
+                "invalid_length",
+                format!("Upload-Defer-Length must be 1, got {other:?}"),
+            )
+            .into())
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "length_required",
+                "send Upload-Length (or Upload-Defer-Length: 1)",
+            )
+            .into())
+        }
+    };
+    let mut file = state
+        .uploads
+        .tus_create(
+            upload_from_metadata(&metadata, length.unwrap_or(0)),
+            deferred,
+            raw_metadata,
+            partial,
+        )
+        .await?;
+
+    let mut response = TusResponse::new(StatusCode::CREATED)
+        .header("location", upload_url(state, &file.upload_id));
+    // creation-with-upload: the POST body is the first chunk.
+    let carries_bytes = header(headers, "content-type") == Some(OFFSET_OCTET_STREAM)
+        && parse_u64(headers, "content-length")?.is_none_or(|len| len > 0);
+    if carries_bytes {
+        let appended = state
+            .uploads
+            .tus_append(
+                &file.upload_id,
+                0,
+                None,
+                parse_checksum(headers)?,
+                body.into_data_stream(),
+            )
+            .await?;
+        let offset = match appended {
+            Appended::Complete(o) | Appended::BrokenOff(o) => o,
+        };
+        response = response.header("upload-offset", offset);
+        file = state.uploads.file_for_upload(&file.upload_id)?;
+    }
+    Ok(with_file_headers(state, response, &file)?)
+}
+
+fn parse_id(id: &str) -> Result<UploadId, ApiError> {
+    UploadId::parse(id)
+        .map_err(|_| ApiError::not_found("upload_not_found", format!("no upload has id {id:?}")))
+}
+
+pub async fn head(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = check_version(&headers) {
+        return *refused;
+    }
+    let result: TusResult = (|| {
+        let file = state.uploads.file_for_upload(&parse_id(&id)?)?;
+        let offset = state.uploads.tus_offset(&file)?;
+        let mut response = TusResponse::new(StatusCode::OK)
+            .header("upload-offset", offset)
+            .header("cache-control", "no-store");
+        response = if file.length_deferred {
+            response.header("upload-defer-length", 1)
+        } else {
+            response.header("upload-length", file.size)
+        };
+        if let Some(tus) = &file.tus {
+            if !tus.metadata.is_empty() {
+                response = response.header("upload-metadata", &tus.metadata);
+            }
+            match &tus.concat {
+                TusConcat::None => {}
+                TusConcat::Partial => response = response.header("upload-concat", "partial"),
+                TusConcat::Final(parts) => {
+                    let urls: Vec<String> = parts.iter().map(|p| upload_url(&state, p)).collect();
+                    response =
+                        response.header("upload-concat", format!("final;{}", urls.join(" ")));
+                }
+            }
+        }
+        Ok(with_file_headers(&state, response, &file)?)
+    })();
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn patch(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = check_version(&headers) {
+        return *refused;
+    }
+    let result: TusResult = async {
+        let upload = parse_id(&id)?;
+        let content_type = header(&headers, "content-type").unwrap_or_default();
+        if content_type != OFFSET_OCTET_STREAM {
+            let mut response = TusError::Api(ApiError::invalid(
+                "unsupported_media_type",
+                format!("PATCH bodies must be {OFFSET_OCTET_STREAM}, got {content_type:?}"),
+            ))
+            .into_response();
+            *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return Err(TusError::Raw(Box::new(response)));
+        }
+        let offset = parse_u64(&headers, "upload-offset")?
+            .ok_or_else(|| ApiError::invalid("offset_required", "PATCH needs Upload-Offset"))?;
+        let checksum = parse_checksum(&headers)?;
+        let length = parse_u64(&headers, "upload-length")?;
+        let appended = state
+            .uploads
+            .tus_append(&upload, offset, length, checksum, body.into_data_stream())
+            .await?;
+        let offset = match appended {
+            Appended::Complete(o) | Appended::BrokenOff(o) => o,
+        };
+        let file = state.uploads.file_for_upload(&upload)?;
+        let response = TusResponse::new(StatusCode::NO_CONTENT).header("upload-offset", offset);
+        Ok(with_file_headers(&state, response, &file)?)
+    }
+    .await;
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn terminate(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = check_version(&headers) {
+        return *refused;
+    }
+    let result: TusResult = async {
+        state.uploads.tus_terminate(&parse_id(&id)?).await?;
+        Ok(TusResponse::new(StatusCode::NO_CONTENT))
+    }
+    .await;
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_pairs_decode() {
+        let parsed =
+            parse_metadata("filename d29ybGRfZG9taW5hdGlvbl9wbGFuLnBkZg==,is_confidential")
+                .unwrap();
+        assert_eq!(
+            parsed[0],
+            ("filename".into(), "world_domination_plan.pdf".into())
+        );
+        assert_eq!(parsed[1], ("is_confidential".into(), String::new()));
+        assert!(parse_metadata("filename ***").is_err());
+    }
+
+    #[test]
+    fn concat_urls_name_uploads() {
+        let id = UploadId::generate();
+        assert_eq!(upload_id_of(&format!("http://pop/files/{id}")).unwrap(), id);
+        assert_eq!(upload_id_of(&format!("/files/{id}")).unwrap(), id);
+        assert!(upload_id_of("/files/../x").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! tus 1.0 on the upload engine: an upload is one part file that grows by PATCH
+//! requests at its current offset; a final concatenation is a segment list over
+//! partial uploads.
+
+use bytes::Bytes;
+use cin_domain::{FileRecord, FileStatus, PartNumber, Segment, TusConcat, TusState, UploadId};
+use cin_storage::{ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
+use futures_util::Stream;
+
+use super::{now_ms, NewUpload, Uploads};
+use crate::error::ApiError;
+
+/// A checksum the client declared for a PATCH body (`Upload-Checksum`).
+#[derive(Clone, Debug)]
+pub struct DeclaredChecksum {
+    pub kind: DigestKind,
+    pub digest: Vec<u8>,
+}
+
+/// How a PATCH ended.
+#[derive(Debug)]
+pub enum Appended {
+    /// The new offset; the whole body is durable.
+    Complete(u64),
+    /// The body broke off; the new offset covers what arrived and is durable.
+    BrokenOff(u64),
+}
+
+fn tus_part() -> PartNumber {
+    // A tus upload keeps its bytes in a single part; 1 is always valid.
+    PartNumber::new(1).unwrap_or_else(|_| unreachable!())
+}
+
+impl Uploads {
+    /// Creates a tus upload. `size` is None with `Upload-Defer-Length`.
+    pub async fn tus_create(
+        &self,
+        upload: NewUpload,
+        deferred: bool,
+        metadata: String,
+        partial: bool,
+    ) -> Result<FileRecord, ApiError> {
+        let mut record = self.new_record(&upload)?;
+        self.check_size(upload.size)?;
+        record.length_deferred = deferred;
+        record.tus = Some(TusState {
+            metadata,
+            concat: if partial {
+                TusConcat::Partial
+            } else {
+                TusConcat::None
+            },
+        });
+        self.parts.create_upload(&record.upload_id).await?;
+        if !deferred && record.size == 0 {
+            // An empty file is complete at creation.
+            record.segments = Vec::new();
+            self.finish_tus(&mut record).await?;
+            return Ok(record);
+        }
+        self.meta.put_file(&record, JobChange::Keep)?;
+        self.meta.flush().await?;
+        tracing::info!(handle = %record.handle, size = record.size, deferred, partial, "tus upload created");
+        Ok(record)
+    }
+
+    /// The number of bytes received from offset 0 (the tus `Upload-Offset`).
+    pub fn tus_offset(&self, file: &FileRecord) -> Result<u64, ApiError> {
+        if file.status != FileStatus::Uploading {
+            return Ok(file.size);
+        }
+        Ok(self
+            .meta
+            .get_part(&file.upload_id, tus_part())?
+            .map(|p| p.received.contiguous_prefix())
+            .unwrap_or(0))
+    }
+
+    /// Appends a PATCH body at `offset`. Concurrent PATCHes on one upload are
+    /// serialised; the later one then finds the offset moved and gets a conflict.
+    pub async fn tus_append<S, E>(
+        &self,
+        upload: &UploadId,
+        offset: u64,
+        new_length: Option<u64>,
+        checksum: Option<DeclaredChecksum>,
+        body: S,
+    ) -> Result<Appended, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let _guard = self.part_locks.lock((upload.clone(), 1)).await;
+        let mut file = self.file_for_upload(upload)?;
+        if matches!(
+            &file.tus,
+            Some(TusState {
+                concat: TusConcat::Final(_),
+                ..
+            })
+        ) {
+            return Err(ApiError::forbidden(
+                "final_upload",
+                "a final concatenation cannot be patched",
+            ));
+        }
+        let mut part = self.meta.get_part(upload, tus_part())?.unwrap_or_default();
+        let current = if file.status == FileStatus::Uploading {
+            part.received.contiguous_prefix()
+        } else {
+            file.size
+        };
+        if offset != current {
+            return Err(ApiError::conflict(
+                "offset_mismatch",
+                format!("Upload-Offset is {offset} but the upload is at {current}; HEAD it and continue from there"),
+                Some(file.status),
+            ));
+        }
+        if file.status != FileStatus::Uploading {
+            return Err(ApiError::conflict(
+                "upload_complete",
+                format!("upload {upload} is already complete"),
+                Some(file.status),
+            ));
+        }
+        if let Some(length) = new_length {
+            if file.length_deferred {
+                self.check_size(length)?;
+                if length < current {
+                    return Err(ApiError::invalid(
+                        "length_too_small",
+                        format!(
+                            "Upload-Length {length} is below the {current} bytes already received"
+                        ),
+                    ));
+                }
+                file.size = length;
+                file.length_deferred = false;
+                self.meta.put_file(&file, JobChange::Keep)?;
+            } else if length != file.size {
+                return Err(ApiError::invalid(
+                    "length_fixed",
+                    format!("Upload-Length is already {} and cannot change", file.size),
+                ));
+            }
+        }
+        let room = if file.length_deferred {
+            self.max_file_size - current
+        } else {
+            file.size - current
+        };
+        let (digest, on_break) = match &checksum {
+            // A checksummed body counts only whole: a broken one cannot be verified.
+            Some(c) => (c.kind, OnBreak::Refuse),
+            None => (DigestKind::None, OnBreak::KeepPrefix),
+        };
+        let written = self
+            .parts
+            .write(
+                upload,
+                tus_part(),
+                offset,
+                ChunkSize::AtMost(room),
+                &part.received,
+                body,
+                digest,
+                on_break,
+            )
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(ChunkError::TooLong { .. }) => {
+                return Err(ApiError::TooLarge {
+                    message: format!(
+                        "the body goes past the upload's length; at most {room} more bytes fit"
+                    ),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(declared) = checksum {
+            if declared.digest != written.digest {
+                return Err(ApiError::ChecksumMismatch);
+            }
+        }
+        let end = offset + written.len;
+        if written.len > 0 {
+            part.received.insert(offset, end);
+            part.touched_at_ms = now_ms();
+            self.meta.put_part(upload, tus_part(), &part)?;
+        }
+        if !file.length_deferred && end == file.size {
+            file.segments = vec![Segment {
+                file: PartStore::part_file(upload, tus_part()),
+                offset: 0,
+                len: file.size,
+            }];
+            self.finish_tus(&mut file).await?;
+        } else {
+            self.meta.flush().await?;
+        }
+        Ok(match written.broken_off {
+            Some(reason) => {
+                tracing::info!(%upload, kept = written.len, %reason, "PATCH body broke off; kept what arrived");
+                Appended::BrokenOff(end)
+            }
+            None => Appended::Complete(end),
+        })
+    }
+
+    /// Marks a tus upload complete: partial uploads wait for their final upload,
+    /// everything else is queued for final storage.
+    async fn finish_tus(&self, file: &mut FileRecord) -> Result<(), ApiError> {
+        if file.is_tus_partial() {
+            file.status = FileStatus::InTransit;
+            file.completed_at_ms = Some(now_ms());
+            self.meta.put_file(file, JobChange::Keep)?;
+            self.meta.flush().await?;
+            return Ok(());
+        }
+        self.finish(file).await
+    }
+
+    /// Creates a final upload from complete partial uploads: no bytes are copied.
+    pub async fn tus_concat(
+        &self,
+        upload: NewUpload,
+        partials: Vec<UploadId>,
+        metadata: String,
+    ) -> Result<FileRecord, ApiError> {
+        let mut segments = Vec::new();
+        for id in &partials {
+            let part = self.file_for_upload(id)?;
+            if !part.is_tus_partial() {
+                return Err(ApiError::invalid(
+                    "not_partial",
+                    format!("upload {id} was not created with Upload-Concat: partial"),
+                ));
+            }
+            if part.status == FileStatus::Uploading {
+                return Err(ApiError::invalid(
+                    "partial_incomplete",
+                    format!(
+                        "partial upload {id} is not complete yet; finish it before concatenating"
+                    ),
+                ));
+            }
+            segments.extend(part.segments.iter().cloned());
+        }
+        let size: u64 = segments.iter().map(|s| s.len).sum();
+        self.check_size(size)?;
+        let mut record = self.new_record(&NewUpload { size, ..upload })?;
+        record.tus = Some(TusState {
+            metadata,
+            concat: TusConcat::Final(partials),
+        });
+        record.segments = segments;
+        self.finish(&mut record).await?;
+        Ok(record)
+    }
+
+    /// Removes an unfinished upload (or a partial one) with its bytes.
+    pub async fn tus_terminate(&self, upload: &UploadId) -> Result<(), ApiError> {
+        let _guard = self.part_locks.lock((upload.clone(), 1)).await;
+        let file = self.file_for_upload(upload)?;
+        if file.status != FileStatus::Uploading && !file.is_tus_partial() {
+            return Err(ApiError::forbidden(
+                "upload_complete",
+                "this upload is a complete file on its way to final storage; it cannot be terminated",
+            ));
+        }
+        self.meta.delete_file(&file)?;
+        self.meta.flush().await?;
+        self.parts.remove_upload(upload).await?;
+        tracing::info!(handle = %file.handle, "tus upload terminated");
+        Ok(())
+    }
+}
