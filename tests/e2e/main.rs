@@ -12,3 +12,4 @@ mod s3;
 mod sdk;
 mod store_api;
 mod support;
+mod tus;

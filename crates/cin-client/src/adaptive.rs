@@ -115,6 +115,63 @@ impl ChunkSizer {
             self.current = self.clamp(self.current / 2);
         }
     }
+
+    /// A failure that smaller chunks would not have avoided: the streak restarts,
+    /// the size stays.
+    pub fn on_failure_kept(&mut self) {
+        self.streak = 0;
+        self.failed = true;
+    }
+}
+
+/// Attempts and failures by chunk size (power-of-two classes), to tell a link that
+/// breaks with the bytes sent (half-size chunks fail less: halving pays) from
+/// one that fails requests whatever their size (halving only adds overhead).
+#[derive(Debug, Clone, Default)]
+pub struct FailureStats {
+    /// log2(size) -> (attempts, failures), decayed so old samples fade.
+    classes: std::collections::BTreeMap<u32, (f64, f64)>,
+}
+
+impl FailureStats {
+    /// Samples a size class needs before its failure rate is trusted.
+    const MIN_SAMPLES: f64 = 8.0;
+    /// Beyond this many samples per class, older ones weigh less.
+    const WINDOW: f64 = 64.0;
+    /// Half-size chunks must fail at most this share as often for halving to pay.
+    const MARGIN: f64 = 0.75;
+
+    fn class(size: u64) -> u32 {
+        63 - size.max(1).leading_zeros()
+    }
+
+    pub fn record(&mut self, size: u64, failed: bool) {
+        let (attempts, failures) = self.classes.entry(Self::class(size)).or_default();
+        if *attempts >= Self::WINDOW {
+            *attempts *= 0.5;
+            *failures *= 0.5;
+        }
+        *attempts += 1.0;
+        if failed {
+            *failures += 1.0;
+        }
+    }
+
+    /// Whether chunks half of `size` fail markedly less often. Without enough
+    /// samples of both sizes the answer is yes: halving is the safe default.
+    pub fn halving_helps(&self, size: u64) -> bool {
+        let class = Self::class(size);
+        let (Some(&(a1, f1)), Some(&(a0, f0))) = (
+            self.classes.get(&class),
+            class.checked_sub(1).and_then(|c| self.classes.get(&c)),
+        ) else {
+            return true;
+        };
+        if a1 < Self::MIN_SAMPLES || a0 < Self::MIN_SAMPLES {
+            return true;
+        }
+        f0 / a0 < Self::MARGIN * (f1 / a1)
+    }
 }
 
 /// Exponential backoff with full jitter (AWS architecture blog's "Full Jitter"):
@@ -369,6 +426,27 @@ mod tests {
         s.on_failure();
         s.on_success(Some(MIB));
         assert_eq!(s.current(), 8 * MIB);
+    }
+
+    #[test]
+    fn failures_that_grow_with_size_say_halve_and_random_ones_say_hold() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // A link breaking every 2 MiB on average: failure odds grow with size.
+        let mut link = FailureStats::default();
+        // Requests failing 30 % of the time whatever their size.
+        let mut random = FailureStats::default();
+        for _ in 0..64 {
+            for size in [512 * KIB, MIB] {
+                let p = 1.0 - (-(size as f64) / (2 * MIB) as f64).exp();
+                link.record(size, rng.gen_bool(p));
+                random.record(size, rng.gen_bool(0.3));
+            }
+        }
+        assert!(link.halving_helps(MIB));
+        assert!(!random.halving_helps(MIB));
+        // Too few samples of the smaller size: halve, the safe default.
+        assert!(random.halving_helps(2 * MIB));
+        assert!(FailureStats::default().halving_helps(MIB));
     }
 
     #[test]

@@ -601,3 +601,56 @@ async fn an_interrupted_upload_resumes_without_resending_acknowledged_bytes() {
         "state removed when done"
     );
 }
+
+fn median_late_size(calls: &[Call]) -> u64 {
+    let mut late: Vec<u64> = calls[calls.len() / 2..].iter().map(|c| c.size).collect();
+    late.sort_unstable();
+    late[late.len() / 2]
+}
+
+#[tokio::test]
+async fn random_request_failures_do_not_drive_chunks_to_the_floor() {
+    use rand::{Rng, SeedableRng};
+    let clock = Arc::new(FakeClock::default());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    // 30 % of requests fail whatever their size: smaller chunks would not help.
+    let pop = Arc::new(
+        SimPop::new(clock.clone()).script(move |_, _| rng.gen_bool(0.3).then_some(Fault::Reset)),
+    );
+    let bytes = data(64 * MIB as usize);
+    uploader(&pop, &clock, options())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls = pop.calls();
+    let median = median_late_size(&calls);
+    eprintln!("{} calls, late median chunk {median}", calls.len());
+    assert!(
+        median >= 512 * KIB,
+        "chunks collapsed: median {median} over {} calls",
+        calls.len()
+    );
+}
+
+#[tokio::test]
+async fn a_link_that_breaks_with_the_bytes_sent_gets_small_chunks() {
+    use rand::{Rng, SeedableRng};
+    let clock = Arc::new(FakeClock::default());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    // The link breaks every 512 KiB on average: big chunks rarely make it.
+    let pop = Arc::new(SimPop::new(clock.clone()).script(move |call, _| {
+        let p = 1.0 - (-(call.size as f64) / (512 * KIB) as f64).exp();
+        rng.gen_bool(p).then_some(Fault::Reset)
+    }));
+    let bytes = data(16 * MIB as usize);
+    uploader(&pop, &clock, options())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls = pop.calls();
+    let median = median_late_size(&calls);
+    eprintln!("{} calls, late median chunk {median}", calls.len());
+    assert!(median <= 256 * KIB, "median {median}");
+}

@@ -16,8 +16,8 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::adaptive::{
-    BackoffPolicy, ChunkPolicy, ChunkSizer, Concurrency, ConcurrencyPolicy, Throughput,
-    TimeoutPolicy, MIB,
+    BackoffPolicy, ChunkPolicy, ChunkSizer, Concurrency, ConcurrencyPolicy, FailureStats,
+    Throughput, TimeoutPolicy, MIB,
 };
 use crate::clock::Clock;
 use crate::error::{ClientError, Failure, TransportError};
@@ -182,6 +182,8 @@ struct Shared {
     counters: Counters,
     /// The POP's latest chunk size hint.
     hint: Mutex<Option<u64>>,
+    /// How failures depend on chunk size on this link (all parts share the link).
+    failures: Mutex<FailureStats>,
     /// Chunk sizing and rate where the last finished part ended: the next part
     /// starts there (its own copy), so growth carries across short parts.
     handoff: Mutex<Option<(ChunkSizer, Option<f64>)>>,
@@ -402,6 +404,7 @@ impl Uploader {
                 timeouts: AtomicU64::new(0),
             },
             hint: Mutex::new(None),
+            failures: Mutex::new(FailureStats::default()),
             handoff: Mutex::new(None),
             seeds: Mutex::new(StdRng::seed_from_u64(seed)),
         });
@@ -528,6 +531,7 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
             .await
         {
             Ok(ack) => {
+                lock(&shared.failures).record(size, false);
                 throughput.observe(size, shared.clock.now().saturating_sub(sent_at));
                 if let Some(h) = ack.size_hint {
                     *lock(&shared.hint) = Some(h);
@@ -553,7 +557,15 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                             source: error,
                         })
                     }
-                    Failure::Shrink => sizer.on_failure(),
+                    Failure::Shrink => {
+                        let mut failures = lock(&shared.failures);
+                        failures.record(size, true);
+                        if failures.halving_helps(size) {
+                            sizer.on_failure();
+                        } else {
+                            sizer.on_failure_kept();
+                        }
+                    }
                     Failure::Retry => {}
                 }
                 if matches!(error, TransportError::Timeout(_)) {

@@ -155,9 +155,18 @@ impl Uploads {
     }
 
     pub fn file(&self, handle: &Handle) -> Result<FileRecord, ApiError> {
-        self.meta.get_file(handle)?.ok_or_else(|| {
+        let file = self.meta.get_file(handle)?.ok_or_else(|| {
             ApiError::not_found("file_not_found", format!("no file has handle {handle}"))
-        })
+        })?;
+        if file.expired_at_ms.is_some() {
+            return Err(ApiError::not_found(
+                "expired",
+                format!(
+                    "the upload of {handle} was abandoned and has expired; upload the file again"
+                ),
+            ));
+        }
+        Ok(file)
     }
 
     pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, ApiError> {
@@ -290,6 +299,7 @@ impl Uploads {
         let etag = format!("\"{md5_hex}\"");
         part.received
             .insert(chunk.offset, chunk.offset + chunk.size);
+        part.touched_at_ms = now_ms();
         if whole_part {
             part.committed_len = Some(chunk.size);
             part.etag = Some(etag.clone());
