@@ -55,8 +55,10 @@ async fn upload_survives_a_fifth_of_chunks_reset_mid_body() {
     })
     .await;
     let bytes = random_bytes(64 * MIB, 64);
-    let mut options = UploadOptions::default();
-    options.seed = Some(1);
+    let options = UploadOptions {
+        seed: Some(1),
+        ..UploadOptions::default()
+    };
     let report = uploader(options)
         .upload(job(&bytes, vec![proxy.url()]))
         .await

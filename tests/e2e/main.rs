@@ -7,6 +7,7 @@ mod fault_proxy;
 mod filelink;
 mod final_store;
 mod multipart;
+mod operations;
 mod restart;
 mod s3;
 mod sdk;

@@ -47,6 +47,8 @@ pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> T
     config.server.shutdown_grace_secs = 5;
     config.replicator.retry_base_ms = 50;
     config.replicator.retry_cap_ms = 500;
+    // Test machines may have little disk; the watermark test sets its own.
+    config.disk.min_free_bytes = 0;
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -248,6 +250,7 @@ impl PopProcess {
             .env("NO_COLOR", "1")
             .env("CIN__REPLICATOR__RETRY_BASE_MS", "50")
             .env("CIN__REPLICATOR__RETRY_CAP_MS", "500")
+            .env("CIN__DISK__MIN_FREE_BYTES", "0")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

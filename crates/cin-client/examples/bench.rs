@@ -4,9 +4,14 @@
 //! Run by hand, not part of the test suite:
 //!
 //! ```text
-//! cargo run --release -p cin-client --example bench -- [--size-mib 64] [--bandwidth-mib 32]
-//!     [--latency-ms 5] [--rates 0,10,30] [--hazard-mib 4] [--limit-s 120]
+//! cargo run --release -p cin-client --example bench -- [--size-mib 32] [--bandwidth-mib 32]
+//!     [--latency-ms 5] [--rates 0,10,30] [--hazard-mib 4] [--reps 3] [--limit-s 60]
 //! ```
+//!
+//! Each cell is the mean of `--reps` runs (a run that did not finish in
+//! `--limit-s` counts as that long, and is reported). Clients: `cin` as shipped,
+//! `cin` ignoring the POP's chunk size hint (the client algorithm alone), and the
+//! fixed-chunk client.
 //!
 //! `--rates`: percent of chunk PUTs reset after a random share of their body.
 //! `--hazard-mib`: a link that breaks every N MiB of request body on average.
@@ -30,17 +35,19 @@ struct Args {
     latency_ms: u64,
     rates: Vec<u32>,
     hazards_mib: Vec<u64>,
+    reps: u32,
     limit: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        size_mib: 64,
+        size_mib: 32,
         bandwidth_mib: 32,
         latency_ms: 5,
         rates: vec![0, 10, 30],
         hazards_mib: vec![4],
-        limit: Duration::from_secs(120),
+        reps: 3,
+        limit: Duration::from_secs(60),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,16 +66,20 @@ fn parse_args() -> Result<Args, String> {
             "--rates" => args.rates = list(&value)?.into_iter().map(|r| r as u32).collect(),
             "--hazard-mib" => args.hazards_mib = list(&value)?,
             "--limit-s" => args.limit = Duration::from_secs(num(&value)?),
+            "--reps" => args.reps = num(&value)?.max(1) as u32,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     Ok(args)
 }
 
+/// The runs of one client under one fault setting.
 struct Row {
     faults: String,
     client: &'static str,
-    outcome: Result<Duration, String>,
+    runs: u32,
+    unfinished: u32,
+    time: Duration,
     puts: usize,
     resets: usize,
     sent: u64,
@@ -141,55 +152,72 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "file {} MiB, link {} MiB/s, +{} ms each way, POP in-process at {pop_base}, limit {:?} per run",
         args.size_mib, args.bandwidth_mib, args.latency_ms, args.limit
     );
+    let mut no_hint = UploadOptions::default();
+    no_hint.chunks.follow_hint = false;
+    let clients = [
+        ("cin", UploadOptions::default()),
+        ("cin, POP hint ignored", no_hint),
+        ("fixed 8 MiB x3", UploadOptions::fixed(8 * MIB, 3)),
+    ];
     let mut rows = Vec::new();
     for (name, faults) in &scenarios {
-        for (client, mut options) in [
-            ("cin (adaptive)", UploadOptions::default()),
-            ("fixed 8 MiB x3", UploadOptions::fixed(8 * MIB, 3)),
-        ] {
-            options.seed = Some(3);
-            options.retry_deadline = args.limit;
-            proxy.set_faults(faults.clone());
-            let puts_before = proxy.puts().len();
-            let uploader = Uploader::new(
-                Arc::new(HttpTransport::new("bench")?),
-                Arc::new(TokioClock::new()),
-                options,
-                Arc::new(Quiet),
-            );
-            let job = UploadJob {
-                source: Arc::new(MemorySource(bytes.clone())),
-                filename: "bench.bin".into(),
-                mimetype: "application/octet-stream".into(),
-                store: StoreOptions::s3(),
-                pops: vec![proxy.url()],
-                resume: None,
-            };
-            let began = Instant::now();
-            let outcome = match tokio::time::timeout(args.limit, uploader.upload(job)).await {
-                Ok(Ok(_)) => Ok(began.elapsed()),
-                Ok(Err(e)) => Err(format!("failed: {e}")),
-                Err(_) => Err(format!("unfinished after {:?}", args.limit)),
-            };
-            // Let the proxy drain connections of an abandoned run before counting.
-            let quiet_by = Instant::now() + Duration::from_secs(10);
-            while proxy.open_connections() > 0 && outcome.is_err() && Instant::now() < quiet_by {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let puts = proxy.puts()[puts_before..].to_vec();
-            let row = Row {
+        for (client, options) in &clients {
+            let mut row = Row {
                 faults: name.clone(),
                 client,
-                outcome,
-                puts: puts.len(),
-                resets: puts.iter().filter(|p| p.reset).count(),
-                sent: puts.iter().map(|p| p.forwarded).sum(),
+                runs: 0,
+                unfinished: 0,
+                time: Duration::ZERO,
+                puts: 0,
+                resets: 0,
+                sent: 0,
             };
+            for rep in 0..args.reps {
+                let mut options = options.clone();
+                options.seed = Some(u64::from(rep));
+                options.retry_deadline = args.limit;
+                proxy.set_faults(faults.clone());
+                let puts_before = proxy.puts().len();
+                let uploader = Uploader::new(
+                    Arc::new(HttpTransport::new("bench")?),
+                    Arc::new(TokioClock::new()),
+                    options,
+                    Arc::new(Quiet),
+                );
+                let job = UploadJob {
+                    source: Arc::new(MemorySource(bytes.clone())),
+                    filename: "bench.bin".into(),
+                    mimetype: "application/octet-stream".into(),
+                    store: StoreOptions::s3(),
+                    pops: vec![proxy.url()],
+                    resume: None,
+                };
+                let began = Instant::now();
+                let finished = matches!(
+                    tokio::time::timeout(args.limit, uploader.upload(job)).await,
+                    Ok(Ok(_))
+                );
+                row.time += began.elapsed().min(args.limit);
+                row.runs += 1;
+                if !finished {
+                    row.unfinished += 1;
+                    // Let the abandoned run's connections drain before counting.
+                    let quiet_by = Instant::now() + Duration::from_secs(10);
+                    while proxy.open_connections() > 0 && Instant::now() < quiet_by {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                let puts = &proxy.puts()[puts_before..];
+                row.puts += puts.len();
+                row.resets += puts.iter().filter(|p| p.reset).count();
+                row.sent += puts.iter().map(|p| p.forwarded).sum::<u64>();
+            }
             eprintln!("{}", format_row(&row, size));
             rows.push(row);
         }
     }
     println!();
+    println!("means of {} runs per row", args.reps);
     println!(
         "| faults | client | time | goodput | chunk PUTs | resets | re-sent | re-sent / file |"
     );
@@ -203,23 +231,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn format_row(row: &Row, size: u64) -> String {
-    let resent = row.sent.saturating_sub(size);
-    let (time, goodput) = match &row.outcome {
-        Ok(t) => (
-            format!("{:.1} s", t.as_secs_f64()),
-            format!("{:.1} MiB/s", size as f64 / MIB as f64 / t.as_secs_f64()),
-        ),
-        Err(e) => (e.clone(), "-".into()),
+    let runs = f64::from(row.runs.max(1));
+    let time = row.time.as_secs_f64() / runs;
+    let resent = (row.sent as f64 / runs - size as f64).max(0.0);
+    let unfinished = if row.unfinished > 0 {
+        format!(" ({} of {} unfinished)", row.unfinished, row.runs)
+    } else {
+        String::new()
     };
     format!(
-        "| {} | {} | {} | {} | {} | {} | {:.1} MiB | {:.0} % |",
+        "| {} | {} | {:.1} s{unfinished} | {:.1} MiB/s | {:.0} | {:.0} | {:.1} MiB | {:.0} % |",
         row.faults,
         row.client,
         time,
-        goodput,
-        row.puts,
-        row.resets,
-        resent as f64 / MIB as f64,
-        100.0 * resent as f64 / size as f64
+        size as f64 / MIB as f64 / time,
+        row.puts as f64 / runs,
+        row.resets as f64 / runs,
+        resent / MIB as f64,
+        100.0 * resent / size as f64
     )
 }

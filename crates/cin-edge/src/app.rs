@@ -18,10 +18,11 @@ use cin_storage::{MetadataStore, PartStore, SledMetadataStore};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tower_http::cors::{Any, CorsLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::destinations::Destinations;
+use crate::disk::Disk;
+use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
 use crate::signing::UrlSigner;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub parts: PartStore,
     pub destinations: Arc<Destinations>,
     pub signer: UrlSigner,
+    pub disk: Arc<Disk>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -75,6 +77,11 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         .unwrap_or_default()
         .to_owned();
     let signer = UrlSigner::new(signing_secret(&config, &data_dir)?);
+    let disk = Arc::new(Disk::new(
+        data_dir.clone(),
+        config.disk.min_free_bytes,
+        config.disk.retry_after_secs,
+    ));
     let uploads = Uploads::new(
         meta.clone(),
         parts.clone(),
@@ -82,7 +89,9 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         config.uploads.max_file_size,
         Duration::from_secs(config.uploads.expire_after_secs),
         wakeup.clone(),
+        disk.clone(),
     );
+    uploads.restore_reservations()?;
     let replicator = Arc::new(Replicator::new(
         meta.clone(),
         parts.clone(),
@@ -98,6 +107,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         parts,
         destinations,
         signer,
+        disk,
     });
     Ok(Node {
         state,
@@ -196,7 +206,7 @@ fn cors() -> CorsLayer {
 pub fn router(state: SharedState) -> Router {
     routes::router()
         .with_state(state)
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(observability::track_request))
 }
 
 /// The whole HTTP service: `X-HTTP-Method-Override`, CORS, then the routes.
@@ -233,6 +243,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
+    observability::metrics_handle();
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let node = open_node(config, bound).await?;
     tracing::info!(

@@ -16,7 +16,27 @@ pub struct Config {
     pub uploads: UploadsConfig,
     pub storage: StorageConfig,
     pub replicator: ReplicatorConfig,
+    pub disk: DiskConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Free bytes the data directory's filesystem must keep: below this (counting
+    /// room reserved for uploads in progress) new uploads get 507 and readiness fails.
+    pub min_free_bytes: u64,
+    /// Seconds clients are told to wait (`Retry-After`) when refused for lack of disk.
+    pub retry_after_secs: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            min_free_bytes: 1024 * 1024 * 1024,
+            retry_after_secs: 60,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

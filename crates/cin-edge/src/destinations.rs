@@ -104,6 +104,11 @@ impl Destinations {
         futures_util::future::join_all(self.by_name.values().map(Destination::probe)).await;
     }
 
+    /// The operator's own store, where uploads naming no container go.
+    pub fn default_destination(&self) -> Option<&Destination> {
+        self.by_name.get(&self.default_profile)
+    }
+
     pub fn get(&self, profile: &str) -> Option<&Destination> {
         self.by_name.get(profile)
     }

@@ -28,6 +28,12 @@ pub enum ApiError {
     TooLarge { message: String },
     #[error("the request body could not be read: {0}")]
     Body(String),
+    /// The disk is below its free-space watermark.
+    #[error("{message}")]
+    InsufficientStorage {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// tus: the body's checksum differs from `Upload-Checksum`; nothing of it was kept.
     #[error("the body does not match Upload-Checksum; nothing of it was kept, send it again")]
     ChecksumMismatch,
@@ -79,6 +85,9 @@ impl ApiError {
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
             ApiError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            ApiError::InsufficientStorage { .. } => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             // 460 is tus's "Checksum Mismatch".
             ApiError::ChecksumMismatch => (
                 StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
@@ -136,6 +145,17 @@ impl IntoResponse for ApiError {
         {
             error["status"] = json!(s.as_str());
         }
-        (status, Json(json!({ "error": error }))).into_response()
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if let ApiError::InsufficientStorage {
+            retry_after_secs, ..
+        } = &self
+        {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        response
     }
 }

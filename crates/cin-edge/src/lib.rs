@@ -9,8 +9,10 @@
 pub mod app;
 pub mod config;
 pub mod destinations;
+pub mod disk;
 pub mod error;
 pub mod input;
+pub mod observability;
 pub mod replicator;
 pub mod routes;
 pub mod signing;

@@ -55,6 +55,9 @@ pub trait MetadataStore: Send + Sync {
 
     /// Makes every write so far durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Writes and flushes a probe value: succeeds when the store can take writes.
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StorageError>>;
 }
 
 /// Format version of every stored value; bumped when a record's shape changes incompatibly.
@@ -260,6 +263,18 @@ impl MetadataStore for SledMetadataStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
+            self.db.flush_async().await?;
+            Ok(())
+        })
+    }
+
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            self.db.insert(b"readiness-probe", &stamp.to_be_bytes())?;
             self.db.flush_async().await?;
             Ok(())
         })

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::ReplicatorConfig;
 use crate::destinations::Destinations;
+use crate::observability::names;
 use crate::upload::now_ms;
 
 /// Longest idle wait before the job list is looked at again.
@@ -164,8 +165,12 @@ impl Replicator {
         };
         job.attempts += 1;
         file.replication_attempts = job.attempts;
+        metrics::counter!(names::REPLICATION_ATTEMPTS).increment(1);
         match result {
             Ok(outcome) => {
+                metrics::counter!(names::REPLICATED_BYTES).increment(file.size);
+                metrics::histogram!(names::REPLICATION_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
                 file.status = FileStatus::Stored;
                 file.stored_at_ms = Some(now_ms());
                 file.sha256 = Some(outcome.sha256);
@@ -183,6 +188,7 @@ impl Replicator {
                 );
             }
             Err(error) => {
+                metrics::counter!(names::REPLICATION_FAILURES).increment(1);
                 let delay = backoff(&self.config, job.attempts);
                 // Keep a checkpoint an attempt may have saved meanwhile.
                 job.checkpoint = self.meta.get_job(&job.handle)?.and_then(|j| j.checkpoint);

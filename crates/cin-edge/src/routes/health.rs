@@ -1,7 +1,86 @@
+//! Liveness, readiness and metrics.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cin_domain::FileStatus;
 use serde_json::{json, Value};
+
+use crate::app::SharedState;
+use crate::observability::{metrics_handle, names};
+use crate::upload::now_ms;
 
 /// The process is up and serving HTTP.
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
+}
+
+const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Ready to take uploads: the metadata store is writable, the disk is above its
+/// watermark, and the default final store answers.
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let mut failures = Vec::new();
+    if let Err(e) = state.uploads.check_metadata_writable().await {
+        failures.push(format!("metadata store is not writable: {e}"));
+    }
+    if let Some(reason) = state.disk.below_watermark() {
+        failures.push(reason);
+    }
+    if let Some(default) = state.destinations.default_destination() {
+        match tokio::time::timeout(READINESS_TIMEOUT, default.store.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("default final store: {e}")),
+            Err(_) => failures.push(format!(
+                "default final store did not answer within {READINESS_TIMEOUT:?}"
+            )),
+        }
+    }
+    if failures.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not_ready", "reasons": failures })),
+        )
+            .into_response()
+    }
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let Some(handle) = metrics_handle() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable",
+        )
+            .into_response();
+    };
+    // Gauges that are cheaper to compute when scraped than to keep current.
+    if let Ok(files) = state.uploads.all_files() {
+        let now = now_ms();
+        let in_transit: Vec<u64> = files
+            .iter()
+            .filter(|f| f.status == FileStatus::InTransit && !f.is_tus_partial())
+            .map(|f| f.completed_at_ms.unwrap_or(now))
+            .collect();
+        metrics::gauge!(names::REPLICATION_QUEUE).set(in_transit.len() as f64);
+        let oldest = in_transit
+            .iter()
+            .min()
+            .map(|t| now.saturating_sub(*t))
+            .unwrap_or(0);
+        metrics::gauge!(names::REPLICATION_LAG).set(oldest as f64 / 1000.0);
+    }
+    let disk = state.disk.usage();
+    metrics::gauge!(names::DISK_USED).set(disk.used as f64);
+    metrics::gauge!(names::DISK_FREE).set(disk.free as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }

@@ -14,6 +14,8 @@ use crate::app::SharedState;
 pub fn router() -> Router<SharedState> {
     Router::new()
         .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/multipart/start", post(multipart::start))
         .route("/multipart/upload", post(multipart::upload))
         .route("/multipart/commit", post(multipart::commit))

@@ -9,6 +9,7 @@ use cin_storage::JobChange;
 
 use super::{now_ms, Uploads};
 use crate::error::ApiError;
+use crate::observability::names;
 
 impl Uploads {
     /// When bytes last arrived for an upload (or when it started).
@@ -61,6 +62,8 @@ impl Uploads {
             self.meta.put_file(&current, JobChange::Remove)?;
             self.meta.flush().await?;
             self.parts.remove_upload(&current.upload_id).await?;
+            self.disk.release(&current.upload_id);
+            metrics::counter!(names::UPLOADS_FAILED, "reason" => "expired").increment(1);
             tracing::info!(handle = %current.handle, "expired an abandoned upload");
             swept += 1;
         }

@@ -21,7 +21,9 @@ use futures_util::Stream;
 use tokio::sync::Notify;
 
 use crate::destinations::Destinations;
+use crate::disk::Disk;
 use crate::error::ApiError;
+use crate::observability::names;
 use assessment::Assessment;
 use locks::KeyedLocks;
 pub use tus::{Appended, DeclaredChecksum};
@@ -71,6 +73,7 @@ pub struct Uploads {
     replication_wakeup: Arc<Notify>,
     assessment: Assessment,
     expire_after: std::time::Duration,
+    disk: Arc<Disk>,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -83,6 +86,7 @@ impl Uploads {
         max_file_size: u64,
         expire_after: std::time::Duration,
         replication_wakeup: Arc<Notify>,
+        disk: Arc<Disk>,
     ) -> Self {
         Uploads {
             meta,
@@ -93,6 +97,7 @@ impl Uploads {
             replication_wakeup,
             assessment: Assessment::default(),
             expire_after,
+            disk,
         }
     }
 
@@ -147,9 +152,19 @@ impl Uploads {
     pub async fn start(&self, upload: NewUpload) -> Result<FileRecord, ApiError> {
         self.check_size(upload.size)?;
         let record = self.new_record(&upload)?;
-        self.parts.create_upload(&record.upload_id).await?;
-        self.meta.put_file(&record, JobChange::Keep)?;
-        self.meta.flush().await?;
+        self.disk.admit(&record.upload_id, record.size)?;
+        let created = async {
+            self.parts.create_upload(&record.upload_id).await?;
+            self.meta.put_file(&record, JobChange::Keep)?;
+            self.meta.flush().await?;
+            Ok::<_, ApiError>(())
+        }
+        .await;
+        if let Err(e) = created {
+            self.disk.release(&record.upload_id);
+            return Err(e);
+        }
+        metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(record.mode)).increment(1);
         tracing::info!(handle = %record.handle, size = record.size, mode = ?record.mode, "upload started");
         Ok(record)
     }
@@ -281,14 +296,18 @@ impl Uploads {
                 if matches!(e, ChunkError::Truncated { .. } | ChunkError::Body(_)) {
                     self.assessment.record_failure(&chunk.upload_id);
                 }
+                count_chunk_failure(&e);
                 return Err(e.into());
             }
         };
+        self.disk.consumed(&chunk.upload_id, written.len);
+        metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
         let md5_hex = hex::encode(&written.digest);
         if let Some(declared) = declared_md5 {
             if declared != md5_hex {
+                metrics::counter!(names::CHUNK_FAILURES, "reason" => "md5_mismatch").increment(1);
                 return Err(ChunkError::Md5Mismatch {
                     declared,
                     actual: md5_hex,
@@ -307,6 +326,33 @@ impl Uploads {
         self.meta.put_part(&chunk.upload_id, chunk.part, &part)?;
         self.meta.flush().await?;
         Ok(etag)
+    }
+
+    /// Every file record (for gauges and sweeps).
+    pub fn all_files(&self) -> Result<Vec<FileRecord>, ApiError> {
+        Ok(self.meta.files()?)
+    }
+
+    pub async fn check_metadata_writable(&self) -> Result<(), ApiError> {
+        Ok(self.meta.check_writable().await?)
+    }
+
+    /// Re-reserves disk room for the uploads in progress, after a restart.
+    pub fn restore_reservations(&self) -> Result<(), ApiError> {
+        for file in self.meta.files()? {
+            if file.status != FileStatus::Uploading || file.expired_at_ms.is_some() {
+                continue;
+            }
+            let received: u64 = self
+                .meta
+                .parts(&file.upload_id)?
+                .iter()
+                .map(|(_, p)| p.received.total())
+                .sum();
+            self.disk
+                .restore(&file.upload_id, file.size.saturating_sub(received));
+        }
+        Ok(())
     }
 
     /// The chunk size (bytes) this upload's network has been handling well.
@@ -433,6 +479,8 @@ impl Uploads {
             JobChange::Upsert(ReplicationJob::new(file.handle.clone())),
         )?;
         self.meta.flush().await?;
+        self.disk.release(&file.upload_id);
+        metrics::counter!(names::UPLOADS_COMPLETED, "mode" => mode_label(file.mode)).increment(1);
         self.replication_wakeup.notify_one();
         tracing::info!(handle = %file.handle, size = file.size, "upload complete, queued for replication");
         Ok(())
@@ -454,6 +502,9 @@ impl Uploads {
             self.check_size(size)?;
         }
         let mut file = self.new_record(&upload)?;
+        self.disk
+            .admit(&file.upload_id, declared_size.unwrap_or(0))?;
+        metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
         let part = PartNumber::new(1)?;
         self.parts.create_upload(&file.upload_id).await?;
         let size = match declared_size {
@@ -468,6 +519,9 @@ impl Uploads {
             Ok(w) => w,
             Err(e) => {
                 // Nothing was acknowledged: drop the bytes.
+                self.disk.release(&file.upload_id);
+                count_chunk_failure(&e);
+                metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
                 let _ = self.parts.remove_upload(&file.upload_id).await;
                 return Err(match e {
                     ChunkError::TooLong { .. } if declared_size.is_none() => ApiError::TooLarge {
@@ -480,6 +534,7 @@ impl Uploads {
                 });
             }
         };
+        metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         file.size = written.len;
         file.segments = vec![Segment {
             file: PartStore::part_file(&file.upload_id, part),
@@ -489,6 +544,26 @@ impl Uploads {
         self.finish(&mut file).await?;
         Ok(file)
     }
+}
+
+fn mode_label(mode: UploadMode) -> &'static str {
+    match mode {
+        UploadMode::Regular => "regular",
+        UploadMode::Intelligent => "intelligent",
+        UploadMode::Direct => "direct",
+        UploadMode::Tus => "tus",
+    }
+}
+
+fn count_chunk_failure(e: &ChunkError) {
+    let reason = match e {
+        ChunkError::Truncated { .. } | ChunkError::Body(_) => "truncated",
+        ChunkError::TooLong { .. } => "too_long",
+        ChunkError::Conflict { .. } => "conflict",
+        ChunkError::Md5Mismatch { .. } => "md5_mismatch",
+        ChunkError::Storage(_) => "storage",
+    };
+    metrics::counter!(names::CHUNK_FAILURES, "reason" => reason).increment(1);
 }
 
 /// The part's length when its received bytes are one run from byte 0.

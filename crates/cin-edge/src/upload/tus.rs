@@ -9,6 +9,7 @@ use futures_util::Stream;
 
 use super::{now_ms, NewUpload, Uploads};
 use crate::error::ApiError;
+use crate::observability::names;
 
 /// A checksum the client declared for a PATCH body (`Upload-Checksum`).
 #[derive(Clone, Debug)]
@@ -42,6 +43,8 @@ impl Uploads {
     ) -> Result<FileRecord, ApiError> {
         let mut record = self.new_record(&upload)?;
         self.check_size(upload.size)?;
+        self.disk.admit(&record.upload_id, upload.size)?;
+        metrics::counter!(names::UPLOADS_STARTED, "mode" => "tus").increment(1);
         record.length_deferred = deferred;
         record.tus = Some(TusState {
             metadata,
@@ -181,10 +184,18 @@ impl Uploads {
         };
         if let Some(declared) = checksum {
             if declared.digest != written.digest {
+                metrics::counter!(names::CHUNK_FAILURES, "reason" => "checksum_mismatch")
+                    .increment(1);
                 return Err(ApiError::ChecksumMismatch);
             }
         }
         let end = offset + written.len;
+        self.disk.consumed(upload, written.len);
+        metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
+        if written.broken_off.is_some() {
+            self.assessment.record_failure(upload);
+            metrics::counter!(names::CHUNK_FAILURES, "reason" => "truncated").increment(1);
+        }
         if written.len > 0 {
             part.received.insert(offset, end);
             part.touched_at_ms = now_ms();
@@ -272,6 +283,8 @@ impl Uploads {
         }
         self.meta.delete_file(&file)?;
         self.meta.flush().await?;
+        self.disk.release(upload);
+        metrics::counter!(names::UPLOADS_FAILED, "reason" => "terminated").increment(1);
         self.parts.remove_upload(upload).await?;
         tracing::info!(handle = %file.handle, "tus upload terminated");
         Ok(())

@@ -1,0 +1,97 @@
+//! Metrics (Prometheus text at `/metrics`) and per-request tracing: every request
+//! gets an id, returned in `x-request-id`, and a log span carrying it.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Metric names, in one place so dashboards and code agree.
+pub mod names {
+    pub const UPLOADS_STARTED: &str = "cin_uploads_started_total";
+    pub const UPLOADS_COMPLETED: &str = "cin_uploads_completed_total";
+    pub const UPLOADS_FAILED: &str = "cin_uploads_failed_total";
+    pub const BYTES_RECEIVED: &str = "cin_bytes_received_total";
+    pub const CHUNK_FAILURES: &str = "cin_chunk_failures_total";
+    pub const REPLICATION_ATTEMPTS: &str = "cin_replication_attempts_total";
+    pub const REPLICATION_FAILURES: &str = "cin_replication_failures_total";
+    pub const REPLICATED_BYTES: &str = "cin_replicated_bytes_total";
+    pub const REPLICATION_SECONDS: &str = "cin_replication_duration_seconds";
+    pub const REPLICATION_QUEUE: &str = "cin_replication_queue_depth";
+    pub const REPLICATION_LAG: &str = "cin_replication_lag_seconds";
+    pub const DISK_USED: &str = "cin_disk_used_bytes";
+    pub const DISK_FREE: &str = "cin_disk_free_bytes";
+    pub const CACHE_EVICTIONS: &str = "cin_cache_evictions_total";
+    pub const HTTP_REQUESTS: &str = "cin_http_requests_total";
+    pub const HTTP_SECONDS: &str = "cin_http_request_duration_seconds";
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once; later calls reuse it.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                300.0,
+            ];
+            let builder = PrometheusBuilder::new().set_buckets(&buckets).ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn new_request_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}
+
+/// Gives the request an id (a sane incoming `x-request-id` is kept), runs it in a
+/// span carrying that id, counts it by route and status, and returns the id.
+pub async fn track_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().to_string();
+    let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16().to_string();
+    let elapsed = started.elapsed();
+    let labels = [("route", route), ("method", method), ("status", status)];
+    metrics::counter!(names::HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(names::HTTP_SECONDS, &labels).record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            ms = elapsed.as_millis() as u64,
+            "answered"
+        )
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}

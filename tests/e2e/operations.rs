@@ -1,0 +1,167 @@
+//! What operators rely on: readiness, metrics, request ids, disk limits.
+
+use serde_json::{json, Value};
+
+use crate::support::{random_bytes, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn health_and_request_ids() {
+    let app = spawn_app().await;
+    let resp = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 16);
+    let resp = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_ne!(
+        resp.headers()["x-request-id"].to_str().unwrap(),
+        id,
+        "ids are per request"
+    );
+    let resp = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "from-the-load-balancer-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "from-the-load-balancer-42");
+}
+
+/// Parses Prometheus text: `name{labels} value` lines; returns the sum of the
+/// samples of `name` whose labels contain every `label="value"` pair given.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let mut total = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("sample line has a value");
+        let value: f64 = value.parse().expect("sample value is a number");
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        assert!(
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        if metric == name && labels.iter().all(|l| label_text.contains(l)) {
+            total += value;
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn metrics_count_an_upload() {
+    let app = spawn_app().await;
+    let before = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let bytes = random_bytes(123_456, 90);
+    let handle = app.upload_regular("m.bin", &bytes, 100_000).await;
+    app.download(&handle).await;
+    let resp = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let after = resp.text().await.unwrap();
+    let delta = |name: &str, labels: &[&str]| {
+        sample_sum(&after, name, labels) - sample_sum(&before, name, labels)
+    };
+    assert!(
+        delta("cin_uploads_started_total", &["mode=\"regular\""]) >= 1.0,
+        "{after}"
+    );
+    assert!(delta("cin_uploads_completed_total", &["mode=\"regular\""]) >= 1.0);
+    assert!(delta("cin_bytes_received_total", &[]) >= bytes.len() as f64);
+    assert!(
+        delta(
+            "cin_http_requests_total",
+            &["route=\"/{handle}\"", "status=\"200\""]
+        ) >= 1.0
+    );
+    assert!(
+        sample_sum(
+            &after,
+            "cin_http_request_duration_seconds_count",
+            &["route=\"/multipart/start\""]
+        ) >= 1.0
+    );
+    for gauge in [
+        "cin_disk_free_bytes",
+        "cin_replication_queue_depth",
+        "cin_replication_lag_seconds",
+    ] {
+        assert!(after.contains(gauge), "{gauge} missing");
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_new_uploads_and_readiness() {
+    // A watermark above any real free space: the disk counts as full.
+    let app = spawn_app_with(|c| c.disk.min_free_bytes = u64::MAX / 2).await;
+    let resp = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["reasons"][0].as_str().unwrap().contains("watermark"),
+        "{body}"
+    );
+    let resp = app
+        .post_json(
+            "/multipart/start",
+            json!({"apikey": "k", "filename": "a", "size": 10}),
+        )
+        .await;
+    assert_eq!(resp.status(), 507);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_storage");
+    let resp = app
+        .http
+        .post(app.url("/api/store/s3"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 507);
+}
+
+#[tokio::test]
+async fn accepted_uploads_reserve_their_size() {
+    let free = fs4::available_space(std::env::temp_dir()).unwrap();
+    // Room for one upload of a third of the free space, not two.
+    let watermark = free / 2;
+    let app = spawn_app_with(move |c| c.disk.min_free_bytes = watermark).await;
+    let size = free / 3;
+    let first = app
+        .post_json(
+            "/multipart/start",
+            json!({"apikey": "k", "filename": "a", "size": size}),
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    let second = app
+        .post_json(
+            "/multipart/start",
+            json!({"apikey": "k", "filename": "b", "size": size}),
+        )
+        .await;
+    assert_eq!(
+        second.status(),
+        507,
+        "the first upload's declared size is reserved"
+    );
+}
