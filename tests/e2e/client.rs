@@ -82,10 +82,16 @@ async fn upload_survives_a_fifth_of_chunks_reset_mid_body() {
         "the proxy must actually have cut requests ({reset})"
     );
     assert!(report.failed_requests >= reset as u64);
-    // The bound: a quarter of the file. Each cut wastes what crossed before it, on
-    // average half a chunk, and chunks halve after every cut; a fixed 8 MiB client
-    // at this fault rate wastes about p/(1-p)/2 = 12.5 % of the file on average.
-    let bound = bytes.len() as u64 / 4;
+    // Exactly: every re-sent byte belongs to a request the proxy cut; no chunk
+    // the POP acknowledged went twice.
+    let cut: u64 = puts.iter().filter(|p| p.reset).map(|p| p.forwarded).sum();
+    assert_eq!(resent, cut);
+    // The stated bound: 40 % of the file. When every request fails with the same
+    // odds whatever its size, a cut wastes on average half its chunk, so the
+    // expected waste is p/(1-p)/2 = 12.5 % of the file for any chunk size; runs
+    // measured 4-28 % (mean ~14 %), big chunks making it vary. 40 % is about the
+    // mean plus three standard deviations.
+    let bound = bytes.len() as u64 * 2 / 5;
     assert!(resent <= bound, "re-sent {resent} bytes, bound {bound}");
 }
 

@@ -165,3 +165,55 @@ async fn accepted_uploads_reserve_their_size() {
         "the first upload's declared size is reserved"
     );
 }
+
+#[tokio::test]
+async fn events_stream_shows_uploading_in_transit_stored() {
+    use futures_util::StreamExt;
+
+    let app = spawn_app().await;
+    let bytes = random_bytes(50_000, 91);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "live.bin", "size": bytes.len(), "store": {"location": "s3"}}))
+        .await;
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    let upload_id = start["upload_id"].as_str().unwrap().to_owned();
+    let resp = app
+        .http
+        .get(app.url(&format!("/{handle}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = resp.bytes_stream();
+
+    let reader = tokio::spawn(async move {
+        let mut text = String::new();
+        let mut statuses = Vec::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let data: Value = serde_json::from_str(data).unwrap();
+                    statuses.push(data["status"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        statuses
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        app.send_chunk(&upload_id, 1, None, &bytes).await.status(),
+        200
+    );
+    assert_eq!(app.complete(&upload_id, json!({})).await.status(), 200);
+    let statuses = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+        .await
+        .expect("the stream ends after Stored")
+        .unwrap();
+    assert_eq!(statuses, ["Uploading", "InTransit", "Stored"]);
+}

@@ -22,6 +22,7 @@ use tower_http::cors::{Any, CorsLayer};
 use crate::config::Config;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
+use crate::events::StatusEvents;
 use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub destinations: Arc<Destinations>,
     pub signer: UrlSigner,
     pub disk: Arc<Disk>,
+    pub events: Arc<StatusEvents>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -77,6 +79,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         .unwrap_or_default()
         .to_owned();
     let signer = UrlSigner::new(signing_secret(&config, &data_dir)?);
+    let events = Arc::new(StatusEvents::default());
     let disk = Arc::new(Disk::new(
         data_dir.clone(),
         config.disk.min_free_bytes,
@@ -90,6 +93,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         Duration::from_secs(config.uploads.expire_after_secs),
         wakeup.clone(),
         disk.clone(),
+        events.clone(),
     );
     uploads.restore_reservations()?;
     let replicator = Arc::new(Replicator::new(
@@ -98,6 +102,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         destinations.clone(),
         wakeup,
         config.replicator.clone(),
+        events.clone(),
     ));
     let state = Arc::new(AppState {
         config,
@@ -108,6 +113,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         destinations,
         signer,
         disk,
+        events,
     });
     Ok(Node {
         state,

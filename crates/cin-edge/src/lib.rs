@@ -11,6 +11,7 @@ pub mod config;
 pub mod destinations;
 pub mod disk;
 pub mod error;
+pub mod events;
 pub mod input;
 pub mod observability;
 pub mod replicator;

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::ReplicatorConfig;
 use crate::destinations::Destinations;
+use crate::events::StatusEvents;
 use crate::observability::names;
 use crate::upload::now_ms;
 
@@ -30,6 +31,7 @@ pub struct Replicator {
     wakeup: Arc<Notify>,
     config: ReplicatorConfig,
     in_flight: Mutex<HashSet<Handle>>,
+    events: Arc<StatusEvents>,
 }
 
 impl Replicator {
@@ -39,6 +41,7 @@ impl Replicator {
         destinations: Arc<Destinations>,
         wakeup: Arc<Notify>,
         config: ReplicatorConfig,
+        events: Arc<StatusEvents>,
     ) -> Self {
         Replicator {
             meta,
@@ -47,6 +50,7 @@ impl Replicator {
             wakeup,
             config,
             in_flight: Mutex::new(HashSet::new()),
+            events,
         }
     }
 
@@ -177,6 +181,7 @@ impl Replicator {
                 file.last_error = None;
                 self.meta.put_file(&file, JobChange::Remove)?;
                 self.meta.flush().await?;
+                self.events.publish(&file.handle, FileStatus::Stored);
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
                     handle = %file.handle,

@@ -7,10 +7,12 @@ use axum::http::header::{
     IF_NONE_MATCH, IF_RANGE, RANGE,
 };
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cin_domain::{FileRecord, FileStatus, Handle};
 use serde_json::{json, Value};
+use std::convert::Infallible;
 
 use crate::app::SharedState;
 use crate::error::ApiError;
@@ -239,6 +241,68 @@ pub async fn serve(
         Body::from_stream(stream)
     };
     Ok((status, response_headers, body).into_response())
+}
+
+/// Server-Sent Events: the file's current status, then every change, until `Stored`.
+pub async fn events(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Subscribe before reading the record, so no change falls in between.
+    let mut changes = state.events.subscribe();
+    let file = find(&state, &handle)?;
+    let handle = file.handle.clone();
+    let stream = async_stream_of(move |tx| async move {
+        let mut last = file.status;
+        let event = |status: FileStatus| {
+            Event::default()
+                .event("status")
+                .data(json!({"handle": handle, "status": status.as_str()}).to_string())
+        };
+        if tx.send(event(last)).await.is_err() {
+            return;
+        }
+        while last != FileStatus::Stored {
+            match changes.recv().await {
+                Ok(change) if change.handle == handle && change.status != last => {
+                    last = change.status;
+                    if tx.send(event(last)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed changes: the record says where the file is now.
+                    if let Ok(current) = state.uploads.file(&handle) {
+                        if current.status != last {
+                            last = current.status;
+                            if tx.send(event(last)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream_of<F, Fut>(
+    producer: F,
+) -> impl futures_util::Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(producer(tx));
+    futures_util::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    )
 }
 
 #[cfg(test)]

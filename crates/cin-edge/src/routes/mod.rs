@@ -33,5 +33,6 @@ pub fn router() -> Router<SharedState> {
         )
         .route("/api/file/{handle}/metadata", get(files::metadata))
         .route("/{handle}/metadata", get(files::metadata))
+        .route("/{handle}/events", get(files::events))
         .route("/{handle}", get(files::serve))
 }

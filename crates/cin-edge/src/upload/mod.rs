@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
 use crate::error::ApiError;
+use crate::events::StatusEvents;
 use crate::observability::names;
 use assessment::Assessment;
 use locks::KeyedLocks;
@@ -74,6 +75,7 @@ pub struct Uploads {
     assessment: Assessment,
     expire_after: std::time::Duration,
     disk: Arc<Disk>,
+    events: Arc<StatusEvents>,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -87,6 +89,7 @@ impl Uploads {
         expire_after: std::time::Duration,
         replication_wakeup: Arc<Notify>,
         disk: Arc<Disk>,
+        events: Arc<StatusEvents>,
     ) -> Self {
         Uploads {
             meta,
@@ -98,6 +101,7 @@ impl Uploads {
             assessment: Assessment::default(),
             expire_after,
             disk,
+            events,
         }
     }
 
@@ -481,6 +485,7 @@ impl Uploads {
         self.meta.flush().await?;
         self.disk.release(&file.upload_id);
         metrics::counter!(names::UPLOADS_COMPLETED, "mode" => mode_label(file.mode)).increment(1);
+        self.events.publish(&file.handle, file.status);
         self.replication_wakeup.notify_one();
         tracing::info!(handle = %file.handle, size = file.size, "upload complete, queued for replication");
         Ok(())
