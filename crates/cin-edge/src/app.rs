@@ -27,7 +27,7 @@ use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
 use crate::signing::UrlSigner;
-use crate::upload::Uploads;
+use crate::upload::{UploadLimits, UploadParts, Uploads};
 
 /// Everything request handlers share.
 pub struct AppState {
@@ -86,14 +86,18 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         config.disk.retry_after_secs,
     ));
     let uploads = Uploads::new(
-        meta.clone(),
-        parts.clone(),
-        destinations.clone(),
-        config.uploads.max_file_size,
-        Duration::from_secs(config.uploads.expire_after_secs),
-        wakeup.clone(),
-        disk.clone(),
-        events.clone(),
+        UploadParts {
+            meta: meta.clone(),
+            parts: parts.clone(),
+            destinations: destinations.clone(),
+            disk: disk.clone(),
+            events: events.clone(),
+            replication_wakeup: wakeup.clone(),
+        },
+        UploadLimits {
+            max_file_size: config.uploads.max_file_size,
+            expire_after: Duration::from_secs(config.uploads.expire_after_secs),
+        },
     );
     uploads.restore_reservations()?;
     let replicator = Arc::new(Replicator::new(

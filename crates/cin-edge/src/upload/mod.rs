@@ -65,6 +65,24 @@ pub struct ClaimedPart {
     pub etag: Option<String>,
 }
 
+/// What the engine works with.
+pub struct UploadParts {
+    pub meta: Arc<dyn MetadataStore>,
+    pub parts: PartStore,
+    pub destinations: Arc<Destinations>,
+    pub disk: Arc<Disk>,
+    pub events: Arc<StatusEvents>,
+    /// Woken when a file is queued for replication.
+    pub replication_wakeup: Arc<Notify>,
+}
+
+/// The engine's limits, from configuration.
+pub struct UploadLimits {
+    pub max_file_size: u64,
+    /// Unfinished uploads idle this long expire.
+    pub expire_after: std::time::Duration,
+}
+
 pub struct Uploads {
     meta: Arc<dyn MetadataStore>,
     parts: PartStore,
@@ -81,27 +99,18 @@ pub struct Uploads {
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
 
 impl Uploads {
-    pub fn new(
-        meta: Arc<dyn MetadataStore>,
-        parts: PartStore,
-        destinations: Arc<Destinations>,
-        max_file_size: u64,
-        expire_after: std::time::Duration,
-        replication_wakeup: Arc<Notify>,
-        disk: Arc<Disk>,
-        events: Arc<StatusEvents>,
-    ) -> Self {
+    pub fn new(parts: UploadParts, limits: UploadLimits) -> Self {
         Uploads {
-            meta,
-            parts,
-            destinations,
-            max_file_size,
+            meta: parts.meta,
+            parts: parts.parts,
+            destinations: parts.destinations,
+            max_file_size: limits.max_file_size,
             part_locks: KeyedLocks::new(),
-            replication_wakeup,
+            replication_wakeup: parts.replication_wakeup,
             assessment: Assessment::default(),
-            expire_after,
-            disk,
-            events,
+            expire_after: limits.expire_after,
+            disk: parts.disk,
+            events: parts.events,
         }
     }
 
