@@ -11,6 +11,7 @@ mod operations;
 mod restart;
 mod s3;
 mod sdk;
+mod security;
 mod store_api;
 mod support;
 mod tus;

@@ -102,6 +102,9 @@ pub struct FileRecord {
     pub expired_at_ms: Option<u64>,
     #[serde(default)]
     pub tus: Option<TusState>,
+    /// The app (API key) that uploaded the file; None on an open POP.
+    #[serde(default)]
+    pub app: Option<String>,
 }
 
 impl FileRecord {

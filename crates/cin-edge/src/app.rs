@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::auth::Apps;
 use crate::config::Config;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
@@ -42,6 +43,7 @@ pub struct AppState {
     pub signer: UrlSigner,
     pub disk: Arc<Disk>,
     pub events: Arc<StatusEvents>,
+    pub apps: Arc<Apps>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -80,6 +82,10 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         .to_owned();
     let signer = UrlSigner::new(signing_secret(&config, &data_dir)?);
     let events = Arc::new(StatusEvents::default());
+    let apps = Arc::new(Apps::new(config.apps.clone()));
+    if apps.is_open() {
+        tracing::warn!("no [apps] configured: this POP accepts uploads with any API key");
+    }
     let disk = Arc::new(Disk::new(
         data_dir.clone(),
         config.disk.min_free_bytes,
@@ -92,6 +98,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             destinations: destinations.clone(),
             disk: disk.clone(),
             events: events.clone(),
+            apps: apps.clone(),
             replication_wakeup: wakeup.clone(),
         },
         UploadLimits {
@@ -118,6 +125,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         signer,
         disk,
         events,
+        apps,
     });
     Ok(Node {
         state,

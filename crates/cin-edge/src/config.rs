@@ -18,6 +18,26 @@ pub struct Config {
     pub replicator: ReplicatorConfig,
     pub disk: DiskConfig,
     pub log: LogConfig,
+    /// Apps by name. With none, the POP is open: any API key is accepted.
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// An app: its API key, its secret for security policies, and its limits.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// The public API key clients send (`apikey`, `?key=`).
+    pub apikey: String,
+    /// Secret that signs the app's security policies (HMAC-SHA256, hex).
+    pub secret: String,
+    /// Storage profiles this app may deliver to; empty allows all.
+    pub allowed_profiles: Vec<String>,
+    /// Largest file this app may upload, in bytes; 0 leaves the POP's limit.
+    pub max_file_size: u64,
+    /// Every upload, metadata query and filelink read needs a signed policy.
+    pub require_security: bool,
+    /// URLs that receive this app's file status changes as signed JSON POSTs.
+    pub webhooks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -262,6 +282,21 @@ impl Config {
                 return Err(format!(
                     "storage.profiles.{name}: set both access_key_id and secret_access_key, or neither"
                 ));
+            }
+        }
+        for (name, app) in &self.apps {
+            if app.apikey.is_empty() {
+                return Err(format!("apps.{name}.apikey must not be empty"));
+            }
+            if app.require_security && app.secret.is_empty() {
+                return Err(format!(
+                    "apps.{name} requires security, so apps.{name}.secret must be set"
+                ));
+            }
+            for profile in &app.allowed_profiles {
+                if !self.storage.profiles.contains_key(profile) {
+                    return Err(format!("apps.{name}.allowed_profiles names {profile:?}, which is not in [storage.profiles]"));
+                }
             }
         }
         if self.replicator.workers == 0 {

@@ -17,6 +17,9 @@ pub enum ApiError {
     NotFound { code: &'static str, message: String },
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
+    /// No credentials where they are required.
+    #[error("{message}")]
+    Unauthorized { message: String },
     /// The request conflicts with the file's state; `status` is reported when known.
     #[error("{message}")]
     Conflict {
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
             ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
+            ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
             ApiError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),

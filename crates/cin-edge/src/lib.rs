@@ -7,6 +7,7 @@
 //! - `config`, `telemetry`, `app`: configuration, logging and wiring.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod destinations;
 pub mod disk;

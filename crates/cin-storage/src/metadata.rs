@@ -309,6 +309,7 @@ mod tests {
             length_deferred: false,
             expired_at_ms: None,
             tus: None,
+            app: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The filelink (`GET`/`HEAD /{handle}`) and metadata queries.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::{
     ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
     IF_NONE_MATCH, IF_RANGE, RANGE,
@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 
 use crate::app::SharedState;
+use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
 
 fn find(state: &SharedState, handle: &str) -> Result<FileRecord, ApiError> {
@@ -24,11 +25,39 @@ fn find(state: &SharedState, handle: &str) -> Result<FileRecord, ApiError> {
     state.uploads.file(&handle)
 }
 
+/// Query parameters that carry a security policy.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PolicyQuery {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
+}
+
+impl PolicyQuery {
+    fn credentials(&self) -> Credentials<'_> {
+        Credentials {
+            apikey: self.key.as_deref(),
+            policy: self.policy.as_deref(),
+            signature: self.signature.as_deref(),
+        }
+    }
+}
+
 pub async fn metadata(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
+    Query(q): Query<PolicyQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let file = find(&state, &handle)?;
+    state.apps.authorize_access(
+        file.app.as_deref(),
+        &q.credentials(),
+        Call::Stat,
+        file.handle.as_str(),
+    )?;
     Ok(Json(metadata_json(&state, &file)))
 }
 
@@ -155,8 +184,15 @@ pub async fn serve(
     Path(handle): Path<String>,
     method: Method,
     headers: HeaderMap,
+    Query(q): Query<PolicyQuery>,
 ) -> Result<Response, ApiError> {
     let file = find(&state, &handle)?;
+    state.apps.authorize_access(
+        file.app.as_deref(),
+        &q.credentials(),
+        Call::Read,
+        file.handle.as_str(),
+    )?;
     if file.status == FileStatus::Uploading {
         return Err(ApiError::conflict(
             "upload_incomplete",

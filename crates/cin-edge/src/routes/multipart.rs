@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::app::SharedState;
+use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
 use crate::input::{lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm};
 use crate::signing::{now_unix, ChunkGrant};
@@ -29,6 +30,12 @@ pub struct StartRequest {
     pub store: StoreOptions,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub fii: bool,
+    #[serde(default)]
+    pub apikey: Option<String>,
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 pub async fn start(
@@ -41,9 +48,23 @@ pub async fn start(
             "filename is required",
         ));
     }
+    let app = state.apps.authorize_upload(
+        &Credentials {
+            apikey: req.apikey.as_deref(),
+            policy: req.policy.as_deref(),
+            signature: req.signature.as_deref(),
+        },
+        &Target {
+            handle: None,
+            path: req.store.path.as_deref(),
+            container: req.store.container.as_deref(),
+            size: Some(req.size),
+        },
+    )?;
     let file = state
         .uploads
         .start(NewUpload {
+            app,
             filename: req.filename,
             mimetype: req.mimetype,
             size: req.size,

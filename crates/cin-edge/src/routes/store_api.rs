@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::multipart::filelink;
 use crate::app::SharedState;
+use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
 use crate::upload::NewUpload;
 
@@ -28,6 +29,13 @@ pub struct StoreQuery {
     region: Option<String>,
     #[serde(default)]
     access: Option<String>,
+    /// The API key.
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
 }
 
 const FILE_FIELD: &str = "fileUpload";
@@ -55,6 +63,19 @@ pub async fn store(
         region: q.region,
         access: q.access,
     };
+    let app = state.apps.authorize_upload(
+        &Credentials {
+            apikey: q.key.as_deref(),
+            policy: q.policy.as_deref(),
+            signature: q.signature.as_deref(),
+        },
+        &Target {
+            handle: None,
+            path: store.path.as_deref(),
+            container: store.container.as_deref(),
+            size: declared,
+        },
+    )?;
     let is_form = content_type
         .as_deref()
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/form-data"));
@@ -89,6 +110,7 @@ pub async fn store(
                 size: 0,
                 store: store.clone(),
                 mode: UploadMode::Direct,
+                app: app.clone(),
             };
             let body = field.map_err(|e| e.body_text());
             break state.uploads.store_whole(upload, None, body).await?;
@@ -100,6 +122,7 @@ pub async fn store(
             size: declared.unwrap_or(0),
             store,
             mode: UploadMode::Direct,
+            app: app.clone(),
         };
         let body = request.into_body().into_data_stream();
         state.uploads.store_whole(upload, declared, body).await?

@@ -15,6 +15,7 @@ use cin_domain::{FileRecord, StoreOptions, TusConcat, UploadId, UploadMode};
 use cin_storage::DigestKind;
 
 use crate::app::SharedState;
+use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
 use crate::upload::{Appended, DeclaredChecksum, NewUpload};
 
@@ -192,6 +193,7 @@ fn upload_from_metadata(metadata: &[(String, String)], size: u64) -> NewUpload {
             access: get(&["access"]),
         },
         mode: UploadMode::Tus,
+        app: None,
     }
 }
 
@@ -292,6 +294,26 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
         .to_owned();
     let metadata = parse_metadata(&raw_metadata)?;
     let concat = header(headers, "upload-concat").unwrap_or_default();
+    let meta_value = |key: &str| {
+        metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    // Credentials travel as Upload-Metadata keys (apikey, policy, signature).
+    let app = state.apps.authorize_upload(
+        &Credentials {
+            apikey: meta_value("apikey"),
+            policy: meta_value("policy"),
+            signature: meta_value("signature"),
+        },
+        &Target {
+            handle: None,
+            path: meta_value("path"),
+            container: meta_value("container"),
+            size: parse_u64(headers, "upload-length")?,
+        },
+    )?;
 
     if let Some(list) = concat.strip_prefix("final;") {
         let partials = list
@@ -307,7 +329,14 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
         }
         let file = state
             .uploads
-            .tus_concat(upload_from_metadata(&metadata, 0), partials, raw_metadata)
+            .tus_concat(
+                NewUpload {
+                    app: app.clone(),
+                    ..upload_from_metadata(&metadata, 0)
+                },
+                partials,
+                raw_metadata,
+            )
             .await?;
         let response = TusResponse::new(StatusCode::CREATED)
             .header("location", upload_url(state, &file.upload_id));
@@ -353,7 +382,10 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
     let mut file = state
         .uploads
         .tus_create(
-            upload_from_metadata(&metadata, length.unwrap_or(0)),
+            NewUpload {
+                app: app.clone(),
+                ..upload_from_metadata(&metadata, length.unwrap_or(0))
+            },
             deferred,
             raw_metadata,
             partial,

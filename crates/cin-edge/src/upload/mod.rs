@@ -20,6 +20,7 @@ use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore};
 use futures_util::Stream;
 use tokio::sync::Notify;
 
+use crate::auth::Apps;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
 use crate::error::ApiError;
@@ -44,6 +45,8 @@ pub struct NewUpload {
     pub size: u64,
     pub store: StoreOptions,
     pub mode: UploadMode,
+    /// The app uploading (from its API key); None on an open POP.
+    pub app: Option<String>,
 }
 
 /// A chunk as the client sends it.
@@ -72,6 +75,7 @@ pub struct UploadParts {
     pub destinations: Arc<Destinations>,
     pub disk: Arc<Disk>,
     pub events: Arc<StatusEvents>,
+    pub apps: Arc<Apps>,
     /// Woken when a file is queued for replication.
     pub replication_wakeup: Arc<Notify>,
 }
@@ -94,6 +98,7 @@ pub struct Uploads {
     expire_after: std::time::Duration,
     disk: Arc<Disk>,
     events: Arc<StatusEvents>,
+    apps: Arc<Apps>,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -111,6 +116,7 @@ impl Uploads {
             expire_after: limits.expire_after,
             disk: parts.disk,
             events: parts.events,
+            apps: parts.apps,
         }
     }
 
@@ -132,6 +138,19 @@ impl Uploads {
         let placement = self
             .destinations
             .place(&upload.store, handle.as_str(), &filename)?;
+        if !self
+            .apps
+            .allows_profile(upload.app.as_deref(), &placement.profile)
+        {
+            return Err(ApiError::forbidden(
+                "profile_not_allowed",
+                format!(
+                    "this app may not deliver to container {:?}; ask the operator to allow storage profile {:?}",
+                    placement.container, placement.profile
+                ),
+            ));
+        }
+        let upload_app = upload.app.clone();
         Ok(FileRecord {
             handle,
             upload_id: UploadId::generate(),
@@ -158,6 +177,7 @@ impl Uploads {
             length_deferred: false,
             expired_at_ms: None,
             tus: None,
+            app: upload_app,
         })
     }
 

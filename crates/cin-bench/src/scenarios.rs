@@ -1,0 +1,760 @@
+//! The scenarios. Each returns its rows; targets are the ones issue 7 sets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use bytes::Bytes;
+use cin_client::transport::{ChunkRequest, CompleteRequest, StartRequest};
+use cin_client::{
+    ByteSource, FileSource, HttpTransport, Quiet, StoreOptions, TokioClock, Transport, UploadJob,
+    UploadOptions, UploadReport, Uploader,
+};
+use futures_util::StreamExt;
+use md5::Digest;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::pop::{edge_binary, Pop, S3Profile};
+use crate::report::{percentile, Goal, Row};
+use crate::s3::{self, S3Server};
+use crate::source::{Pattern, PatternSource, MIB};
+use crate::Args;
+
+const KIB: u64 = 1024;
+/// Bytes per block for the disk ceiling, as `dd bs=8M`.
+const BLOCK: u64 = 8 * MIB;
+
+/// What every scenario shares.
+pub struct Ctx {
+    pub args: Args,
+    /// Temporary directory for POP data, files and the disk ceiling.
+    pub work: PathBuf,
+    pub pattern: Pattern,
+    /// Client for direct HTTP calls, configured as the client library's.
+    pub http: reqwest::Client,
+    /// `limit`'s write+fsync figure in bytes/s, once measured in this run.
+    pub disk_limit: Option<f64>,
+}
+
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+fn size_label(bytes: u64) -> String {
+    if bytes >= 1024 * MIB && bytes % (1024 * MIB) == 0 {
+        format!("{} GiB", bytes / (1024 * MIB))
+    } else if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{} KiB", bytes / KIB)
+    }
+}
+
+impl Ctx {
+    /// The POP for a scenario: `--target`, else a child process when asked or when
+    /// the scenario reports the POP's memory, else in this process.
+    async fn pop(&self, reports_rss: bool, profile: Option<&S3Profile>) -> anyhow::Result<Pop> {
+        if let Some(url) = &self.args.target {
+            return Ok(Pop::external(url, self.args.target_pid));
+        }
+        let child = match self.args.pop.as_str() {
+            "child" => true,
+            "in-process" => false,
+            _ => reports_rss,
+        };
+        if child {
+            let bin = edge_binary(self.args.pop_bin.as_deref())?;
+            Pop::child(&bin, &self.work, profile).await
+        } else {
+            Pop::in_process(&self.work, profile).await
+        }
+    }
+
+    fn uploader(&self) -> anyhow::Result<Uploader> {
+        Ok(Uploader::new(
+            Arc::new(HttpTransport::new(self.args.apikey.clone())?),
+            Arc::new(TokioClock::new()),
+            UploadOptions::default(),
+            Arc::new(Quiet),
+        ))
+    }
+
+    fn big(&self) -> u64 {
+        self.args.size_mib * MIB
+    }
+
+    /// Measures the disk ceiling for `size` bytes unless this run already did.
+    async fn disk_limit(&mut self) -> anyhow::Result<(f64, Option<Row>)> {
+        if let Some(rate) = self.disk_limit {
+            return Ok((rate, None));
+        }
+        let elapsed = write_fsync(&self.work, &self.pattern, self.big()).await?;
+        let rate = self.big() as f64 / elapsed.as_secs_f64();
+        self.disk_limit = Some(rate);
+        Ok((
+            rate,
+            Some(Row::new(
+                "limit",
+                format!("write+fsync {} (8 MiB blocks, one fsync)", size_label(self.big())),
+                rate / 1e6,
+                "MB/s",
+            )),
+        ))
+    }
+}
+
+async fn upload(
+    uploader: &Uploader,
+    pop: &Pop,
+    source: Arc<dyn ByteSource>,
+    name: &str,
+    store: StoreOptions,
+) -> anyhow::Result<UploadReport> {
+    uploader
+        .upload(UploadJob {
+            source,
+            filename: name.into(),
+            mimetype: "application/octet-stream".into(),
+            store,
+            pops: vec![pop.base.clone()],
+            resume: None,
+        })
+        .await
+        .map_err(|e| anyhow!("upload of {name}: {e}"))
+}
+
+/// `sync(1)`, so one scenario's dirty pages are not written back during the next.
+pub fn sync_disks() {
+    let _ = std::process::Command::new("sync").status();
+}
+
+// ---------------------------------------------------------------- limit
+
+/// As `dd bs=8M conv=fsync`: `size` bytes in 8 MiB writes to a new file in `dir`,
+/// one fsync at the end.
+async fn write_fsync(dir: &Path, pattern: &Pattern, size: u64) -> anyhow::Result<Duration> {
+    let path = dir.join("limit.bin");
+    let pattern = pattern.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        use std::io::Write;
+        sync_disks();
+        let began = Instant::now();
+        let mut file = std::fs::File::create(&path)?;
+        let mut at = 0;
+        while at < size {
+            let take = (size - at).min(BLOCK);
+            file.write_all(&pattern.bytes(at, take))?;
+            at += take;
+        }
+        file.sync_all()?;
+        drop(file);
+        let elapsed = began.elapsed();
+        std::fs::remove_file(&path)?;
+        Ok(elapsed)
+    })
+    .await?
+}
+
+/// `count` new files of `size` bytes, each written and fsync'd, by `threads`
+/// threads; files per second.
+async fn small_fsyncs(dir: &Path, size: u64, count: u64, threads: u64) -> anyhow::Result<f64> {
+    let dir = tempfile::Builder::new().prefix("fsync.").tempdir_in(dir)?;
+    let path = dir.path().to_owned();
+    let elapsed = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        let body = vec![7u8; size as usize];
+        let began = Instant::now();
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (path, body) = (&path, &body);
+                    s.spawn(move || -> std::io::Result<()> {
+                        use std::io::Write;
+                        for i in (t..count).step_by(threads as usize) {
+                            let mut f = std::fs::File::create(path.join(format!("f{i}")))?;
+                            f.write_all(body)?;
+                            f.sync_all()?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().map_err(|_| anyhow!("fsync thread panicked"))??;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(began.elapsed())
+    })
+    .await??;
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
+
+/// A server in this process that reads every request body to the end and drops it.
+async fn start_sink() -> anyhow::Result<(String, tokio::sync::oneshot::Sender<()>)> {
+    async fn sink(body: axum::body::Body) -> String {
+        let mut stream = body.into_data_stream();
+        let mut n = 0usize;
+        while let Some(Ok(chunk)) = stream.next().await {
+            n += chunk.len();
+        }
+        n.to_string()
+    }
+    let app = axum::Router::new().route("/sink", axum::routing::put(sink).post(sink));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Ok((base, stop))
+}
+
+pub async fn limit(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    ctx.disk_limit = None;
+    let (_, row) = ctx.disk_limit().await?;
+    rows.extend(row);
+
+    let (sink, stop) = start_sink().await?;
+    let size = ctx.big();
+    let began = Instant::now();
+    let mut at = 0;
+    while at < size {
+        let take = (size - at).min(BLOCK);
+        let resp = ctx
+            .http
+            .put(format!("{sink}/sink"))
+            .body(ctx.pattern.bytes(at, take))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("sink answered {}", resp.status());
+        }
+        resp.bytes().await?;
+        at += take;
+    }
+    rows.push(Row::new(
+        "limit",
+        format!(
+            "loopback HTTP, {} in 8 MiB PUTs, body discarded",
+            size_label(size)
+        ),
+        mb_per_s(size, began.elapsed()),
+        "MB/s",
+    ));
+
+    let (count, small, in_flight) = (ctx.args.count, ctx.args.small_size_kib * KIB, ctx.args.in_flight);
+    let (latencies, elapsed, failed) = post_many(ctx, &format!("{sink}/sink"), count, small, in_flight, false).await?;
+    if failed > 0 {
+        bail!("{failed} requests to the sink failed");
+    }
+    let _ = latencies;
+    rows.push(Row::new(
+        "limit",
+        format!(
+            "loopback HTTP, {count} POSTs of {}, {in_flight} in flight",
+            size_label(small)
+        ),
+        count as f64 / elapsed.as_secs_f64(),
+        "req/s",
+    ));
+    let _ = stop.send(());
+
+    let files = count.min(2000);
+    for threads in [1, in_flight as u64] {
+        let rate = small_fsyncs(&ctx.work, small, files, threads).await?;
+        rows.push(Row::new(
+            "limit",
+            format!(
+                "new {} file + fsync, {threads} thread{} ({files} files)",
+                size_label(small),
+                if threads == 1 { "" } else { "s" }
+            ),
+            rate,
+            "files/s",
+        ));
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- single
+
+pub async fn single(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let (disk, mut rows) = {
+        let (rate, row) = ctx.disk_limit().await?;
+        (rate, row.into_iter().collect::<Vec<_>>())
+    };
+    sync_disks();
+    let pop = ctx.pop(false, None).await?;
+    let size = ctx.big();
+    let source = Arc::new(PatternSource {
+        pattern: ctx.pattern.clone(),
+        len: size,
+    });
+    let began = Instant::now();
+    let report = upload(&ctx.uploader()?, &pop, source, "single.bin", StoreOptions::s3()).await?;
+    let elapsed = began.elapsed();
+    pop.stop().await;
+    let rate = size as f64 / elapsed.as_secs_f64();
+    if report.failed_requests > 0 {
+        eprintln!("  single: {} requests failed and were retried", report.failed_requests);
+    }
+    rows.push(
+        Row::new(
+            "single",
+            format!("one {} upload (cin-client, FII, 8 MiB parts)", size_label(size)),
+            rate / 1e6,
+            "MB/s",
+        )
+        .with_target(">= 85 % of limit write+fsync", Goal::AtLeast(0.85), rate / disk),
+    );
+    rows.push(Row::new("single", "ratio to limit write+fsync", 100.0 * rate / disk, "%"));
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- complete-latency
+
+/// Uploads `size` bytes part by part (one 8 MiB chunk per part) through the client
+/// library's transport, then times `/multipart/complete` alone.
+async fn timed_complete(
+    transport: &HttpTransport,
+    pop: &Pop,
+    pattern: &Pattern,
+    size: u64,
+) -> anyhow::Result<(Duration, String)> {
+    let store = StoreOptions::s3();
+    let name = format!("complete-{}.bin", size_label(size).replace(' ', ""));
+    let started = transport
+        .start(
+            &pop.base,
+            &StartRequest {
+                filename: name.clone(),
+                mimetype: "application/octet-stream".into(),
+                size,
+                store: store.clone(),
+            },
+        )
+        .await?;
+    let part_size = 8 * MIB;
+    for index in 0..size.div_ceil(part_size) {
+        let part = u32::try_from(index + 1)?;
+        let start = index * part_size;
+        let body = pattern.bytes(start, part_size.min(size - start));
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+        transport
+            .send_chunk(
+                &pop.base,
+                &ChunkRequest {
+                    upload_id: started.upload_id.clone(),
+                    part,
+                    offset: 0,
+                    md5,
+                    body,
+                },
+                Duration::from_secs(120),
+            )
+            .await?;
+        transport
+            .commit(&pop.base, &started.upload_id, part, size)
+            .await?;
+    }
+    let began = Instant::now();
+    let done = transport
+        .complete(
+            &pop.base,
+            &CompleteRequest {
+                upload_id: started.upload_id.clone(),
+                filename: name,
+                mimetype: "application/octet-stream".into(),
+                size,
+                store,
+            },
+        )
+        .await?;
+    Ok((began.elapsed(), done.handle))
+}
+
+pub async fn complete_latency(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let pop = ctx.pop(false, None).await?;
+    let transport = HttpTransport::new(ctx.args.apikey.clone())?;
+    let sizes: Vec<u64> = match &ctx.args.complete_sizes_mib {
+        Some(list) => list.clone(),
+        None => vec![1, 64.min(ctx.args.size_mib), ctx.args.size_mib],
+    };
+    let mut sizes: Vec<u64> = sizes.into_iter().map(|m| m * MIB).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut rows = Vec::new();
+    let mut medians = Vec::new();
+    for &size in &sizes {
+        let mut samples = Vec::new();
+        for _ in 0..ctx.args.reps.max(1) {
+            let (took, handle) = timed_complete(&transport, &pop, &ctx.pattern, size).await?;
+            samples.push(took.as_secs_f64() * 1e3);
+            // The local copy to final storage must not overlap the next measurement.
+            pop.wait_stored(&ctx.http, &handle, Duration::from_secs(600))
+                .await?;
+            sync_disks();
+        }
+        samples.sort_by(f64::total_cmp);
+        let median = percentile(&samples, 50.0);
+        medians.push((size, median));
+        rows.push(Row::new(
+            "complete-latency",
+            format!(
+                "complete, {} file (median of {}; max {:.1} ms)",
+                size_label(size),
+                samples.len(),
+                samples.last().copied().unwrap_or(f64::NAN)
+            ),
+            median,
+            "ms",
+        ));
+    }
+    pop.stop().await;
+    if let (Some(&(small, at_small)), Some(&(large, at_large))) = (medians.first(), medians.last())
+    {
+        if large > small {
+            rows.push(
+                Row::new(
+                    "complete-latency",
+                    format!("{} / {} latency", size_label(large), size_label(small)),
+                    at_large / at_small,
+                    "x",
+                )
+                .with_target(
+                    format!("{} <= 2x {}", size_label(large), size_label(small)),
+                    Goal::AtMost(2.0),
+                    at_large / at_small,
+                ),
+            );
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- concurrent
+
+fn rss_row(scenario: &'static str, what: &str, pop: &Pop, limit_mib: Option<f64>) -> Option<Row> {
+    let Some(peak) = pop.peak_rss() else {
+        eprintln!("  {scenario}: the POP's memory is unknown (in-process, or --target without --target-pid)");
+        return None;
+    };
+    let row = Row::new(scenario, what, mib(peak), "MiB");
+    Some(match limit_mib {
+        Some(limit) => row.with_target(
+            format!("< {limit:.0} MiB"),
+            Goal::AtMost(limit),
+            mib(peak),
+        ),
+        None => row,
+    })
+}
+
+pub async fn concurrent(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let pop = ctx.pop(true, None).await?;
+    let baseline = pop.rss();
+    let (count, size) = (ctx.args.concurrent, ctx.args.concurrent_size_mib * MIB);
+    let body = ctx.pattern.bytes(0, size);
+    let uploader = Arc::new(ctx.uploader()?);
+    let began = Instant::now();
+    let mut running = JoinSet::new();
+    for i in 0..count {
+        let (uploader, body) = (uploader.clone(), body.clone());
+        let base = pop.base.clone();
+        running.spawn(async move {
+            let t = Instant::now();
+            uploader
+                .upload(UploadJob {
+                    source: Arc::new(cin_client::MemorySource(body)),
+                    filename: format!("concurrent-{i}.bin"),
+                    mimetype: "application/octet-stream".into(),
+                    store: StoreOptions::s3(),
+                    pops: vec![base],
+                    resume: None,
+                })
+                .await
+                .map(|_| t.elapsed())
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    while let Some(done) = running.join_next().await {
+        match done? {
+            Ok(took) => latencies.push(took.as_secs_f64() * 1e3),
+            Err(e) => {
+                failed += 1;
+                eprintln!("  concurrent: an upload failed: {e}");
+            }
+        }
+    }
+    let elapsed = began.elapsed();
+    let mut rows = vec![
+        Row::new(
+            "concurrent",
+            format!("{count} x {} at once: aggregate", size_label(size)),
+            mb_per_s(latencies.len() as u64 * size, elapsed),
+            "MB/s",
+        ),
+    ];
+    latencies.sort_by(f64::total_cmp);
+    rows.push(Row::new("concurrent", "per-upload latency p50", percentile(&latencies, 50.0), "ms"));
+    rows.push(Row::new("concurrent", "per-upload latency p99", percentile(&latencies, 99.0), "ms"));
+    if failed > 0 {
+        rows.push(Row::new("concurrent", "failed uploads", failed as f64, ""));
+    }
+    if let Some(base) = baseline {
+        rows.push(Row::new("concurrent", "POP RSS before the uploads", mib(base), "MiB"));
+    }
+    rows.extend(rss_row("concurrent", "POP peak RSS (VmHWM)", &pop, Some(256.0)));
+    pop.stop().await;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- memory
+
+pub async fn memory(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    sync_disks();
+    let pop = ctx.pop(true, None).await?;
+    let size = ctx
+        .args
+        .memory_size_mib
+        .unwrap_or(4 * ctx.args.size_mib)
+        * MIB;
+    let source = Arc::new(PatternSource {
+        pattern: ctx.pattern.clone(),
+        len: size,
+    });
+    let began = Instant::now();
+    let report = upload(&ctx.uploader()?, &pop, source, "memory.bin", StoreOptions::s3()).await?;
+    let elapsed = began.elapsed();
+    let mut rows = vec![Row::new(
+        "memory",
+        format!("one {} upload", size_label(size)),
+        mb_per_s(size, elapsed),
+        "MB/s",
+    )];
+    rows.extend(rss_row(
+        "memory",
+        &format!("POP peak RSS (VmHWM) during the {} upload", size_label(size)),
+        &pop,
+        Some(64.0),
+    ));
+    // Then the copy to the local origin store, which reads the whole file again.
+    if pop.pid.is_some() {
+        pop.wait_stored(&ctx.http, &report.handle, Duration::from_secs(1800))
+            .await?;
+        rows.extend(rss_row(
+            "memory",
+            "POP peak RSS, replication to the local origin included",
+            &pop,
+            None,
+        ));
+    }
+    pop.stop().await;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- small
+
+/// `count` POSTs of `size`-byte raw bodies to `url` (`?filename=` and `&key=` are
+/// added when `store`), `in_flight` at a time: sorted latencies in ms, the wall
+/// time and the number that failed.
+async fn post_many(
+    ctx: &Ctx,
+    url: &str,
+    count: u64,
+    size: u64,
+    in_flight: usize,
+    store: bool,
+) -> anyhow::Result<(Vec<f64>, Duration, u64)> {
+    let gate = Arc::new(Semaphore::new(in_flight.max(1)));
+    let mut running = JoinSet::new();
+    let mut results = Vec::with_capacity(count as usize);
+    let began = Instant::now();
+    for i in 0..count {
+        let permit = gate.clone().acquire_owned().await?;
+        let http = ctx.http.clone();
+        let body: Bytes = ctx.pattern.bytes(i * size, size);
+        let url = if store {
+            format!("{url}?filename=small-{i}.bin&key={}", ctx.args.apikey)
+        } else {
+            url.to_owned()
+        };
+        running.spawn(async move {
+            let t = Instant::now();
+            let ok = match http
+                .post(url)
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(resp) => {
+                    let good = resp.status().is_success();
+                    let text = resp.text().await.unwrap_or_default();
+                    if !good {
+                        eprintln!("  POST failed: {}", text.chars().take(200).collect::<String>());
+                    }
+                    good
+                }
+                Err(e) => {
+                    eprintln!("  POST failed: {e}");
+                    false
+                }
+            };
+            drop(permit);
+            (t.elapsed().as_secs_f64() * 1e3, ok)
+        });
+        // Reap finished tasks as we go so the set stays small.
+        while let Some(done) = running.try_join_next() {
+            results.push(done?);
+        }
+    }
+    while let Some(done) = running.join_next().await {
+        results.push(done?);
+    }
+    let elapsed = began.elapsed();
+    let failed = results.iter().filter(|(_, ok)| !ok).count() as u64;
+    let mut latencies: Vec<f64> = results.into_iter().map(|(ms, _)| ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, elapsed, failed))
+}
+
+pub async fn small(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    sync_disks();
+    let pop = ctx.pop(false, None).await?;
+    let (count, size, in_flight) = (
+        ctx.args.count,
+        ctx.args.small_size_kib * KIB,
+        ctx.args.in_flight,
+    );
+    let url = format!("{}/api/store/s3", pop.base);
+    let (latencies, elapsed, failed) = post_many(ctx, &url, count, size, in_flight, true).await?;
+    pop.stop().await;
+    let rate = (count - failed) as f64 / elapsed.as_secs_f64();
+    let mut rows = vec![Row::new(
+        "small",
+        format!(
+            "{count} x {} via /api/store, {in_flight} in flight",
+            size_label(size)
+        ),
+        rate,
+        "uploads/s",
+    )
+    .with_target(">= 5,000 uploads/s", Goal::AtLeast(5000.0), rate)];
+    rows.push(Row::new("small", "latency p50", percentile(&latencies, 50.0), "ms"));
+    rows.push(Row::new("small", "latency p99", percentile(&latencies, 99.0), "ms"));
+    if failed > 0 {
+        rows.push(Row::new("small", "failed uploads", failed as f64, ""));
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- replicate
+
+pub async fn replicate(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    if ctx.args.target.is_some() {
+        bail!("replicate configures its own POP and S3 server; it does not run with --target");
+    }
+    let bin = s3::s3s_fs_binary(ctx.args.s3s_fs.as_deref())?;
+    let server = S3Server::start(&bin, &ctx.work).await?;
+    let client = server.client().await;
+    let bucket = "cin-bench";
+    client
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .context("CreateBucket")?;
+    let size = ctx.big();
+    let (part_size, concurrency) = (ctx.args.replicate_part_mib * MIB, ctx.args.replicate_concurrency);
+    let file = ctx.work.join("replicate.bin");
+    ctx.pattern.write_file(&file, size)?;
+    sync_disks();
+
+    let began = Instant::now();
+    s3::direct_multipart(&client, bucket, "direct.bin", &file, part_size, concurrency).await?;
+    let direct = began.elapsed();
+    sync_disks();
+
+    let profile = S3Profile {
+        name: "bench".into(),
+        bucket: bucket.into(),
+        endpoint: server.endpoint.clone(),
+        access_key: s3::ACCESS_KEY.into(),
+        secret_key: s3::SECRET_KEY.into(),
+        part_size,
+        concurrency,
+    };
+    let pop = ctx.pop(false, Some(&profile)).await?;
+    let store = StoreOptions {
+        container: Some(bucket.into()),
+        ..StoreOptions::s3()
+    };
+    let source: Arc<dyn ByteSource> = Arc::new(FileSource::open(&file)?);
+    let report = upload(&ctx.uploader()?, &pop, source, "replicate.bin", store).await?;
+    let completed = Instant::now();
+    let meta = pop
+        .wait_stored(&ctx.http, &report.handle, Duration::from_secs(1800))
+        .await?;
+    let observed = completed.elapsed();
+    pop.stop().await;
+    let _ = std::fs::remove_file(&file);
+    let (Some(from), Some(to)) = (
+        meta["replication"]["completed_at"].as_u64(),
+        meta["replication"]["stored_at"].as_u64(),
+    ) else {
+        bail!("no replication times in {meta}");
+    };
+    let pop_time = Duration::from_millis(to.saturating_sub(from).max(1));
+    let direct_rate = mb_per_s(size, direct);
+    let pop_rate = mb_per_s(size, pop_time);
+    Ok(vec![
+        Row::new(
+            "replicate",
+            format!(
+                "SDK direct: multipart, {} parts x{concurrency}, SDK default checksums",
+                size_label(part_size)
+            ),
+            direct_rate,
+            "MB/s",
+        ),
+        Row::new(
+            "replicate",
+            format!(
+                "POP replicator, {} file (stored_at - completed_at)",
+                size_label(size)
+            ),
+            pop_rate,
+            "MB/s",
+        )
+        .with_target(">= 80 % of SDK direct", Goal::AtLeast(0.8), pop_rate / direct_rate),
+        Row::new("replicate", "ratio to SDK direct", 100.0 * pop_rate / direct_rate, "%"),
+        Row::new(
+            "replicate",
+            "complete -> Stored seen by polling",
+            observed.as_secs_f64(),
+            "s",
+        ),
+    ])
+}
