@@ -15,3 +15,4 @@ mod security;
 mod store_api;
 mod support;
 mod tus;
+mod webhooks;

@@ -172,10 +172,6 @@ impl Pop {
         }
     }
 
-    pub fn is_child(&self) -> bool {
-        matches!(self.inner, Inner::Child(_))
-    }
-
     async fn wait_healthy(&self) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -295,10 +291,7 @@ pub fn edge_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
     candidates.push(target.join("release/cin-edge"));
     candidates.push(target.join("debug/cin-edge"));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow!("no cin-edge binary found: cargo build --release -p cin-edge, or pass --pop-bin")
-        })
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!("no cin-edge binary found: cargo build --release -p cin-edge, or pass --pop-bin")
+    })
 }

@@ -56,7 +56,12 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(scenario: &'static str, metric: impl Into<String>, value: f64, unit: &'static str) -> Row {
+    pub fn new(
+        scenario: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Row {
         Row {
             scenario,
             metric: metric.into(),
@@ -77,6 +82,9 @@ impl Row {
 
     fn shown(&self) -> String {
         let v = self.value;
+        if !v.is_finite() {
+            return "n/a".into();
+        }
         let digits = if v.abs() >= 100.0 || v.fract() == 0.0 {
             0
         } else if v.abs() >= 10.0 {
@@ -93,7 +101,8 @@ impl Row {
 }
 
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| scenario | metric | value | target | result |\n|---|---|---|---|---|\n");
+    let mut out =
+        String::from("| scenario | metric | value | target | result |\n|---|---|---|---|---|\n");
     for row in rows {
         let (text, verdict) = match &row.target {
             Some(t) => (t.text.clone(), t.verdict()),
@@ -169,7 +178,11 @@ fn filesystem_of(dir: &Path) -> Option<(String, String, String)> {
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
-            Some((f.next()?.to_owned(), f.next()?.to_owned(), f.next()?.to_owned()))
+            Some((
+                f.next()?.to_owned(),
+                f.next()?.to_owned(),
+                f.next()?.to_owned(),
+            ))
         })
         .filter(|(_, mount, _)| dir.starts_with(mount))
         .max_by_key(|(_, mount, _)| mount.len())

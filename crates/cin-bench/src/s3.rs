@@ -81,7 +81,11 @@ impl S3Server {
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                ACCESS_KEY, SECRET_KEY, None, None, "cin-bench",
+                ACCESS_KEY,
+                SECRET_KEY,
+                None,
+                None,
+                "cin-bench",
             ))
             .load()
             .await;

@@ -56,9 +56,9 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn size_label(bytes: u64) -> String {
-    if bytes >= 1024 * MIB && bytes % (1024 * MIB) == 0 {
+    if bytes >= 1024 * MIB && bytes & (1024 * MIB - 1) == 0 {
         format!("{} GiB", bytes / (1024 * MIB))
-    } else if bytes >= MIB && bytes % MIB == 0 {
+    } else if bytes >= MIB && bytes & (MIB - 1) == 0 {
         format!("{} MiB", bytes / MIB)
     } else {
         format!("{} KiB", bytes / KIB)
@@ -110,7 +110,10 @@ impl Ctx {
             rate,
             Some(Row::new(
                 "limit",
-                format!("write+fsync {} (8 MiB blocks, one fsync)", size_label(self.big())),
+                format!(
+                    "write+fsync {} (8 MiB blocks, one fsync)",
+                    size_label(self.big())
+                ),
                 rate / 1e6,
                 "MB/s",
             )),
@@ -262,8 +265,13 @@ pub async fn limit(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         "MB/s",
     ));
 
-    let (count, small, in_flight) = (ctx.args.count, ctx.args.small_size_kib * KIB, ctx.args.in_flight);
-    let (latencies, elapsed, failed) = post_many(ctx, &format!("{sink}/sink"), count, small, in_flight, false).await?;
+    let (count, small, in_flight) = (
+        ctx.args.count,
+        ctx.args.small_size_kib * KIB,
+        ctx.args.in_flight,
+    );
+    let (latencies, elapsed, failed) =
+        post_many(ctx, &format!("{sink}/sink"), count, small, in_flight, false).await?;
     if failed > 0 {
         bail!("{failed} requests to the sink failed");
     }
@@ -311,23 +319,45 @@ pub async fn single(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         len: size,
     });
     let began = Instant::now();
-    let report = upload(&ctx.uploader()?, &pop, source, "single.bin", StoreOptions::s3()).await?;
+    let report = upload(
+        &ctx.uploader()?,
+        &pop,
+        source,
+        "single.bin",
+        StoreOptions::s3(),
+    )
+    .await?;
     let elapsed = began.elapsed();
     pop.stop().await;
     let rate = size as f64 / elapsed.as_secs_f64();
     if report.failed_requests > 0 {
-        eprintln!("  single: {} requests failed and were retried", report.failed_requests);
+        eprintln!(
+            "  single: {} requests failed and were retried",
+            report.failed_requests
+        );
     }
     rows.push(
         Row::new(
             "single",
-            format!("one {} upload (cin-client, FII, 8 MiB parts)", size_label(size)),
+            format!(
+                "one {} upload (cin-client, FII, 8 MiB parts)",
+                size_label(size)
+            ),
             rate / 1e6,
             "MB/s",
         )
-        .with_target(">= 85 % of limit write+fsync", Goal::AtLeast(0.85), rate / disk),
+        .with_target(
+            ">= 85 % of limit write+fsync",
+            Goal::AtLeast(0.85),
+            rate / disk,
+        ),
     );
-    rows.push(Row::new("single", "ratio to limit write+fsync", 100.0 * rate / disk, "%"));
+    rows.push(Row::new(
+        "single",
+        "ratio to limit write+fsync",
+        100.0 * rate / disk,
+        "%",
+    ));
     Ok(rows)
 }
 
@@ -461,11 +491,7 @@ fn rss_row(scenario: &'static str, what: &str, pop: &Pop, limit_mib: Option<f64>
     };
     let row = Row::new(scenario, what, mib(peak), "MiB");
     Some(match limit_mib {
-        Some(limit) => row.with_target(
-            format!("< {limit:.0} MiB"),
-            Goal::AtMost(limit),
-            mib(peak),
-        ),
+        Some(limit) => row.with_target(format!("< {limit:.0} MiB"), Goal::AtMost(limit), mib(peak)),
         None => row,
     })
 }
@@ -508,24 +534,42 @@ pub async fn concurrent(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         }
     }
     let elapsed = began.elapsed();
-    let mut rows = vec![
-        Row::new(
-            "concurrent",
-            format!("{count} x {} at once: aggregate", size_label(size)),
-            mb_per_s(latencies.len() as u64 * size, elapsed),
-            "MB/s",
-        ),
-    ];
+    let mut rows = vec![Row::new(
+        "concurrent",
+        format!("{count} x {} at once: aggregate", size_label(size)),
+        mb_per_s(latencies.len() as u64 * size, elapsed),
+        "MB/s",
+    )];
     latencies.sort_by(f64::total_cmp);
-    rows.push(Row::new("concurrent", "per-upload latency p50", percentile(&latencies, 50.0), "ms"));
-    rows.push(Row::new("concurrent", "per-upload latency p99", percentile(&latencies, 99.0), "ms"));
+    rows.push(Row::new(
+        "concurrent",
+        "per-upload latency p50",
+        percentile(&latencies, 50.0),
+        "ms",
+    ));
+    rows.push(Row::new(
+        "concurrent",
+        "per-upload latency p99",
+        percentile(&latencies, 99.0),
+        "ms",
+    ));
     if failed > 0 {
         rows.push(Row::new("concurrent", "failed uploads", failed as f64, ""));
     }
     if let Some(base) = baseline {
-        rows.push(Row::new("concurrent", "POP RSS before the uploads", mib(base), "MiB"));
+        rows.push(Row::new(
+            "concurrent",
+            "POP RSS before the uploads",
+            mib(base),
+            "MiB",
+        ));
     }
-    rows.extend(rss_row("concurrent", "POP peak RSS (VmHWM)", &pop, Some(256.0)));
+    rows.extend(rss_row(
+        "concurrent",
+        "POP peak RSS (VmHWM)",
+        &pop,
+        Some(256.0),
+    ));
     pop.stop().await;
     Ok(rows)
 }
@@ -535,17 +579,20 @@ pub async fn concurrent(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
 pub async fn memory(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     sync_disks();
     let pop = ctx.pop(true, None).await?;
-    let size = ctx
-        .args
-        .memory_size_mib
-        .unwrap_or(4 * ctx.args.size_mib)
-        * MIB;
+    let size = ctx.args.memory_size_mib.unwrap_or(4 * ctx.args.size_mib) * MIB;
     let source = Arc::new(PatternSource {
         pattern: ctx.pattern.clone(),
         len: size,
     });
     let began = Instant::now();
-    let report = upload(&ctx.uploader()?, &pop, source, "memory.bin", StoreOptions::s3()).await?;
+    let report = upload(
+        &ctx.uploader()?,
+        &pop,
+        source,
+        "memory.bin",
+        StoreOptions::s3(),
+    )
+    .await?;
     let elapsed = began.elapsed();
     let mut rows = vec![Row::new(
         "memory",
@@ -555,7 +602,10 @@ pub async fn memory(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     )];
     rows.extend(rss_row(
         "memory",
-        &format!("POP peak RSS (VmHWM) during the {} upload", size_label(size)),
+        &format!(
+            "POP peak RSS (VmHWM) during the {} upload",
+            size_label(size)
+        ),
         &pop,
         Some(64.0),
     ));
@@ -613,7 +663,10 @@ async fn post_many(
                     let good = resp.status().is_success();
                     let text = resp.text().await.unwrap_or_default();
                     if !good {
-                        eprintln!("  POST failed: {}", text.chars().take(200).collect::<String>());
+                        eprintln!(
+                            "  POST failed: {}",
+                            text.chars().take(200).collect::<String>()
+                        );
                     }
                     good
                 }
@@ -662,8 +715,18 @@ pub async fn small(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         "uploads/s",
     )
     .with_target(">= 5,000 uploads/s", Goal::AtLeast(5000.0), rate)];
-    rows.push(Row::new("small", "latency p50", percentile(&latencies, 50.0), "ms"));
-    rows.push(Row::new("small", "latency p99", percentile(&latencies, 99.0), "ms"));
+    rows.push(Row::new(
+        "small",
+        "latency p50",
+        percentile(&latencies, 50.0),
+        "ms",
+    ));
+    rows.push(Row::new(
+        "small",
+        "latency p99",
+        percentile(&latencies, 99.0),
+        "ms",
+    ));
     if failed > 0 {
         rows.push(Row::new("small", "failed uploads", failed as f64, ""));
     }
@@ -687,7 +750,10 @@ pub async fn replicate(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         .await
         .context("CreateBucket")?;
     let size = ctx.big();
-    let (part_size, concurrency) = (ctx.args.replicate_part_mib * MIB, ctx.args.replicate_concurrency);
+    let (part_size, concurrency) = (
+        ctx.args.replicate_part_mib * MIB,
+        ctx.args.replicate_concurrency,
+    );
     let file = ctx.work.join("replicate.bin");
     ctx.pattern.write_file(&file, size)?;
     sync_disks();
@@ -748,8 +814,17 @@ pub async fn replicate(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
             pop_rate,
             "MB/s",
         )
-        .with_target(">= 80 % of SDK direct", Goal::AtLeast(0.8), pop_rate / direct_rate),
-        Row::new("replicate", "ratio to SDK direct", 100.0 * pop_rate / direct_rate, "%"),
+        .with_target(
+            ">= 80 % of SDK direct",
+            Goal::AtLeast(0.8),
+            pop_rate / direct_rate,
+        ),
+        Row::new(
+            "replicate",
+            "ratio to SDK direct",
+            100.0 * pop_rate / direct_rate,
+            "%",
+        ),
         Row::new(
             "replicate",
             "complete -> Stored seen by polling",

@@ -53,10 +53,8 @@ impl Pattern {
 
     /// Writes `len` bytes of the pattern to `path` (not synced).
     pub fn write_file(&self, path: &Path, len: u64) -> std::io::Result<()> {
-        let mut file = std::io::BufWriter::with_capacity(
-            MAX_SLICE as usize,
-            std::fs::File::create(path)?,
-        );
+        let mut file =
+            std::io::BufWriter::with_capacity(MAX_SLICE as usize, std::fs::File::create(path)?);
         let mut at = 0;
         while at < len {
             let take = (len - at).min(MAX_SLICE);

@@ -120,7 +120,11 @@ impl SimPop {
     /// The file as the POP would serve it.
     pub fn file(&self) -> Vec<u8> {
         let stored = self.stored.lock().unwrap();
-        stored.values().flat_map(|(b, _)| b.clone()).collect()
+        let mut file = Vec::new();
+        for (bytes, _) in stored.values() {
+            file.extend_from_slice(bytes);
+        }
+        file
     }
 
     pub fn acked(&self, part: u32) -> RangeSet {
@@ -285,8 +289,14 @@ fn sizes(calls: &[Call], part: u32) -> Vec<u64> {
 async fn a_clean_link_delivers_every_byte_and_chunks_grow_to_the_part_size() {
     let clock = Arc::new(FakeClock::default());
     let pop = Arc::new(SimPop::new(clock.clone()));
-    let bytes = data(96 * MIB as usize + 12345);
-    let report = uploader(&pop, &clock, options())
+    // The default policy scaled down 8x (128 KiB start, 1 MiB parts) to keep the
+    // test quick: growth needs a dozen parts to reach the part size.
+    let mut opts = options();
+    opts.part_size = MIB;
+    opts.chunks.initial = 128 * KIB;
+    opts.chunks.ceiling = MIB;
+    let bytes = data(12 * MIB as usize + 12345);
+    let report = uploader(&pop, &clock, opts)
         .upload(job(&bytes, &["http://pop"]))
         .await
         .unwrap();
@@ -295,14 +305,17 @@ async fn a_clean_link_delivers_every_byte_and_chunks_grow_to_the_part_size() {
     assert_eq!(report.sent_bytes, bytes.len() as u64);
     assert_eq!(report.failed_requests, 0);
     assert_eq!(*pop.completed.lock().unwrap(), 1);
-    // Part 1: three chunks of 1 MiB, then 2 MiB, then 4 MiB (the part ends there).
-    assert_eq!(sizes(&pop.calls(), 1)[..4], [MIB, MIB, MIB, 2 * MIB]);
-    // Later parts start where the previous one ended, up to the 8 MiB part size.
-    assert!(pop.calls().iter().all(|c| c.size <= 8 * MIB));
+    // Part 1: three chunks at the start size, then twice that.
+    assert_eq!(
+        sizes(&pop.calls(), 1)[..4],
+        [128 * KIB, 128 * KIB, 128 * KIB, 256 * KIB]
+    );
+    // Later parts start where the previous one ended, up to the part size.
+    assert!(pop.calls().iter().all(|c| c.size <= MIB));
     assert!(
-        pop.calls().iter().any(|c| c.size == 8 * MIB),
+        pop.calls().iter().any(|c| c.size == MIB),
         "{:?}",
-        sizes(&pop.calls(), 3)
+        pop.calls()
     );
 }
 
@@ -485,7 +498,7 @@ async fn server_errors_are_retried_and_shrink() {
 async fn several_parts_go_at_once_within_the_limit() {
     let clock = Arc::new(FakeClock::default());
     let pop = Arc::new(SimPop::new(clock.clone()));
-    let bytes = data(64 * MIB as usize);
+    let bytes = data(32 * MIB as usize);
     let mut opts = options();
     opts.concurrency.max = 4;
     uploader(&pop, &clock, opts)
@@ -617,7 +630,7 @@ async fn random_request_failures_do_not_drive_chunks_to_the_floor() {
     let pop = Arc::new(
         SimPop::new(clock.clone()).script(move |_, _| rng.gen_bool(0.3).then_some(Fault::Reset)),
     );
-    let bytes = data(64 * MIB as usize);
+    let bytes = data(32 * MIB as usize);
     uploader(&pop, &clock, options())
         .upload(job(&bytes, &["http://pop"]))
         .await

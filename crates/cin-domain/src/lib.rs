@@ -13,6 +13,6 @@ pub use ids::{Handle, PartNumber, UploadId};
 pub use ranges::RangeSet;
 pub use record::{
     CompletedPart, FileRecord, FileStatus, MultipartCheckpoint, PartRecord, ReplicationJob,
-    Segment, TusConcat, TusState, UploadMode,
+    Segment, TusConcat, TusState, UploadMode, WebhookDelivery,
 };
 pub use store::{sanitize_filename, StoreOptions};

@@ -148,6 +148,9 @@ pub struct ReplicationJob {
     pub last_error: Option<String>,
     /// Progress of a multipart upload to final storage, so a restart resumes it.
     pub checkpoint: Option<MultipartCheckpoint>,
+    /// The `replication_failing` webhook went out for this job.
+    #[serde(default)]
+    pub failing_reported: bool,
 }
 
 impl ReplicationJob {
@@ -158,8 +161,26 @@ impl ReplicationJob {
             not_before_ms: 0,
             last_error: None,
             checkpoint: None,
+            failing_reported: false,
         }
     }
+}
+
+/// A status change to POST to an app's webhook URL. Kept in the metadata store
+/// until the receiver answered 2xx (at least once, in order per handle and URL).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    /// Position in the queue; deliveries for one handle and URL go in this order.
+    pub seq: u64,
+    pub url: String,
+    /// The app whose secret signs the body.
+    pub app: String,
+    pub handle: Handle,
+    /// The JSON body, exactly as signed and sent.
+    pub body: String,
+    pub attempts: u32,
+    pub not_before_ms: u64,
+    pub last_error: Option<String>,
 }
 
 /// A multipart upload to final storage in progress.

@@ -29,6 +29,7 @@ use crate::replicator::Replicator;
 use crate::routes;
 use crate::signing::UrlSigner;
 use crate::upload::{UploadLimits, UploadParts, Uploads};
+use crate::webhooks::Webhooks;
 
 /// Everything request handlers share.
 pub struct AppState {
@@ -53,6 +54,7 @@ struct Node {
     state: SharedState,
     meta: Arc<dyn MetadataStore>,
     replicator: Arc<Replicator>,
+    webhooks: Arc<Webhooks>,
 }
 
 async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
@@ -86,6 +88,13 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     if apps.is_open() {
         tracing::warn!("no [apps] configured: this POP accepts uploads with any API key");
     }
+    let webhooks = Arc::new(Webhooks::new(
+        meta.clone(),
+        apps.clone(),
+        public_url.clone(),
+        config.server.pop_id.clone(),
+        config.webhooks.clone(),
+    ));
     let disk = Arc::new(Disk::new(
         data_dir.clone(),
         config.disk.min_free_bytes,
@@ -99,6 +108,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             disk: disk.clone(),
             events: events.clone(),
             apps: apps.clone(),
+            webhooks: webhooks.clone(),
             replication_wakeup: wakeup.clone(),
         },
         UploadLimits {
@@ -114,6 +124,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         wakeup,
         config.replicator.clone(),
         events.clone(),
+        webhooks.clone(),
     ));
     let state = Arc::new(AppState {
         config,
@@ -131,6 +142,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         state,
         meta,
         replicator,
+        webhooks,
     })
 }
 
@@ -279,7 +291,8 @@ pub async fn run(
         node.state.destinations.clone(),
         workers_stopped.clone(),
     ));
-    tokio::spawn(sweep_expired(node.state.clone(), workers_stopped));
+    tokio::spawn(sweep_expired(node.state.clone(), workers_stopped.clone()));
+    let webhooks = tokio::spawn(node.webhooks.clone().run(workers_stopped));
 
     let (signal_tx, mut signal_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -304,6 +317,7 @@ pub async fn run(
     }
     let _ = stop_workers.send(true);
     let _ = replicator.await;
+    let _ = webhooks.await;
     node.meta.flush().await?;
     tracing::info!("stopped");
     Ok(())

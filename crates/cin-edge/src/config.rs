@@ -17,6 +17,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub replicator: ReplicatorConfig,
     pub disk: DiskConfig,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     /// Apps by name. With none, the POP is open: any API key is accepted.
     pub apps: BTreeMap<String, AppConfig>,
@@ -38,6 +39,30 @@ pub struct AppConfig {
     pub require_security: bool,
     /// URLs that receive this app's file status changes as signed JSON POSTs.
     pub webhooks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// First retry delay of a failed delivery, in milliseconds; doubles per attempt.
+    pub retry_base_ms: u64,
+    /// Longest delay between delivery attempts, in milliseconds.
+    pub retry_cap_ms: u64,
+    /// Seconds a receiver gets to answer.
+    pub timeout_secs: u64,
+    /// A `replication_failing` event is sent once a file has failed to replicate for this many seconds.
+    pub replication_failing_after_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            retry_base_ms: 1000,
+            retry_cap_ms: 300_000,
+            timeout_secs: 10,
+            replication_failing_after_secs: 600,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub mod routes;
 pub mod signing;
 pub mod telemetry;
 pub mod upload;
+pub mod webhooks;
 
 pub use app::run;
 pub use config::Config;

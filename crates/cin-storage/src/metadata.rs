@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use cin_domain::{FileRecord, Handle, PartNumber, PartRecord, ReplicationJob, UploadId};
+use cin_domain::{
+    FileRecord, Handle, PartNumber, PartRecord, ReplicationJob, UploadId, WebhookDelivery,
+};
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,6 +55,13 @@ pub trait MetadataStore: Send + Sync {
     fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError>;
     fn jobs(&self) -> Result<Vec<ReplicationJob>, StorageError>;
 
+    /// Adds deliveries at the end of the webhook queue, numbering them.
+    fn enqueue_webhooks(&self, deliveries: Vec<WebhookDelivery>) -> Result<(), StorageError>;
+    /// The webhook queue in order.
+    fn webhooks(&self) -> Result<Vec<WebhookDelivery>, StorageError>;
+    fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<(), StorageError>;
+    fn remove_webhook(&self, seq: u64) -> Result<(), StorageError>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>>;
 
@@ -70,6 +79,7 @@ pub struct SledMetadataStore {
     uploads: sled::Tree,
     parts: sled::Tree,
     jobs: sled::Tree,
+    webhooks: sled::Tree,
 }
 
 impl SledMetadataStore {
@@ -83,6 +93,7 @@ impl SledMetadataStore {
             uploads: db.open_tree("uploads")?,
             parts: db.open_tree("parts")?,
             jobs: db.open_tree("jobs")?,
+            webhooks: db.open_tree("webhooks")?,
             db,
         })
     }
@@ -259,6 +270,36 @@ impl MetadataStore for SledMetadataStore {
                 decode(&k, &v)
             })
             .collect()
+    }
+
+    fn enqueue_webhooks(&self, deliveries: Vec<WebhookDelivery>) -> Result<(), StorageError> {
+        for mut delivery in deliveries {
+            // Monotonic across restarts, so the key order is the delivery order.
+            delivery.seq = self.db.generate_id()?;
+            self.put_webhook(&delivery)?;
+        }
+        Ok(())
+    }
+
+    fn webhooks(&self) -> Result<Vec<WebhookDelivery>, StorageError> {
+        self.webhooks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<(), StorageError> {
+        self.webhooks
+            .insert(delivery.seq.to_be_bytes(), encode(delivery))?;
+        Ok(())
+    }
+
+    fn remove_webhook(&self, seq: u64) -> Result<(), StorageError> {
+        self.webhooks.remove(seq.to_be_bytes())?;
+        Ok(())
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {

@@ -20,6 +20,7 @@ use crate::destinations::Destinations;
 use crate::events::StatusEvents;
 use crate::observability::names;
 use crate::upload::now_ms;
+use crate::webhooks::Webhooks;
 
 /// Longest idle wait before the job list is looked at again.
 const IDLE_POLL: Duration = Duration::from_secs(30);
@@ -32,6 +33,7 @@ pub struct Replicator {
     config: ReplicatorConfig,
     in_flight: Mutex<HashSet<Handle>>,
     events: Arc<StatusEvents>,
+    webhooks: Arc<Webhooks>,
 }
 
 impl Replicator {
@@ -42,6 +44,7 @@ impl Replicator {
         wakeup: Arc<Notify>,
         config: ReplicatorConfig,
         events: Arc<StatusEvents>,
+        webhooks: Arc<Webhooks>,
     ) -> Self {
         Replicator {
             meta,
@@ -51,6 +54,7 @@ impl Replicator {
             config,
             in_flight: Mutex::new(HashSet::new()),
             events,
+            webhooks,
         }
     }
 
@@ -179,6 +183,7 @@ impl Replicator {
                 file.stored_at_ms = Some(now_ms());
                 file.sha256 = Some(outcome.sha256);
                 file.last_error = None;
+                self.webhooks.enqueue(&file, "Stored")?;
                 self.meta.put_file(&file, JobChange::Remove)?;
                 self.meta.flush().await?;
                 self.events.publish(&file.handle, FileStatus::Stored);
@@ -200,6 +205,13 @@ impl Replicator {
                 job.not_before_ms = now_ms() + delay.as_millis() as u64;
                 job.last_error = Some(error.clone());
                 file.last_error = Some(error.clone());
+                let failing_for = now_ms().saturating_sub(file.completed_at_ms.unwrap_or(0));
+                if !job.failing_reported
+                    && failing_for >= self.webhooks.replication_failing_after().as_millis() as u64
+                {
+                    self.webhooks.enqueue(&file, "replication_failing")?;
+                    job.failing_reported = true;
+                }
                 self.meta.put_file(&file, JobChange::Upsert(job.clone()))?;
                 self.meta.flush().await?;
                 tracing::warn!(

@@ -58,6 +58,7 @@ impl Uploads {
             }
             current.expired_at_ms = Some(now);
             current.segments.clear();
+            self.webhooks.enqueue(&current, "expired")?;
             self.meta.remove_parts(&current.upload_id)?;
             self.meta.put_file(&current, JobChange::Remove)?;
             self.meta.flush().await?;

@@ -26,6 +26,7 @@ use crate::disk::Disk;
 use crate::error::ApiError;
 use crate::events::StatusEvents;
 use crate::observability::names;
+use crate::webhooks::Webhooks;
 use assessment::Assessment;
 use locks::KeyedLocks;
 pub use tus::{Appended, DeclaredChecksum};
@@ -76,6 +77,7 @@ pub struct UploadParts {
     pub disk: Arc<Disk>,
     pub events: Arc<StatusEvents>,
     pub apps: Arc<Apps>,
+    pub webhooks: Arc<Webhooks>,
     /// Woken when a file is queued for replication.
     pub replication_wakeup: Arc<Notify>,
 }
@@ -99,6 +101,7 @@ pub struct Uploads {
     disk: Arc<Disk>,
     events: Arc<StatusEvents>,
     apps: Arc<Apps>,
+    webhooks: Arc<Webhooks>,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -117,6 +120,7 @@ impl Uploads {
             disk: parts.disk,
             events: parts.events,
             apps: parts.apps,
+            webhooks: parts.webhooks,
         }
     }
 
@@ -507,6 +511,7 @@ impl Uploads {
     async fn finish(&self, file: &mut FileRecord) -> Result<(), ApiError> {
         file.status = FileStatus::InTransit;
         file.completed_at_ms = Some(now_ms());
+        self.webhooks.enqueue(file, "InTransit")?;
         self.meta.put_file(
             file,
             JobChange::Upsert(ReplicationJob::new(file.handle.clone())),

@@ -1,0 +1,207 @@
+//! `cin-bench`: a CIN edge POP against this machine's own ceilings, scenario by
+//! scenario. Run by hand (not part of the test suite); see BENCHMARKS.md.
+//!
+//! ```text
+//! cargo build --release -p cin-bench -p cin-edge
+//! target/release/cin-bench                      # every scenario, full sizes
+//! target/release/cin-bench single small --size-mib 64 --count 1000 --json
+//! ```
+
+mod pop;
+mod report;
+mod s3;
+mod scenarios;
+mod source;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::json;
+
+use report::Row;
+use scenarios::Ctx;
+
+const SCENARIOS: [&str; 7] = [
+    "limit",
+    "single",
+    "complete-latency",
+    "concurrent",
+    "memory",
+    "small",
+    "replicate",
+];
+
+/// Benchmarks a CIN edge POP (started in-process on a temporary data directory
+/// unless --target) against this machine's own write+fsync and loopback ceilings.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// Scenarios to run, in order: limit, single, complete-latency, concurrent,
+    /// memory, small, replicate, or all.
+    #[arg(default_value = "all")]
+    scenarios: Vec<String>,
+
+    /// A running POP to measure instead of starting one (replicate cannot run so).
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// With --target: the POP's process id, to read its peak RSS.
+    #[arg(long, value_name = "PID")]
+    target_pid: Option<u32>,
+    /// Where the POP runs: auto (a child process for concurrent and memory, which
+    /// report its RSS; in this process otherwise), in-process, or child.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "in-process", "child"])]
+    pop: String,
+    /// The cin-edge binary for child POPs [default: beside cin-bench, else target/release, target/debug].
+    #[arg(long, value_name = "PATH")]
+    pop_bin: Option<PathBuf>,
+    /// The s3s-fs binary [default: $CIN_TEST_S3S_FS, else target/test-tools/bin/s3s-fs].
+    #[arg(long, value_name = "PATH")]
+    s3s_fs: Option<PathBuf>,
+    /// Directory for the temporary work directory (POP data, files, the disk ceiling):
+    /// put it on the filesystem to measure [default: the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// The API key sent with uploads.
+    #[arg(long, default_value = "cin-bench")]
+    apikey: String,
+
+    /// Big-file size: limit, single, replicate, and the largest complete-latency file.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// memory's file size [default: 4 x --size-mib].
+    #[arg(long)]
+    memory_size_mib: Option<u64>,
+    /// complete-latency's file sizes, comma-separated [default: 1,64,--size-mib].
+    #[arg(long, value_delimiter = ',')]
+    complete_sizes_mib: Option<Vec<u64>>,
+    /// complete-latency's uploads per size (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// small's number of uploads (and limit's loopback requests).
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// small's upload size.
+    #[arg(long, default_value_t = 16)]
+    small_size_kib: u64,
+    /// small's uploads in flight.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// concurrent's number of simultaneous uploads.
+    #[arg(long, default_value_t = 200)]
+    concurrent: u64,
+    /// concurrent's upload size.
+    #[arg(long, default_value_t = 4)]
+    concurrent_size_mib: u64,
+    /// replicate: multipart part size, for the POP's profile and the direct upload alike.
+    #[arg(long, default_value_t = 16)]
+    replicate_part_mib: u64,
+    /// replicate: parts in flight, for the POP's profile and the direct upload alike.
+    #[arg(long, default_value_t = 4)]
+    replicate_concurrency: usize,
+
+    /// Print the results as JSON on stdout (the table then goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        eprintln!("cin-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut selected = Vec::new();
+    for name in &args.scenarios {
+        match name.as_str() {
+            "all" => selected.extend(SCENARIOS),
+            other => match SCENARIOS.iter().find(|s| **s == other) {
+                Some(s) => selected.push(*s),
+                None => anyhow::bail!(
+                    "unknown scenario {other:?}; known: {} or all",
+                    SCENARIOS.join(", ")
+                ),
+            },
+        }
+    }
+    let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::Builder::new()
+        .prefix("cin-bench.")
+        .tempdir_in(&base)?;
+    let machine = report::machine(work.path());
+    eprintln!("machine: {machine}");
+    let settings = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "scenarios": selected,
+        "target": args.target,
+        "pop": args.pop,
+        "size_mib": args.size_mib,
+        "memory_size_mib": args.memory_size_mib.unwrap_or(4 * args.size_mib),
+        "complete_sizes_mib": args.complete_sizes_mib,
+        "reps": args.reps,
+        "count": args.count,
+        "small_size_kib": args.small_size_kib,
+        "in_flight": args.in_flight,
+        "concurrent": args.concurrent,
+        "concurrent_size_mib": args.concurrent_size_mib,
+        "replicate_part_mib": args.replicate_part_mib,
+        "replicate_concurrency": args.replicate_concurrency,
+    });
+    let json_out = args.json;
+    let mut ctx = Ctx {
+        args,
+        work: work.path().to_owned(),
+        pattern: source::Pattern::new(0x00C1_4BE4),
+        http: scenarios::http_client()?,
+        disk_limit: None,
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for name in selected {
+        eprintln!("== {name}");
+        let began = Instant::now();
+        let result = match name {
+            "limit" => scenarios::limit(&mut ctx).await,
+            "single" => scenarios::single(&mut ctx).await,
+            "complete-latency" => scenarios::complete_latency(&mut ctx).await,
+            "concurrent" => scenarios::concurrent(&mut ctx).await,
+            "memory" => scenarios::memory(&mut ctx).await,
+            "small" => scenarios::small(&mut ctx).await,
+            "replicate" => scenarios::replicate(&mut ctx).await,
+            _ => unreachable!("checked above"),
+        };
+        match result {
+            Ok(new) => {
+                eprint!(
+                    "{}",
+                    report::table(&new)
+                        .lines()
+                        .skip(2)
+                        .map(|l| format!("  {l}\n"))
+                        .collect::<String>()
+                );
+                rows.extend(new);
+            }
+            Err(e) => {
+                eprintln!("  {name} failed: {e:#}");
+                rows.push(Row::new(name, format!("FAILED: {e:#}"), f64::NAN, ""));
+            }
+        }
+        eprintln!("  ({:.1} s)", began.elapsed().as_secs_f64());
+        scenarios::sync_disks();
+    }
+    let table = report::table(&rows);
+    if json_out {
+        eprintln!("\n{table}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(&rows, &machine, settings))?
+        );
+    } else {
+        println!("\n{table}");
+    }
+    Ok(())
+}
