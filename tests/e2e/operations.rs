@@ -217,3 +217,46 @@ async fn events_stream_shows_uploading_in_transit_stored() {
         .unwrap();
     assert_eq!(statuses, ["Uploading", "InTransit", "Stored"]);
 }
+
+#[tokio::test]
+async fn the_cache_evicts_least_recently_read_stored_copies() {
+    let app = spawn_app_with(|c| c.cache.max_bytes = 250_000).await;
+    let files: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(100_000, 100 + i)).collect();
+    let mut handles = Vec::new();
+    for (i, bytes) in files.iter().enumerate().take(2) {
+        let handle = app
+            .upload_regular(&format!("{i}.bin"), bytes, 100_000)
+            .await;
+        app.wait_status(&handle, "Stored", std::time::Duration::from_secs(20))
+            .await;
+        handles.push(handle);
+    }
+    // Reading the first makes the second the least recently used.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(app.download(&handles[0]).await, files[0]);
+    let third = app.upload_regular("2.bin", &files[2], 100_000).await;
+    app.wait_status(&third, "Stored", std::time::Duration::from_secs(20))
+        .await;
+    handles.push(third);
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.metadata(&handles[1]).await["local_copy"] == true {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was evicted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.metadata(&handles[0]).await["local_copy"], true);
+    assert_eq!(app.metadata(&handles[2]).await["local_copy"], true);
+    assert_eq!(
+        std::fs::read_dir(app.data_dir.join("parts"))
+            .unwrap()
+            .count(),
+        2
+    );
+    // The evicted file is still served, from final storage.
+    for (handle, bytes) in handles.iter().zip(&files) {
+        assert_eq!(&app.download(handle).await, bytes);
+    }
+}

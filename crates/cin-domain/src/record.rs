@@ -105,6 +105,9 @@ pub struct FileRecord {
     /// The app (API key) that uploaded the file; None on an open POP.
     #[serde(default)]
     pub app: Option<String>,
+    /// When the local copy was evicted from the cache (final storage serves it since).
+    #[serde(default)]
+    pub evicted_at_ms: Option<u64>,
 }
 
 impl FileRecord {

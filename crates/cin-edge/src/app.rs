@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::Apps;
+use crate::cache::LocalCache;
 use crate::config::Config;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub disk: Arc<Disk>,
     pub events: Arc<StatusEvents>,
     pub apps: Arc<Apps>,
+    pub cache: Arc<LocalCache>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -126,6 +128,11 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         events.clone(),
         webhooks.clone(),
     ));
+    let cache = Arc::new(LocalCache::new(
+        meta.clone(),
+        parts.clone(),
+        config.cache.max_bytes,
+    ));
     let state = Arc::new(AppState {
         config,
         public_url,
@@ -137,6 +144,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         disk,
         events,
         apps,
+        cache,
     });
     Ok(Node {
         state,
@@ -168,6 +176,26 @@ async fn probe_destinations(destinations: Arc<Destinations>, mut stop: watch::Re
         tokio::select! {
             _ = stop.changed() => {}
             _ = tokio::time::sleep(PROBE_INTERVAL) => destinations.probe_all().await,
+        }
+    }
+}
+
+/// Keeps the local cache within budget: periodically, and whenever a file is stored.
+async fn evict_cache(state: SharedState, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_secs(state.config.cache.evict_interval_secs.max(1));
+    let mut changes = state.events.subscribe();
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = stop.changed() => continue,
+            _ = tokio::time::sleep(interval) => {}
+            change = changes.recv() => {
+                if !matches!(change, Ok(c) if c.status == cin_domain::FileStatus::Stored) {
+                    continue;
+                }
+            }
+        }
+        if let Err(e) = state.cache.evict().await {
+            tracing::error!(error = %e, "cache eviction failed");
         }
     }
 }
@@ -292,6 +320,7 @@ pub async fn run(
         workers_stopped.clone(),
     ));
     tokio::spawn(sweep_expired(node.state.clone(), workers_stopped.clone()));
+    tokio::spawn(evict_cache(node.state.clone(), workers_stopped.clone()));
     let webhooks = tokio::spawn(node.webhooks.clone().run(workers_stopped));
 
     let (signal_tx, mut signal_rx) = watch::channel(false);

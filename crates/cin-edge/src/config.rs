@@ -17,6 +17,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub replicator: ReplicatorConfig,
     pub disk: DiskConfig,
+    pub cache: CacheConfig,
     pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     /// Apps by name. With none, the POP is open: any API key is accepted.
@@ -39,6 +40,25 @@ pub struct AppConfig {
     pub require_security: bool,
     /// URLs that receive this app's file status changes as signed JSON POSTs.
     pub webhooks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of local copies of stored files to keep for serving; the least recently
+    /// read are evicted beyond it (0 keeps every copy).
+    pub max_bytes: u64,
+    /// Seconds between eviction passes (one also runs after each file is stored).
+    pub evict_interval_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 100 * 1024 * 1024 * 1024,
+            evict_interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

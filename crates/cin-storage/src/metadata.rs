@@ -351,6 +351,7 @@ mod tests {
             expired_at_ms: None,
             tus: None,
             app: None,
+            evicted_at_ms: None,
         }
     }
 

@@ -83,6 +83,8 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         "path": file.key,
         "sha256": file.sha256,
         "pop": state.config.server.pop_id,
+        // Whether this POP still holds the bytes (evicted copies are read from final storage).
+        "local_copy": file.evicted_at_ms.is_none() && file.expired_at_ms.is_none(),
         "replication": {
             "attempts": file.replication_attempts,
             "last_error": file.last_error,
@@ -257,7 +259,9 @@ pub async fn serve(
     if method == Method::HEAD {
         return Ok((status, response_headers).into_response());
     }
-    let body = if state.parts.has_segments(&file.segments).await {
+    state.cache.touch(&file.handle);
+    let local = file.evicted_at_ms.is_none() && state.parts.has_segments(&file.segments).await;
+    let body = if local {
         Body::from_stream(state.parts.read_range(&file.segments, start, end))
     } else {
         // The local copy is gone (evicted after it was stored): read from final storage.

@@ -182,6 +182,7 @@ impl Uploads {
             expired_at_ms: None,
             tus: None,
             app: upload_app,
+            evicted_at_ms: None,
         })
     }
 
