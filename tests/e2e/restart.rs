@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::support::{random_bytes, sha256_hex, PopProcess, MIB};
@@ -157,4 +158,84 @@ async fn a_graceful_restart_keeps_uploads_resumable() {
     app.wait_status(&handle, "Stored", Duration::from_secs(20))
         .await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_upload_drains_and_loses_no_acknowledged_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = random_bytes(3 * MIB, 43);
+    let pop = PopProcess::start(dir.path());
+    let resp = pop
+        .http
+        .post(pop.url("/files/"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", bytes.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    let url = resp.headers()["location"].to_str().unwrap().to_owned();
+    let patch = |offset: usize, body: reqwest::Body| {
+        pop.http
+            .patch(&url)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        patch(0, bytes[..MIB].to_vec().into())
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    // A second chunk trickles in while the POP is told to stop.
+    let slow: Vec<Result<Vec<u8>, std::io::Error>> = bytes[MIB..2 * MIB]
+        .chunks(64 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let trickle = futures_util::stream::iter(slow).then(|c| async move {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        c
+    });
+    let in_flight = patch(MIB, reqwest::Body::wrap_stream(trickle));
+    let (answer, clean_exit) = tokio::join!(in_flight, async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::task::spawn_blocking(move || pop.terminate(Duration::from_secs(20)))
+            .await
+            .unwrap()
+    });
+    assert!(clean_exit, "SIGTERM ends the process with status 0");
+    assert_eq!(
+        answer.unwrap().status(),
+        204,
+        "the request in flight was allowed to finish"
+    );
+
+    let pop = PopProcess::start(dir.path());
+    // The restarted POP listens on another port.
+    let url = pop.url(&url[url.find("/files/").unwrap()..]);
+    let head = pop
+        .http
+        .head(&url)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["upload-offset"], (2 * MIB).to_string());
+    let resp = pop
+        .http
+        .patch(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", (2 * MIB).to_string())
+        .body(bytes[2 * MIB..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let handle = resp.headers()["cin-handle"].to_str().unwrap().to_owned();
+    assert_eq!(sha256_hex(&pop.download(&handle).await), sha256_hex(&bytes));
 }

@@ -3,6 +3,7 @@
 //! metadata store, so a restart picks up every pending one (and its checkpoint).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct Replicator {
     wakeup: Arc<Notify>,
     config: ReplicatorConfig,
     in_flight: Mutex<HashSet<Handle>>,
+    /// Set on shutdown: deliveries stop after their current part.
+    stopping: Arc<AtomicBool>,
     events: Arc<StatusEvents>,
     webhooks: Arc<Webhooks>,
 }
@@ -53,6 +56,7 @@ impl Replicator {
             wakeup,
             config,
             in_flight: Mutex::new(HashSet::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
             events,
             webhooks,
         }
@@ -74,6 +78,7 @@ impl Replicator {
                 Some(_) = running.join_next(), if !running.is_empty() => {}
             }
         }
+        self.stopping.store(true, Ordering::SeqCst);
         while running.join_next().await.is_some() {}
         tracing::info!("replicator stopped");
     }
@@ -148,6 +153,7 @@ impl Replicator {
                     size: file.size,
                 };
                 let journal = JobJournal {
+                    stopping: self.stopping.clone(),
                     meta: self.meta.clone(),
                     handle: job.handle.clone(),
                     resume_from: job.checkpoint.clone(),
@@ -249,6 +255,7 @@ pub fn backoff(config: &ReplicatorConfig, attempts: u32) -> Duration {
 
 /// Saves a final store's multipart progress into the file's replication job.
 struct JobJournal {
+    stopping: Arc<AtomicBool>,
     meta: Arc<dyn MetadataStore>,
     handle: Handle,
     resume_from: Option<MultipartCheckpoint>,
@@ -268,6 +275,10 @@ impl PutJournal for JobJournal {
         job.checkpoint = checkpoint;
         self.meta.put_job(&job)?;
         self.meta.flush().await
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 }
 

@@ -46,6 +46,11 @@ pub trait PutJournal: Send + Sync {
     fn resume(&self) -> Option<MultipartCheckpoint>;
     /// Persists progress; `None` clears it. Must be durable before returning.
     async fn record(&self, checkpoint: Option<MultipartCheckpoint>) -> Result<(), StorageError>;
+    /// True when the caller is shutting down: a multipart put stops before its next
+    /// part (its progress is journaled) and returns `Unreachable`.
+    fn should_stop(&self) -> bool {
+        false
+    }
 }
 
 /// A journal that keeps nothing, for stores that write in one step.

@@ -209,6 +209,16 @@ impl S3Store {
                 done.push(part.clone());
                 continue;
             }
+            if journal.should_stop() {
+                // Parts already sent are journaled; the next attempt resumes after them.
+                while let Some(result) = in_flight.next().await {
+                    done.push(result?);
+                    self.save_progress(journal, checkpoint, &done).await?;
+                }
+                return Err(FinalStoreError::Unreachable(
+                    "stopping: this POP is shutting down".into(),
+                ));
+            }
             while in_flight.len() >= self.settings.concurrency {
                 if let Some(result) = in_flight.next().await {
                     done.push(result?);
