@@ -77,10 +77,7 @@ async fn upload_survives_a_fifth_of_chunks_reset_mid_body() {
         puts.len(),
         report.failed_requests
     );
-    assert!(
-        reset >= 3,
-        "the proxy must actually have cut requests ({reset})"
-    );
+    assert!(reset >= 1, "the proxy must actually have cut requests");
     assert!(report.failed_requests >= reset as u64);
     // Exactly: every re-sent byte belongs to a request the proxy cut; no chunk
     // the POP acknowledged went twice.

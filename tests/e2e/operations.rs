@@ -260,3 +260,45 @@ async fn the_cache_evicts_least_recently_read_stored_copies() {
         assert_eq!(&app.download(handle).await, bytes);
     }
 }
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let app = spawn_app().await;
+    let resp = app.http.get(app.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let doc: Value = resp.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let expected = [
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+        ("/multipart/start", "post"),
+        ("/multipart/upload", "post"),
+        ("/upload/{upload_id}/{part}", "put"),
+        ("/multipart/commit", "post"),
+        ("/multipart/complete", "post"),
+        ("/api/store/{location}", "post"),
+        ("/api/file/{handle}/metadata", "get"),
+        ("/{handle}/metadata", "get"),
+        ("/{handle}/events", "get"),
+        ("/{handle}", "get"),
+        ("/files/", "options"),
+        ("/files/", "post"),
+        ("/files/{id}", "head"),
+        ("/files/{id}", "patch"),
+        ("/files/{id}", "delete"),
+    ];
+    for (path, method) in expected {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    assert_eq!(
+        paths.len(),
+        16,
+        "a route was added without documenting it, or the other way round"
+    );
+}

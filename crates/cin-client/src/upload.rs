@@ -179,6 +179,9 @@ struct Shared {
     source: Arc<dyn ByteSource>,
     session: Session,
     checkpoint: Option<Checkpoint>,
+    /// A failed state write fails the upload (--resume asked for it) or only warns.
+    strict_checkpoint: bool,
+    warned_checkpoint: std::sync::atomic::AtomicBool,
     counters: Counters,
     /// The POP's latest chunk size hint.
     hint: Mutex<Option<u64>>,
@@ -188,6 +191,20 @@ struct Shared {
     /// starts there (its own copy), so growth carries across short parts.
     handoff: Mutex<Option<(ChunkSizer, Option<f64>)>>,
     seeds: Mutex<StdRng>,
+}
+
+impl Shared {
+    fn recorded(&self, result: Result<(), ClientError>) -> Result<(), ClientError> {
+        match result {
+            Err(e) if !self.strict_checkpoint => {
+                if !self.warned_checkpoint.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("upload state not recorded, --resume may re-send: {e}");
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
 }
 
 struct PartJob {
@@ -377,8 +394,20 @@ impl Uploader {
                 acked: progress.acked,
             });
         }
+        // Recording is what --resume relies on; otherwise it is a courtesy for a
+        // later --resume and must not fail the upload (say, a read-only cache dir).
+        let strict = job.resume.as_ref().is_some_and(|plan| plan.resume);
         let checkpoint = match &job.resume {
-            Some(_) => Some(Checkpoint::create(state_path, state.clone()).await?),
+            Some(_) => match Checkpoint::create(state_path, state.clone()).await {
+                Ok(checkpoint) => Some(checkpoint),
+                Err(e) if !strict => {
+                    tracing::warn!(
+                        "not recording upload state (a later --resume cannot continue it): {e}"
+                    );
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let seed = self
@@ -397,6 +426,8 @@ impl Uploader {
                 url: state.url.clone(),
             },
             checkpoint,
+            strict_checkpoint: strict,
+            warned_checkpoint: std::sync::atomic::AtomicBool::new(false),
             counters: Counters {
                 acked: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
@@ -430,7 +461,7 @@ impl Uploader {
         })
         .await?;
         if let Some(checkpoint) = &shared.checkpoint {
-            checkpoint.remove().await?;
+            shared.recorded(checkpoint.remove().await)?;
         }
         let elapsed = self.clock.now().saturating_sub(began);
         Ok(UploadReport {
@@ -539,9 +570,11 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 sizer.on_success(ack.size_hint);
                 job.acked.insert(gap_start, gap_start + size);
                 if let Some(checkpoint) = &shared.checkpoint {
-                    checkpoint
-                        .acked(job.number, gap_start, gap_start + size)
-                        .await?;
+                    shared.recorded(
+                        checkpoint
+                            .acked(job.number, gap_start, gap_start + size)
+                            .await,
+                    )?;
                 }
                 shared.counters.acked.fetch_add(size, Ordering::Relaxed);
                 shared.observer.acked(size);
@@ -606,7 +639,7 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
     })
     .await?;
     if let Some(checkpoint) = &shared.checkpoint {
-        checkpoint.committed(job.number).await?;
+        shared.recorded(checkpoint.committed(job.number).await)?;
     }
     *lock(&shared.handoff) = Some((sizer, throughput.rate()));
     Ok(())

@@ -46,6 +46,7 @@ impl PolicyQuery {
     }
 }
 
+#[utoipa::path(get, path = "/{handle}/metadata", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "handle, filename, mimetype, size, uploaded, status (Uploading | InTransit | Stored), location, container, key, sha256, replication"), (status = 404, description = "Unknown or expired handle")))]
 pub async fn metadata(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
@@ -59,6 +60,16 @@ pub async fn metadata(
         file.handle.as_str(),
     )?;
     Ok(Json(metadata_json(&state, &file)))
+}
+
+/// The same as `/{handle}/metadata`, at Filestack's API path.
+#[utoipa::path(get, path = "/api/file/{handle}/metadata", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "As /{handle}/metadata"), (status = 404, description = "Unknown or expired handle")))]
+pub async fn api_metadata(
+    state: State<SharedState>,
+    handle: Path<String>,
+    query: Query<PolicyQuery>,
+) -> Result<Json<Value>, ApiError> {
+    metadata(state, handle, query).await
 }
 
 pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
@@ -181,6 +192,7 @@ fn disposition(filename: &str) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("inline"))
 }
 
+#[utoipa::path(get, path = "/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
 pub async fn serve(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
@@ -284,6 +296,7 @@ pub async fn serve(
 }
 
 /// Server-Sent Events: the file's current status, then every change, until `Stored`.
+#[utoipa::path(get, path = "/{handle}/events", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "text/event-stream of status events until Stored", content_type = "text/event-stream")))]
 pub async fn events(
     State(state): State<SharedState>,
     Path(handle): Path<String>,

@@ -14,6 +14,7 @@ use crate::observability::{metrics_handle, names};
 use crate::upload::now_ms;
 
 /// The process is up and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process serves HTTP")))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -22,6 +23,7 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Ready to take uploads: the metadata store is writable, the disk is above its
 /// watermark, and the default final store answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "Ready: metadata store writable, disk above the watermark, default final store reachable"), (status = 503, description = "Not ready, with the reasons")))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let mut failures = Vec::new();
     if let Err(e) = state.uploads.check_metadata_writable().await {
@@ -51,6 +53,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 }
 
 /// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let Some(handle) = metrics_handle() else {
         return (

@@ -3,6 +3,7 @@
 mod files;
 mod health;
 mod multipart;
+mod openapi;
 mod store_api;
 pub mod tus;
 
@@ -31,7 +32,8 @@ pub fn router() -> Router<SharedState> {
                 .delete(tus::terminate)
                 .options(tus::options),
         )
-        .route("/api/file/{handle}/metadata", get(files::metadata))
+        .route("/api/file/{handle}/metadata", get(files::api_metadata))
+        .route("/openapi.json", get(openapi::document))
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}/events", get(files::events))
         .route("/{handle}", get(files::serve))

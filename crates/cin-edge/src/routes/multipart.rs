@@ -18,7 +18,7 @@ use crate::input::{lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, Json
 use crate::signing::{now_unix, ChunkGrant};
 use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct StartRequest {
     #[serde(default)]
     pub filename: String,
@@ -27,6 +27,7 @@ pub struct StartRequest {
     #[serde(deserialize_with = "lenient_u64")]
     pub size: u64,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub store: StoreOptions,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub fii: bool,
@@ -38,6 +39,7 @@ pub struct StartRequest {
     pub signature: Option<String>,
 }
 
+#[utoipa::path(post, path = "/multipart/start", tag = "multipart", request_body(content = StartRequest, description = "JSON or form fields"), responses((status = 200, description = "uri, region, upload_id, location_url, upload_type, handle, url"), (status = 400, description = "Bad input"), (status = 401, description = "API key or policy missing"), (status = 403, description = "Key, policy or container refused"), (status = 413, description = "Too large"), (status = 507, description = "Disk below its watermark")))]
 pub async fn start(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<StartRequest>,
@@ -90,8 +92,9 @@ pub async fn start(
     Ok(Json(answer))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct UploadRequest {
+    #[schema(value_type = String)]
     pub upload_id: UploadId,
     #[serde(deserialize_with = "lenient_i64")]
     pub part: i64,
@@ -103,6 +106,7 @@ pub struct UploadRequest {
     pub offset: Option<u64>,
 }
 
+#[utoipa::path(post, path = "/multipart/upload", tag = "multipart", request_body(content = UploadRequest, description = "JSON or form fields"), responses((status = 200, description = "url (signed PUT URL), headers, location_url, chunk_size_hint"), (status = 400, description = "Bad part number or chunk out of range"), (status = 404, description = "Unknown upload")))]
 pub async fn upload(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<UploadRequest>,
@@ -161,6 +165,7 @@ pub struct ChunkQuery {
     signature: String,
 }
 
+#[utoipa::path(put, path = "/upload/{upload_id}/{part}", tag = "multipart", params(("upload_id" = String, Path, description = "Upload id"), ("part" = u32, Path, description = "Part number, 1-based"), ("offset" = u64, Query, description = "Offset inside the part"), ("size" = u64, Query, description = "Chunk size"), ("md5" = String, Query, description = "Declared base64 MD5"), ("expires" = u64, Query, description = "Unix expiry of the URL"), ("signature" = String, Query, description = "The POP's signature")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, description = "Durable: ETag is the chunk's MD5; Cin-Chunk-Size-Hint"), (status = 400, description = "MD5 mismatch, truncated or overlong body"), (status = 403, description = "Unsigned, altered or expired URL"), (status = 409, description = "Different bytes over acknowledged ones")))]
 pub async fn put_chunk(
     State(state): State<SharedState>,
     Path((upload_id, part)): Path<(String, String)>,
@@ -238,13 +243,15 @@ pub async fn put_chunk(
 /// Response header with the chunk size (bytes) the POP suggests for this upload.
 pub const CHUNK_SIZE_HINT: &str = "cin-chunk-size-hint";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CommitRequest {
+    #[schema(value_type = String)]
     pub upload_id: UploadId,
     #[serde(deserialize_with = "lenient_i64")]
     pub part: i64,
 }
 
+#[utoipa::path(post, path = "/multipart/commit", tag = "multipart", request_body(content = CommitRequest, description = "JSON or form fields"), responses((status = 200, description = "The part is whole"), (status = 400, description = "The part has gaps")))]
 pub async fn commit(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<CommitRequest>,
@@ -254,13 +261,16 @@ pub async fn commit(
     Ok(Json(json!({ "part": part.get(), "size": size })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CompleteRequest {
+    #[schema(value_type = String)]
     pub upload_id: UploadId,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub parts: Option<Value>,
 }
 
+#[utoipa::path(post, path = "/multipart/complete", tag = "multipart", request_body(content = CompleteRequest, description = "JSON or form fields"), responses((status = 200, description = "handle, url, filename, size, mimetype, status, container, key"), (status = 400, description = "Missing parts or size mismatch")))]
 pub async fn complete(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<CompleteRequest>,

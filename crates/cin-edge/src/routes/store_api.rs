@@ -40,6 +40,7 @@ pub struct StoreQuery {
 
 const FILE_FIELD: &str = "fileUpload";
 
+#[utoipa::path(post, path = "/api/store/{location}", tag = "uploads", params(("location" = String, Path, description = "Storage kind, e.g. s3"), ("key" = Option<String>, Query, description = "API key"), ("filename" = Option<String>, Query), ("mimetype" = Option<String>, Query), ("path" = Option<String>, Query), ("container" = Option<String>, Query), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), request_body(content = Vec<u8>, description = "Raw bytes, or multipart/form-data with the field fileUpload"), responses((status = 200, description = "url, handle, size, type, filename, key, container, status"), (status = 413, description = "Too large"), (status = 507, description = "Disk below its watermark")))]
 pub async fn store(
     State(state): State<SharedState>,
     Path(location): Path<String>,

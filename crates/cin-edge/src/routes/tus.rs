@@ -269,6 +269,7 @@ fn with_file_headers(
     Ok(response)
 }
 
+#[utoipa::path(options, path = "/files/", tag = "tus", responses((status = 204, description = "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")))]
 pub async fn options(State(state): State<SharedState>) -> Response {
     TusResponse::new(StatusCode::NO_CONTENT)
         .header("tus-version", TUS_VERSION)
@@ -278,6 +279,7 @@ pub async fn options(State(state): State<SharedState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(post, path = "/files/", tag = "tus", responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 412, description = "Unsupported Tus-Resumable"), (status = 413, description = "Above Tus-Max-Size")))]
 pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
     if let Err(refused) = check_version(&headers) {
         return *refused;
@@ -422,6 +424,7 @@ fn parse_id(id: &str) -> Result<UploadId, ApiError> {
         .map_err(|_| ApiError::not_found("upload_not_found", format!("no upload has id {id:?}")))
 }
 
+#[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 200, description = "Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired upload")))]
 pub async fn head(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -463,6 +466,7 @@ pub async fn head(
     }
 }
 
+#[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 409, description = "Offset mismatch"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch")))]
 pub async fn patch(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -506,6 +510,7 @@ pub async fn patch(
     }
 }
 
+#[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 204, description = "Terminated"), (status = 404, description = "Unknown upload")))]
 pub async fn terminate(
     State(state): State<SharedState>,
     Path(id): Path<String>,
