@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::support::{random_bytes, sha256_hex, PopProcess, MIB};
 
@@ -77,32 +77,19 @@ async fn pending_replication_runs_after_a_restart() {
 
     let bytes = random_bytes(MIB + 1, 41);
     let pop = PopProcess::start(dir.path());
-    let resp = pop
-        .http
-        .post(pop.url("/api/store/s3?filename=a.bin"))
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let handle = resp.json::<Value>().await.unwrap()["handle"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let handle = pop
+        .store_raw("/api/store/s3?filename=a.bin", bytes.clone())
+        .await;
 
     // The failure is visible, the file stays InTransit and keeps serving.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let meta = loop {
-        let meta = pop.metadata(&handle).await;
-        if meta["replication"]["attempts"].as_u64().unwrap_or(0) >= 2 {
-            break meta;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no retries seen: {meta}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let meta = pop
+        .wait_metadata(
+            &handle,
+            Duration::from_secs(20),
+            "two failed attempts",
+            |m| m["replication"]["attempts"].as_u64().unwrap_or(0) >= 2,
+        )
+        .await;
     assert_eq!(meta["status"], "InTransit");
     assert!(
         meta["replication"]["last_error"]

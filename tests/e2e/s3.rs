@@ -147,18 +147,14 @@ async fn an_outage_delays_replication_and_loses_nothing() {
 
     let bytes = random_bytes(7 * MIB, 73);
     let handle = upload_to_bucket(&app, "during-outage.bin", &bytes).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let meta = loop {
-        let meta = app.metadata(&handle).await;
-        if meta["replication"]["attempts"].as_u64().unwrap_or(0) >= 2 {
-            break meta;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no failed attempts seen: {meta}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let meta = app
+        .wait_metadata(
+            &handle,
+            Duration::from_secs(60),
+            "two failed attempts",
+            |m| m["replication"]["attempts"].as_u64().unwrap_or(0) >= 2,
+        )
+        .await;
     assert_eq!(meta["status"], "InTransit");
     assert!(
         meta["replication"]["last_error"]

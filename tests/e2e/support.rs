@@ -182,18 +182,44 @@ impl Pop {
 
     /// Polls metadata until `status` is reached (or panics after `timeout`).
     pub async fn wait_status(&self, handle: &str, status: &str, timeout: Duration) -> Value {
+        self.wait_metadata(handle, timeout, status, |meta| meta["status"] == status)
+            .await
+    }
+
+    /// Polls metadata until `ready` holds for it (or panics after `timeout`, naming `what`).
+    pub async fn wait_metadata(
+        &self,
+        handle: &str,
+        timeout: Duration,
+        what: &str,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let meta = self.metadata(handle).await;
-            if meta["status"] == status {
+            if ready(&meta) {
                 return meta;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{handle} never reached {status}: {meta}"
+                "{handle} never reached {what}: {meta}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `POST` of raw bytes to `/api/store/...` that must succeed; returns the handle.
+    pub async fn store_raw(&self, path_and_query: &str, bytes: Vec<u8>) -> String {
+        let resp = self
+            .http
+            .post(self.url(path_and_query))
+            .body(bytes)
+            .send()
+            .await
+            .expect("store request");
+        assert_eq!(resp.status(), 200, "store failed");
+        let body: Value = resp.json().await.expect("store json");
+        body["handle"].as_str().expect("handle").to_owned()
     }
 
     /// Uploads `bytes` in regular mode in parts of `part_size`; returns the handle.

@@ -68,18 +68,12 @@ async fn status_changes_are_delivered_signed_retried_and_in_order() {
         );
     })
     .await;
-    let resp = app
-        .http
-        .post(app.url("/api/store/s3?key=HOOKKEY&filename=h.bin"))
-        .body(random_bytes(10_000, 95))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let handle = resp.json::<Value>().await.unwrap()["handle"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let handle = app
+        .store_raw(
+            "/api/store/s3?key=HOOKKEY&filename=h.bin",
+            random_bytes(10_000, 95),
+        )
+        .await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
