@@ -100,6 +100,13 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     replicate_concurrency: usize,
 
+    /// A scenario with no request finishing for this long is reported as stalled.
+    #[arg(long, default_value_t = 60)]
+    stall_s: u64,
+    /// Longest a scenario may run before it is abandoned.
+    #[arg(long, default_value_t = 3600)]
+    timeout_s: u64,
+
     /// Print the results as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -150,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "concurrent_size_mib": args.concurrent_size_mib,
         "replicate_part_mib": args.replicate_part_mib,
         "replicate_concurrency": args.replicate_concurrency,
+        "stall_s": args.stall_s,
     });
     let json_out = args.json;
     let mut ctx = Ctx {
@@ -160,19 +168,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         disk_limit: None,
     };
     let mut rows: Vec<Row> = Vec::new();
+    let mut loads = Vec::new();
     for name in selected {
         eprintln!("== {name}");
         let began = Instant::now();
-        let result = match name {
-            "limit" => scenarios::limit(&mut ctx).await,
-            "single" => scenarios::single(&mut ctx).await,
-            "complete-latency" => scenarios::complete_latency(&mut ctx).await,
-            "concurrent" => scenarios::concurrent(&mut ctx).await,
-            "memory" => scenarios::memory(&mut ctx).await,
-            "small" => scenarios::small(&mut ctx).await,
-            "replicate" => scenarios::replicate(&mut ctx).await,
-            _ => unreachable!("checked above"),
+        let load_before = report::loadavg();
+        let timeout = std::time::Duration::from_secs(ctx.args.timeout_s);
+        let scenario = async {
+            match name {
+                "limit" => scenarios::limit(&mut ctx).await,
+                "single" => scenarios::single(&mut ctx).await,
+                "complete-latency" => scenarios::complete_latency(&mut ctx).await,
+                "concurrent" => scenarios::concurrent(&mut ctx).await,
+                "memory" => scenarios::memory(&mut ctx).await,
+                "small" => scenarios::small(&mut ctx).await,
+                "replicate" => scenarios::replicate(&mut ctx).await,
+                _ => unreachable!("checked above"),
+            }
         };
+        let result = tokio::time::timeout(timeout, scenario)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("did not finish in {timeout:?}")));
+        loads.push(json!({"scenario": name, "before": load_before, "after": report::loadavg()}));
         match result {
             Ok(new) => {
                 eprint!(
@@ -194,6 +211,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         scenarios::sync_disks();
     }
     let table = report::table(&rows);
+    let mut settings = settings;
+    settings["load_average_1min"] = json!(loads);
     if json_out {
         eprintln!("\n{table}");
         println!(

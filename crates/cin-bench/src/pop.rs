@@ -14,7 +14,6 @@ use cin_edge::Config;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub struct Pop {
     /// e.g. `http://127.0.0.1:41234`
@@ -28,7 +27,7 @@ pub struct Pop {
 enum Inner {
     InProcess {
         stop: Option<oneshot::Sender<()>>,
-        task: Option<JoinHandle<anyhow::Result<()>>>,
+        finished: Option<oneshot::Receiver<anyhow::Result<()>>>,
     },
     Child(Child),
     External,
@@ -87,7 +86,8 @@ impl S3Profile {
 
 impl Pop {
     /// A POP inside this process with built-in defaults and a fresh data directory
-    /// under `work`.
+    /// under `work`. It gets its own runtime (as the `cin-edge` binary has), so a
+    /// POP that stalls its worker threads cannot stall the benchmark's clock.
     pub async fn in_process(work: &Path, profile: Option<&S3Profile>) -> anyhow::Result<Pop> {
         let data = tempfile::Builder::new().prefix("pop.").tempdir_in(work)?;
         let mut config = Config::default();
@@ -96,18 +96,36 @@ impl Pop {
         if let Some(profile) = profile {
             profile.apply(&mut config);
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cin_edge::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
+        let (done, finished) = oneshot::channel::<anyhow::Result<()>>();
+        std::thread::Builder::new()
+            .name("pop".into())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .thread_name("pop-worker")
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            cin_edge::run(listener, config, async move {
+                                let _ = stopped.await;
+                            })
+                            .await
+                        })
+                    });
+                let _ = done.send(result);
+            })?;
         let pop = Pop {
             base,
             pid: None,
             inner: Inner::InProcess {
                 stop: Some(stop),
-                task: Some(task),
+                finished: Some(finished),
             },
             _data: Some(data),
         };
@@ -231,12 +249,17 @@ impl Pop {
 
     pub async fn stop(mut self) {
         match &mut self.inner {
-            Inner::InProcess { stop, task } => {
+            Inner::InProcess { stop, finished } => {
                 if let Some(stop) = stop.take() {
                     let _ = stop.send(());
                 }
-                if let Some(task) = task.take() {
-                    let _ = task.await;
+                if let Some(finished) = finished.take() {
+                    match tokio::time::timeout(Duration::from_secs(30), finished).await {
+                        Ok(Ok(Err(e))) => eprintln!("  the POP stopped with an error: {e:#}"),
+                        Ok(_) => {}
+                        // Its threads are left behind; the process exit ends them.
+                        Err(_) => eprintln!("  the POP did not stop within 30 s (stalled?)"),
+                    }
                 }
             }
             Inner::Child(child) => {

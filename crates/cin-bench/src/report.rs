@@ -188,6 +188,14 @@ fn filesystem_of(dir: &Path) -> Option<(String, String, String)> {
         .max_by_key(|(_, mount, _)| mount.len())
 }
 
+/// The 1-minute load average (other work on the machine skews every figure).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// The `p`-th percentile (0..=100) of sorted samples, nearest rank.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -94,6 +94,11 @@ impl Ctx {
         ))
     }
 
+    /// How long without a finished request before a run counts as stalled.
+    fn stall(&self) -> Duration {
+        Duration::from_secs(self.args.stall_s.max(1))
+    }
+
     fn big(&self) -> u64 {
         self.args.size_mib * MIB
     }
@@ -524,12 +529,34 @@ pub async fn concurrent(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     }
     let mut latencies = Vec::new();
     let mut failed = 0;
-    while let Some(done) = running.join_next().await {
-        match done? {
-            Ok(took) => latencies.push(took.as_secs_f64() * 1e3),
-            Err(e) => {
-                failed += 1;
-                eprintln!("  concurrent: an upload failed: {e}");
+    let stall = ctx.stall();
+    let mut last_ok = Instant::now();
+    loop {
+        let wait = (last_ok + stall).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, running.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(done)) => match done? {
+                Ok(took) => {
+                    latencies.push(took.as_secs_f64() * 1e3);
+                    last_ok = Instant::now();
+                }
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 3 {
+                        eprintln!("  concurrent: an upload failed: {e}");
+                    }
+                }
+            },
+            Err(_) => {
+                running.abort_all();
+                let rss = pop
+                    .peak_rss()
+                    .map(|b| format!("; POP peak RSS {:.1} MiB", mib(b)))
+                    .unwrap_or_default();
+                bail!(
+                    "the POP stalled: no upload finished in {stall:?} ({} of {count} had, {failed} failed{rss})",
+                    latencies.len()
+                );
             }
         }
     }
@@ -641,8 +668,18 @@ async fn post_many(
     let mut running = JoinSet::new();
     let mut results = Vec::with_capacity(count as usize);
     let began = Instant::now();
+    let stall = ctx.stall();
     for i in 0..count {
-        let permit = gate.clone().acquire_owned().await?;
+        let permit = match tokio::time::timeout(stall, gate.clone().acquire_owned()).await {
+            Ok(permit) => permit?,
+            Err(_) => {
+                running.abort_all();
+                bail!(
+                    "the server stalled: no request finished in {stall:?} ({} of {count} had)",
+                    results.len()
+                );
+            }
+        };
         let http = ctx.http.clone();
         let body: Bytes = ctx.pattern.bytes(i * size, size);
         let url = if store {
@@ -683,8 +720,18 @@ async fn post_many(
             results.push(done?);
         }
     }
-    while let Some(done) = running.join_next().await {
-        results.push(done?);
+    loop {
+        match tokio::time::timeout(stall, running.join_next()).await {
+            Ok(Some(done)) => results.push(done?),
+            Ok(None) => break,
+            Err(_) => {
+                running.abort_all();
+                bail!(
+                    "the server stalled: no request finished in {stall:?} ({} of {count} had)",
+                    results.len()
+                );
+            }
+        }
     }
     let elapsed = began.elapsed();
     let failed = results.iter().filter(|(_, ok)| !ok).count() as u64;

@@ -259,7 +259,15 @@ async fn upload(cli: &Cli, args: &UploadArgs, config: &ClientConfig, pops: &[Str
                         json!({ "file": file.display().to_string(), "error": e.to_string() })
                     );
                 }
-                eprintln!("cin: {}: {e}", file.display());
+                // I/O errors already name the file.
+                if matches!(
+                    e,
+                    ClientError::Io { .. } | ClientError::SourceChanged { .. }
+                ) {
+                    eprintln!("cin: {e}");
+                } else {
+                    eprintln!("cin: {}: {e}", file.display());
+                }
             }
         }
         let _ = std::io::stdout().flush();

@@ -13,6 +13,8 @@ use cin_domain::UploadId;
 const TARGET_CHUNK_TIME: Duration = Duration::from_secs(4);
 pub const MIN_HINT: u64 = 32 * 1024;
 pub const MAX_HINT: u64 = 8 * 1024 * 1024;
+/// At most this many halvings for recent failures (a factor of 8).
+const MAX_HALVINGS: u32 = 3;
 /// The hint before anything was measured.
 pub const INITIAL_HINT: u64 = 1024 * 1024;
 
@@ -31,7 +33,10 @@ impl SessionStats {
             Some(rate) => (rate * TARGET_CHUNK_TIME.as_secs_f64()) as u64,
             None => INITIAL_HINT,
         };
-        let halved = base >> self.penalty.min(16);
+        // Failures that come at random cost the same share of bytes whatever the
+        // chunk size, so shrinking without end would only multiply requests:
+        // a few halvings answer breaks that do depend on size.
+        let halved = base >> self.penalty.min(MAX_HALVINGS);
         // Whole multiples of the floor keep chunk boundaries tidy.
         (halved.clamp(MIN_HINT, MAX_HINT) / MIN_HINT) * MIN_HINT
     }
@@ -109,7 +114,14 @@ mod tests {
         for _ in 0..20 {
             a.record_failure(&u);
         }
-        assert_eq!(a.hint(&u), MIN_HINT);
+        assert_eq!(
+            a.hint(&u),
+            (4 << 20) >> MAX_HALVINGS,
+            "shrinking is bounded"
+        );
+        let slow = Assessment::default();
+        slow.record_success(&u, 64 * 1024, Duration::from_secs(10));
+        assert_eq!(slow.hint(&u), MIN_HINT, "a slow link gets the floor");
         a.record_success(&u, 1 << 30, Duration::from_millis(10));
         assert!(a.hint(&u) <= MAX_HINT);
     }
