@@ -170,6 +170,18 @@ impl S3Store {
                     }
                     return Err(FinalStoreError::Rejected(reason));
                 }
+                Err(FinalStoreError::Unreachable(reason))
+                    if resuming && self.bucket_answers(object.container).await =>
+                {
+                    // The service answers, yet a request of the resumed upload broke
+                    // off: services that refuse an unknown upload id before reading
+                    // the body cut the connection. Treat the upload as stale.
+                    self.abort(object.container, object.key, &checkpoint.upload_id)
+                        .await;
+                    journal.record(None).await?;
+                    tracing::warn!(key = object.key, %reason, "resumed multipart upload failed while the service answers; starting over");
+                    continue;
+                }
                 Err(other) => return Err(other),
                 Ok(()) => break,
             }
@@ -266,6 +278,15 @@ impl S3Store {
             .map_err(classify)?;
         journal.record(None).await?;
         Ok(())
+    }
+
+    async fn bucket_answers(&self, bucket: &str) -> bool {
+        self.client
+            .head_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .is_ok()
     }
 
     /// Resumes the journaled multipart upload when the service still knows it
