@@ -53,6 +53,26 @@ async fn patch(app: &TestApp, url: &str, offset: usize, bytes: &[u8]) -> Respons
         .unwrap()
 }
 
+/// A PATCH with `Upload-Checksum: {checksum}`.
+async fn patch_checked(
+    app: &TestApp,
+    url: &str,
+    offset: usize,
+    bytes: &'static str,
+    checksum: String,
+) -> Response {
+    app.http
+        .patch(url)
+        .header(TUS.0, TUS.1)
+        .header(OCTETS.0, OCTETS.1)
+        .header("upload-offset", offset.to_string())
+        .header("upload-checksum", checksum)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn head(app: &TestApp, url: &str) -> Response {
     app.http
         .head(url)
@@ -202,17 +222,7 @@ async fn patch_errors_415_409_460_413_404() {
     assert_eq!(resp.status(), 409, "offset mismatch");
 
     let wrong = base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"not these"));
-    let resp = app
-        .http
-        .patch(&url)
-        .header(TUS.0, TUS.1)
-        .header(OCTETS.0, OCTETS.1)
-        .header("upload-offset", "3")
-        .header("upload-checksum", format!("sha1 {wrong}"))
-        .body("defg")
-        .send()
-        .await
-        .unwrap();
+    let resp = patch_checked(&app, &url, 3, "defg", format!("sha1 {wrong}")).await;
     assert_eq!(resp.status().as_u16(), 460);
     assert_eq!(
         h(&head(&app, &url).await, "upload-offset"),
@@ -221,31 +231,11 @@ async fn patch_errors_415_409_460_413_404() {
     );
 
     let right = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(b"defg"));
-    let resp = app
-        .http
-        .patch(&url)
-        .header(TUS.0, TUS.1)
-        .header(OCTETS.0, OCTETS.1)
-        .header("upload-offset", "3")
-        .header("upload-checksum", format!("sha256 {right}"))
-        .body("defg")
-        .send()
-        .await
-        .unwrap();
+    let resp = patch_checked(&app, &url, 3, "defg", format!("sha256 {right}")).await;
     assert_eq!(resp.status(), 204);
     assert_eq!(h(&resp, "upload-offset"), "7");
 
-    let resp = app
-        .http
-        .patch(&url)
-        .header(TUS.0, TUS.1)
-        .header(OCTETS.0, OCTETS.1)
-        .header("upload-offset", "7")
-        .header("upload-checksum", "crc32 AAAA")
-        .body("hij")
-        .send()
-        .await
-        .unwrap();
+    let resp = patch_checked(&app, &url, 7, "hij", "crc32 AAAA".into()).await;
     assert_eq!(resp.status(), 400, "unsupported checksum algorithm");
 
     let resp = patch(&app, &url, 7, b"hijklmnop").await;
