@@ -104,7 +104,7 @@ pub struct Args {
     #[arg(long, default_value_t = 60)]
     stall_s: u64,
     /// Longest a scenario may run before it is abandoned.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 1200)]
     timeout_s: u64,
 
     /// Print the results as JSON on stdout (the table then goes to stderr).

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,9 @@ use cin_edge::Config;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+
+/// In-process POPs whose thread has not ended yet.
+static LIVE_IN_PROCESS: AtomicUsize = AtomicUsize::new(0);
 
 pub struct Pop {
     /// e.g. `http://127.0.0.1:41234`
@@ -101,6 +105,7 @@ impl Pop {
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
         let (done, finished) = oneshot::channel::<anyhow::Result<()>>();
+        LIVE_IN_PROCESS.fetch_add(1, Ordering::SeqCst);
         std::thread::Builder::new()
             .name("pop".into())
             .spawn(move || {
@@ -118,6 +123,7 @@ impl Pop {
                             .await
                         })
                     });
+                LIVE_IN_PROCESS.fetch_sub(1, Ordering::SeqCst);
                 let _ = done.send(result);
             })?;
         let pop = Pop {
@@ -181,6 +187,19 @@ impl Pop {
         Ok(pop)
     }
 
+    /// Waits up to `patience` for every earlier in-process POP to end. sled keeps
+    /// some locks process-wide, so a POP wedged in sled wedges any later one.
+    pub async fn in_process_idle(patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        while LIVE_IN_PROCESS.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
     pub fn external(base: &str, pid: Option<u32>) -> Pop {
         Pop {
             base: base.trim_end_matches('/').to_owned(),
@@ -191,7 +210,9 @@ impl Pop {
     }
 
     async fn wait_healthy(&self) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(resp) = http.get(format!("{}/healthz", self.base)).send().await {

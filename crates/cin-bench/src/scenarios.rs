@@ -72,11 +72,17 @@ impl Ctx {
         if let Some(url) = &self.args.target {
             return Ok(Pop::external(url, self.args.target_pid));
         }
-        let child = match self.args.pop.as_str() {
+        let mut child = match self.args.pop.as_str() {
             "child" => true,
             "in-process" => false,
             _ => reports_rss,
         };
+        if !child && !Pop::in_process_idle(Duration::from_secs(30)).await {
+            eprintln!(
+                "  an earlier in-process POP is wedged (sled's locks are process-wide): this POP runs as a child process"
+            );
+            child = true;
+        }
         if child {
             let bin = edge_binary(self.args.pop_bin.as_deref())?;
             Pop::child(&bin, &self.work, profile).await
@@ -275,12 +281,11 @@ pub async fn limit(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         ctx.args.small_size_kib * KIB,
         ctx.args.in_flight,
     );
-    let (latencies, elapsed, failed) =
+    let (_, elapsed, failed) =
         post_many(ctx, &format!("{sink}/sink"), count, small, in_flight, false).await?;
     if failed > 0 {
         bail!("{failed} requests to the sink failed");
     }
-    let _ = latencies;
     rows.push(Row::new(
         "limit",
         format!(

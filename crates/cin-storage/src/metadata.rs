@@ -304,7 +304,12 @@ impl MetadataStore for SledMetadataStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            self.db.flush_async().await?;
+            // sled 0.34's flush_async can deadlock with concurrent writers
+            // (spacejam/sled#1308); a blocking flush on the blocking pool cannot.
+            let db = self.db.clone();
+            tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| StorageError::Transaction(format!("flush task: {e}")))??;
             Ok(())
         })
     }
@@ -316,7 +321,12 @@ impl MetadataStore for SledMetadataStore {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             self.db.insert(b"readiness-probe", &stamp.to_be_bytes())?;
-            self.db.flush_async().await?;
+            // sled 0.34's flush_async can deadlock with concurrent writers
+            // (spacejam/sled#1308); a blocking flush on the blocking pool cannot.
+            let db = self.db.clone();
+            tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| StorageError::Transaction(format!("flush task: {e}")))??;
             Ok(())
         })
     }
