@@ -111,10 +111,6 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
-    pub fn is_complete(&self) -> bool {
-        self.status != FileStatus::Uploading
-    }
-
     pub fn is_tus_partial(&self) -> bool {
         matches!(
             &self.tus,

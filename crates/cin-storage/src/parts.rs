@@ -123,10 +123,6 @@ impl PartStore {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The segment name of a part, relative to the root.
     pub fn part_file(upload: &UploadId, part: PartNumber) -> String {
         format!("{}/{:05}", upload, part.get())

@@ -2,8 +2,6 @@
 //! time loses its bytes and part records; its file record stays as a tombstone so
 //! the handle can answer `expired` rather than "never existed".
 
-use std::time::Duration;
-
 use cin_domain::{FileRecord, FileStatus};
 use cin_storage::JobChange;
 
@@ -69,9 +67,5 @@ impl Uploads {
             swept += 1;
         }
         Ok(swept)
-    }
-
-    pub fn expire_after(&self) -> Duration {
-        self.expire_after
     }
 }
