@@ -14,7 +14,7 @@ use axum::http::{HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use cin_storage::{MetadataStore, PartStore, SledMetadataStore};
+use cin_storage::{MetadataStore, PartStore, SegmentLog, SledMetadataStore};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tower_http::cors::{Any, CorsLayer};
@@ -69,6 +69,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?,
     );
     let parts = PartStore::open(data_dir.join("parts"))?;
+    let small_files = Arc::new(SegmentLog::open(&data_dir.join("parts"))?);
     let destinations = Arc::new(Destinations::open(&config.storage, &data_dir).await?);
     let wakeup = Arc::new(Notify::new());
     let public_url = if config.server.public_url.is_empty() {
@@ -106,6 +107,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         UploadParts {
             meta: meta.clone(),
             parts: parts.clone(),
+            small_files,
             destinations: destinations.clone(),
             disk: disk.clone(),
             events: events.clone(),
@@ -188,10 +190,19 @@ async fn evict_cache(state: SharedState, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.changed() => continue,
             _ = tokio::time::sleep(interval) => {}
-            change = changes.recv() => {
-                if !matches!(change, Ok(c) if c.status == cin_domain::FileStatus::Stored) {
-                    continue;
+            change = changes.recv() => match change {
+                Ok(c) if c.status == cin_domain::FileStatus::Stored => {
+                    if let Err(e) = state.cache.stored(&c.handle) {
+                        tracing::error!(error = %e, "cache bookkeeping failed");
+                        state.cache.reload();
+                    }
                 }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed changes: rebuild the index from the records.
+                    state.cache.reload();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
         if let Err(e) = state.cache.evict().await {

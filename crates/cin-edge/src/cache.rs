@@ -1,11 +1,15 @@
 //! Local copies of `Stored` files are a cache with a byte budget: when it is over
 //! budget, the copies read least recently are removed (the filelink then reads
 //! from final storage). A file is never evicted before final storage confirmed it.
+//!
+//! The cache keeps an index of the local copies it may evict (loaded once, then
+//! updated as files are stored), so a stored file costs one record read, not a
+//! scan of every record.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use cin_domain::{FileStatus, Handle};
+use cin_domain::{FileRecord, FileStatus, Handle};
 use cin_storage::{JobChange, MetadataStore, PartStore};
 
 use crate::error::ApiError;
@@ -19,6 +23,38 @@ pub struct LocalCache {
     budget: u64,
     /// When each file was last read through its filelink (ms since the Unix epoch).
     last_read: Mutex<HashMap<Handle, u64>>,
+    /// The evictable copies; None until loaded (and again when updates were missed).
+    copies: Mutex<Option<EvictableCopies>>,
+}
+
+#[derive(Default)]
+struct EvictableCopies {
+    /// Handle -> (bytes, stored at ms).
+    files: HashMap<Handle, (u64, u64)>,
+    total: u64,
+}
+
+impl EvictableCopies {
+    fn add(&mut self, file: &FileRecord) {
+        if !is_evictable(file) {
+            return;
+        }
+        let entry = (file.size, file.stored_at_ms.unwrap_or(0));
+        if let Some((old, _)) = self.files.insert(file.handle.clone(), entry) {
+            self.total -= old;
+        }
+        self.total += file.size;
+    }
+
+    fn remove(&mut self, handle: &Handle) {
+        if let Some((size, _)) = self.files.remove(handle) {
+            self.total -= size;
+        }
+    }
+}
+
+fn is_evictable(file: &FileRecord) -> bool {
+    file.status == FileStatus::Stored && file.evicted_at_ms.is_none() && !file.segments.is_empty()
 }
 
 impl LocalCache {
@@ -28,6 +64,7 @@ impl LocalCache {
             parts,
             budget,
             last_read: Mutex::new(HashMap::new()),
+            copies: Mutex::new(None),
         }
     }
 
@@ -38,56 +75,83 @@ impl LocalCache {
             .insert(handle.clone(), now_ms());
     }
 
+    fn copies(&self) -> MutexGuard<'_, Option<EvictableCopies>> {
+        self.copies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that a file reached final storage: its local copy becomes evictable.
+    pub fn stored(&self, handle: &Handle) -> Result<(), ApiError> {
+        if self.budget == 0 {
+            return Ok(());
+        }
+        let Some(file) = self.meta.get_file(handle)? else {
+            return Ok(());
+        };
+        if let Some(copies) = self.copies().as_mut() {
+            copies.add(&file);
+        }
+        Ok(())
+    }
+
+    /// Drops the index; the next pass rebuilds it from the records (after missed updates).
+    pub fn reload(&self) {
+        *self.copies() = None;
+    }
+
     /// Evicts least-recently-read local copies of stored files until the cache
     /// fits its budget. Returns how many were evicted.
     pub async fn evict(&self) -> Result<usize, ApiError> {
         if self.budget == 0 {
             return Ok(0);
         }
-        let mut cached: Vec<_> = self
-            .meta
-            .files()?
-            .into_iter()
-            .filter(|f| {
-                f.status == FileStatus::Stored
-                    && f.evicted_at_ms.is_none()
-                    && !f.segments.is_empty()
-            })
-            .collect();
-        let mut total: u64 = cached.iter().map(|f| f.size).sum();
-        if total <= self.budget {
-            return Ok(0);
-        }
-        {
+        let candidates = {
+            let mut guard = self.copies();
+            let copies = match guard.as_mut() {
+                Some(copies) => copies,
+                None => {
+                    let mut loaded = EvictableCopies::default();
+                    for file in self.meta.files()? {
+                        loaded.add(&file);
+                    }
+                    guard.insert(loaded)
+                }
+            };
+            if copies.total <= self.budget {
+                return Ok(0);
+            }
             let last_read = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
             // Never read: as old as the moment it was stored.
-            cached.sort_by_key(|f| {
-                last_read
-                    .get(&f.handle)
-                    .copied()
-                    .unwrap_or(f.stored_at_ms.unwrap_or(0))
-            });
-        }
+            let mut candidates: Vec<(u64, Handle)> = copies
+                .files
+                .iter()
+                .map(|(handle, (_, stored_at))| {
+                    let used = last_read.get(handle).copied().unwrap_or(*stored_at);
+                    (used, handle.clone())
+                })
+                .collect();
+            candidates.sort();
+            candidates
+        };
         let mut evicted = 0;
-        for mut file in cached {
-            if total <= self.budget {
+        for (_, handle) in candidates {
+            let over_budget = self
+                .copies()
+                .as_ref()
+                .is_some_and(|c| c.total > self.budget);
+            if !over_budget {
                 break;
             }
-            // Segments of a tus final upload live in its partial uploads' directories.
-            let uploads: std::collections::BTreeSet<String> = file
-                .segments
-                .iter()
-                .filter_map(|s| s.file.split('/').next().map(str::to_owned))
-                .collect();
+            let current = self.meta.get_file(&handle)?;
+            if let Some(copies) = self.copies().as_mut() {
+                copies.remove(&handle);
+            }
+            let Some(mut file) = current.filter(is_evictable) else {
+                continue;
+            };
             file.evicted_at_ms = Some(now_ms());
             self.meta.put_file(&file, JobChange::Keep)?;
             self.meta.flush().await?;
-            for upload in uploads {
-                if let Ok(id) = cin_domain::UploadId::parse(&upload) {
-                    self.parts.remove_upload(&id).await?;
-                }
-            }
-            total = total.saturating_sub(file.size);
+            self.parts.release(&file.segments).await?;
             evicted += 1;
             metrics::counter!(names::CACHE_EVICTIONS).increment(1);
             tracing::info!(handle = %file.handle, bytes = file.size, "evicted local copy; final storage serves it");

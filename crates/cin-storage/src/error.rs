@@ -13,6 +13,8 @@ pub enum StorageError {
     },
     #[error("metadata store error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("making writes durable failed: {0}")]
+    Commit(String),
     #[error("metadata store transaction failed: {0}")]
     Transaction(String),
     #[error("metadata record {key} is corrupt ({reason}); restore the data directory from a backup or remove the record")]

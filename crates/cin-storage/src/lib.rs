@@ -4,8 +4,10 @@
 
 pub mod error;
 pub mod final_store;
+pub mod group_commit;
 pub mod metadata;
 pub mod parts;
+pub mod segment_log;
 
 pub use error::{ChunkError, StorageError};
 pub use final_store::{
@@ -13,4 +15,5 @@ pub use final_store::{
     PutOutcome, S3Settings, S3Store,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
+pub use segment_log::SegmentLog;
 pub use parts::{ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore};

@@ -13,6 +13,7 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::group_commit::GroupCommit;
 use crate::StorageError;
 
 /// What to do with a file's replication job when its record is written.
@@ -53,7 +54,12 @@ pub trait MetadataStore: Send + Sync {
 
     fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError>;
     fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError>;
-    fn jobs(&self) -> Result<Vec<ReplicationJob>, StorageError>;
+    /// Up to `limit` jobs in handle order, starting after `after` (from the first with None).
+    fn jobs_after(
+        &self,
+        after: Option<&Handle>,
+        limit: usize,
+    ) -> Result<Vec<ReplicationJob>, StorageError>;
 
     /// Adds deliveries at the end of the webhook queue, numbering them.
     fn enqueue_webhooks(&self, deliveries: Vec<WebhookDelivery>) -> Result<(), StorageError>;
@@ -75,6 +81,9 @@ const VALUE_VERSION: u8 = 1;
 /// [`MetadataStore`] on sled: one tree per record kind, values versioned and checksummed.
 pub struct SledMetadataStore {
     db: sled::Db,
+    /// Flushes for concurrent requests are grouped. (sled 0.34's own
+    /// `flush_async` deadlocks with concurrent writers, spacejam/sled#1308.)
+    flusher: GroupCommit,
     files: sled::Tree,
     uploads: sled::Tree,
     parts: sled::Tree,
@@ -88,7 +97,13 @@ impl SledMetadataStore {
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        let flushed = db.clone();
+        let flusher = GroupCommit::start("metadata", move || {
+            flushed.flush()?;
+            Ok(())
+        })?;
         Ok(SledMetadataStore {
+            flusher,
             files: db.open_tree("files")?,
             uploads: db.open_tree("uploads")?,
             parts: db.open_tree("parts")?,
@@ -262,9 +277,20 @@ impl MetadataStore for SledMetadataStore {
         Ok(())
     }
 
-    fn jobs(&self) -> Result<Vec<ReplicationJob>, StorageError> {
-        self.jobs
-            .iter()
+    fn jobs_after(
+        &self,
+        after: Option<&Handle>,
+        limit: usize,
+    ) -> Result<Vec<ReplicationJob>, StorageError> {
+        let range = match after {
+            Some(handle) => self.jobs.range::<&[u8], _>((
+                std::ops::Bound::Excluded(handle.as_str().as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.jobs.iter(),
+        };
+        range
+            .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
                 decode(&k, &v)
@@ -303,15 +329,7 @@ impl MetadataStore for SledMetadataStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        Box::pin(async move {
-            // sled 0.34's flush_async can deadlock with concurrent writers
-            // (spacejam/sled#1308); a blocking flush on the blocking pool cannot.
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || db.flush())
-                .await
-                .map_err(|e| StorageError::Transaction(format!("flush task: {e}")))??;
-            Ok(())
-        })
+        Box::pin(self.flusher.commit())
     }
 
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -321,13 +339,7 @@ impl MetadataStore for SledMetadataStore {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             self.db.insert(b"readiness-probe", &stamp.to_be_bytes())?;
-            // sled 0.34's flush_async can deadlock with concurrent writers
-            // (spacejam/sled#1308); a blocking flush on the blocking pool cannot.
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || db.flush())
-                .await
-                .map_err(|e| StorageError::Transaction(format!("flush task: {e}")))??;
-            Ok(())
+            self.flusher.commit().await
         })
     }
 }
@@ -398,9 +410,30 @@ mod tests {
             parts.iter().map(|(n, _)| n.get()).collect::<Vec<_>>(),
             vec![1, 2]
         );
-        assert_eq!(store.jobs().unwrap().len(), 1);
+        assert_eq!(store.jobs_after(None, 10).unwrap().len(), 1);
         store.put_file(&file, JobChange::Remove).unwrap();
-        assert!(store.jobs().unwrap().is_empty());
+        assert!(store.jobs_after(None, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn jobs_come_a_page_at_a_time_in_handle_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledMetadataStore::open(dir.path()).unwrap();
+        let mut handles: Vec<Handle> = (0..5).map(|_| Handle::generate()).collect();
+        for handle in &handles {
+            store.put_job(&ReplicationJob::new(handle.clone())).unwrap();
+        }
+        handles.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.jobs_after(after.as_ref(), 2).unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some(last.handle.clone());
+            seen.extend(page.into_iter().map(|j| j.handle));
+        }
+        assert_eq!(seen, handles);
     }
 
     #[test]

@@ -275,6 +275,31 @@ impl PartStore {
         Box::pin(stream)
     }
 
+    /// Frees the local bytes of a complete file: its uploads' part directories,
+    /// and its ranges of the small-file log.
+    pub async fn release(&self, segments: &[Segment]) -> Result<(), StorageError> {
+        let mut uploads = std::collections::BTreeSet::new();
+        for segment in segments {
+            let dir = segment.file.split('/').next().unwrap_or_default();
+            if dir == crate::segment_log::LOG_DIR {
+                let root = self.root.clone();
+                let segment = segment.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::segment_log::release_log_segment(&root, &segment)
+                })
+                .await
+                .map_err(join_error)??;
+            } else if let Ok(upload) = UploadId::parse(dir) {
+                // A tus final upload's segments live in its partial uploads' directories.
+                uploads.insert(upload);
+            }
+        }
+        for upload in uploads {
+            self.remove_upload(&upload).await?;
+        }
+        Ok(())
+    }
+
     /// True when every segment's file is present with at least the bytes it names.
     pub async fn has_segments(&self, segments: &[Segment]) -> bool {
         for seg in segments {

@@ -23,6 +23,9 @@ use crate::observability::names;
 use crate::upload::now_ms;
 use crate::webhooks::Webhooks;
 
+/// Jobs read from the queue at a time.
+const JOB_PAGE: usize = 64;
+
 /// Longest idle wait before the job list is looked at again.
 const IDLE_POLL: Duration = Duration::from_secs(30);
 
@@ -33,6 +36,8 @@ pub struct Replicator {
     wakeup: Arc<Notify>,
     config: ReplicatorConfig,
     in_flight: Mutex<HashSet<Handle>>,
+    /// The last job dispatched: the next scan of the queue starts after it.
+    cursor: Mutex<Option<Handle>>,
     /// Set on shutdown: deliveries stop after their current part.
     stopping: Arc<AtomicBool>,
     events: Arc<StatusEvents>,
@@ -56,6 +61,7 @@ impl Replicator {
             wakeup,
             config,
             in_flight: Mutex::new(HashSet::new()),
+            cursor: Mutex::new(None),
             stopping: Arc::new(AtomicBool::new(false)),
             events,
             webhooks,
@@ -89,36 +95,61 @@ impl Replicator {
         permits: &Arc<Semaphore>,
         running: &mut JoinSet<()>,
     ) -> Duration {
-        let jobs = match self.meta.jobs() {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the replication queue");
-                return Duration::from_secs(1);
-            }
-        };
         let now = now_ms();
         let mut wait = IDLE_POLL;
-        for job in jobs {
-            if job.not_before_ms > now {
-                wait = wait.min(Duration::from_millis(job.not_before_ms - now));
-                continue;
-            }
-            if self.lock_in_flight().contains(&job.handle) {
-                continue;
-            }
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                break;
+        // Read the queue a page at a time and only while a worker is free: a long
+        // queue costs a page per dispatch, not a decode of every job. The scan
+        // goes on from where the last one stopped, so no job waits behind others.
+        let started_after = self.lock_cursor().clone();
+        let mut after = started_after.clone();
+        let mut wrapped = started_after.is_none();
+        while permits.available_permits() > 0 {
+            let page = match self.meta.jobs_after(after.as_ref(), JOB_PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the replication queue");
+                    return Duration::from_secs(1);
+                }
             };
-            self.lock_in_flight().insert(job.handle.clone());
-            let this = self.clone();
-            running.spawn(async move {
-                let handle = job.handle.clone();
-                this.replicate(job).await;
-                this.lock_in_flight().remove(&handle);
-                drop(permit);
-            });
+            let full_page = page.len() == JOB_PAGE;
+            for job in page {
+                if wrapped && started_after.as_ref().is_some_and(|s| job.handle > *s) {
+                    return wait;
+                }
+                after = Some(job.handle.clone());
+                if job.not_before_ms > now {
+                    wait = wait.min(Duration::from_millis(job.not_before_ms - now));
+                    continue;
+                }
+                if self.lock_in_flight().contains(&job.handle) {
+                    continue;
+                }
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    return wait;
+                };
+                self.lock_in_flight().insert(job.handle.clone());
+                *self.lock_cursor() = Some(job.handle.clone());
+                let this = self.clone();
+                running.spawn(async move {
+                    let handle = job.handle.clone();
+                    this.replicate(job).await;
+                    this.lock_in_flight().remove(&handle);
+                    drop(permit);
+                });
+            }
+            if !full_page {
+                if wrapped {
+                    return wait;
+                }
+                wrapped = true;
+                after = None;
+            }
         }
         wait
+    }
+
+    fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Option<Handle>> {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<Handle>> {

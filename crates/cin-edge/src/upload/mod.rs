@@ -16,8 +16,8 @@ use cin_domain::{
     sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob,
     Segment, StoreOptions, UploadId, UploadMode,
 };
-use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore};
-use futures_util::Stream;
+use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore, SegmentLog};
+use futures_util::{Stream, StreamExt};
 use tokio::sync::Notify;
 
 use crate::auth::Apps;
@@ -73,6 +73,8 @@ pub struct ClaimedPart {
 pub struct UploadParts {
     pub meta: Arc<dyn MetadataStore>,
     pub parts: PartStore,
+    /// Where whole small files go, many to a shared fsync.
+    pub small_files: Arc<SegmentLog>,
     pub destinations: Arc<Destinations>,
     pub disk: Arc<Disk>,
     pub events: Arc<StatusEvents>,
@@ -92,6 +94,7 @@ pub struct UploadLimits {
 pub struct Uploads {
     meta: Arc<dyn MetadataStore>,
     parts: PartStore,
+    small_files: Arc<SegmentLog>,
     destinations: Arc<Destinations>,
     max_file_size: u64,
     part_locks: KeyedLocks<(UploadId, u32)>,
@@ -106,11 +109,16 @@ pub struct Uploads {
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
 
+/// Whole files of up to this many bytes, with their size declared, are held in
+/// memory and appended to the small-file log instead of a part file of their own.
+const SMALL_FILE_MAX: u64 = 1 << 20;
+
 impl Uploads {
     pub fn new(parts: UploadParts, limits: UploadLimits) -> Self {
         Uploads {
             meta: parts.meta,
             parts: parts.parts,
+            small_files: parts.small_files,
             destinations: parts.destinations,
             max_file_size: limits.max_file_size,
             part_locks: KeyedLocks::new(),
@@ -545,6 +553,23 @@ impl Uploads {
         self.disk
             .admit(&file.upload_id, declared_size.unwrap_or(0))?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
+        if let Some(size) = declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
+            let stored = self.store_small(size, body).await;
+            let segment = match stored {
+                Ok(segment) => segment,
+                Err(e) => {
+                    self.disk.release(&file.upload_id);
+                    count_chunk_failure(&e);
+                    metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
+                    return Err(e.into());
+                }
+            };
+            metrics::counter!(names::BYTES_RECEIVED).increment(size);
+            file.size = size;
+            file.segments = vec![segment];
+            self.finish(&mut file).await?;
+            return Ok(file);
+        }
         let part = PartNumber::new(1)?;
         self.parts.create_upload(&file.upload_id).await?;
         let size = match declared_size {
@@ -583,6 +608,34 @@ impl Uploads {
         }];
         self.finish(&mut file).await?;
         Ok(file)
+    }
+}
+
+impl Uploads {
+    /// Reads a small body of exactly `size` bytes and appends it to the small-file log.
+    async fn store_small<S, E>(&self, size: u64, body: S) -> Result<Segment, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let mut frames = Vec::new();
+        let mut received = 0u64;
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.next().await {
+            let frame = frame.map_err(|e| ChunkError::Body(e.to_string()))?;
+            received += frame.len() as u64;
+            if received > size {
+                return Err(ChunkError::TooLong { expected: size });
+            }
+            frames.push(frame);
+        }
+        if received < size {
+            return Err(ChunkError::Truncated {
+                received,
+                expected: size,
+            });
+        }
+        Ok(self.small_files.append(frames).await?)
     }
 }
 

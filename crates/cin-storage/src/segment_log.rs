@@ -1,0 +1,302 @@
+//! The small-file log: whole small files are appended to shared log files under
+//! the part store (`{root}/log/{seq:010}`) instead of each getting a file of its
+//! own. One thread writes every append queued since its last batch and makes the
+//! batch durable with a single `fdatasync`; each append is answered only after
+//! that. A file in the log is a segment (file, offset, length) like any other.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use cin_domain::Segment;
+use tokio::sync::oneshot;
+
+use crate::parts::sync_dir;
+use crate::StorageError;
+
+/// The directory of log files inside the part store.
+pub const LOG_DIR: &str = "log";
+/// A log file is closed and a new one started past this size.
+const LOG_FILE_MAX: u64 = 256 << 20;
+
+struct Append {
+    frames: Vec<Bytes>,
+    done: oneshot::Sender<Result<Segment, String>>,
+}
+
+pub struct SegmentLog {
+    queue: Option<mpsc::Sender<Append>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SegmentLog {
+    /// Opens the log under a part store's root. Every start writes to a new log
+    /// file, so bytes torn off by a crash are never followed by new ones.
+    pub fn open(parts_root: &Path) -> Result<Self, StorageError> {
+        let mut writer = LogWriter::open(parts_root)?;
+        let (queue, incoming) = mpsc::channel::<Append>();
+        let thread = std::thread::Builder::new()
+            .name("segment-log".into())
+            .spawn(move || {
+                while let Ok(first) = incoming.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(incoming.try_iter());
+                    writer.write_batch(batch);
+                }
+            })
+            .map_err(|e| StorageError::io("starting the segment log thread", e))?;
+        Ok(SegmentLog {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Appends a whole file's bytes; returns where they are once they are durable.
+    pub async fn append(&self, frames: Vec<Bytes>) -> Result<Segment, StorageError> {
+        let (done, answer) = oneshot::channel();
+        let stopped = || StorageError::Commit("the segment log has stopped".into());
+        self.queue
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Append { frames, done })
+            .map_err(|_| stopped())?;
+        answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(StorageError::Commit)
+    }
+}
+
+impl Drop for SegmentLog {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writing end, owned by the log thread.
+struct LogWriter {
+    dir: PathBuf,
+    seq: u64,
+    file: File,
+    pos: u64,
+}
+
+impl LogWriter {
+    fn open(parts_root: &Path) -> Result<Self, StorageError> {
+        let dir = parts_root.join(LOG_DIR);
+        let existed = dir.exists();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        if !existed {
+            sync_dir(parts_root)?;
+        }
+        let last = std::fs::read_dir(&dir)
+            .map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        let seq = last + 1;
+        let file = create_log_file(&dir, seq)?;
+        Ok(LogWriter {
+            dir,
+            seq,
+            file,
+            pos: 0,
+        })
+    }
+
+    fn write_batch(&mut self, batch: Vec<Append>) {
+        let mut written = Vec::with_capacity(batch.len());
+        for append in batch {
+            let result = self.write(&append.frames).map_err(|e| e.to_string());
+            written.push((append.done, result));
+        }
+        let synced = self
+            .file
+            .sync_data()
+            .map_err(|e| format!("syncing {}: {e}", self.path(self.seq).display()));
+        for (done, result) in written {
+            let answer = match (&synced, result) {
+                (Err(e), Ok(_)) => Err(e.clone()),
+                (_, result) => result,
+            };
+            let _ = done.send(answer);
+        }
+    }
+
+    fn write(&mut self, frames: &[Bytes]) -> Result<Segment, StorageError> {
+        let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        if self.pos > 0 && self.pos + len > LOG_FILE_MAX {
+            self.roll()?;
+        }
+        let offset = self.pos;
+        let mut at = offset;
+        for frame in frames {
+            self.file.write_all_at(frame, at).map_err(|e| {
+                StorageError::io(format!("writing {}", self.path(self.seq).display()), e)
+            })?;
+            at += frame.len() as u64;
+        }
+        self.pos = at;
+        Ok(Segment {
+            file: format!("{LOG_DIR}/{}", log_file_name(self.seq)),
+            offset,
+            len,
+        })
+    }
+
+    /// Makes the current file durable and moves on to a new one.
+    fn roll(&mut self) -> Result<(), StorageError> {
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io(format!("syncing {}", self.path(self.seq).display()), e))?;
+        let next = create_log_file(&self.dir, self.seq + 1)?;
+        self.seq += 1;
+        self.file = next;
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(log_file_name(seq))
+    }
+}
+
+fn log_file_name(seq: u64) -> String {
+    format!("{seq:010}")
+}
+
+/// Creates a log file and makes its directory entry durable.
+fn create_log_file(dir: &Path, seq: u64) -> Result<File, StorageError> {
+    let path = dir.join(log_file_name(seq));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| StorageError::io(format!("creating {}", path.display()), e))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Frees the disk blocks of a segment in a log file: a hole, so the file keeps
+/// its length and other segments their offsets.
+pub fn release_log_segment(parts_root: &Path, segment: &Segment) -> Result<(), StorageError> {
+    let path = parts_root.join(&segment.file);
+    let file = match OpenOptions::new().write(true).open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StorageError::io(format!("opening {}", path.display()), e)),
+    };
+    punch_hole(&file, segment.offset, segment.len)
+        .map_err(|e| StorageError::io(format!("freeing bytes of {}", path.display()), e))?;
+    Ok(())
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::other("segment out of range"));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is open for writing.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    // A filesystem without hole punching keeps the bytes; eviction still succeeds.
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return Ok(());
+    }
+    Err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PartStore;
+    use futures_util::TryStreamExt;
+    use std::sync::Arc;
+
+    async fn read(parts: &PartStore, segment: &Segment) -> Vec<u8> {
+        parts
+            .read_range(std::slice::from_ref(segment), 0, segment.len)
+            .try_fold(Vec::new(), |mut acc, b| async move {
+                acc.extend_from_slice(&b);
+                Ok(acc)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_read_back_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = PartStore::open(dir.path()).unwrap();
+        let log = Arc::new(SegmentLog::open(dir.path()).unwrap());
+        let appends: Vec<_> = (0..100u32)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let body = format!("file number {i} ").repeat(i as usize + 1);
+                    let half = body.len() / 2;
+                    let frames = vec![
+                        Bytes::copy_from_slice(&body.as_bytes()[..half]),
+                        Bytes::copy_from_slice(&body.as_bytes()[half..]),
+                    ];
+                    (body, log.append(frames).await.unwrap())
+                })
+            })
+            .collect();
+        let mut written = Vec::new();
+        for append in appends {
+            written.push(append.await.unwrap());
+        }
+        for (body, segment) in &written {
+            assert_eq!(read(&parts, segment).await, body.as_bytes());
+        }
+        drop(log);
+
+        // A restart writes to a new file and leaves the old segments intact.
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let after = log.append(vec![Bytes::from_static(b"later")]).await.unwrap();
+        assert_ne!(after.file, written[0].1.file);
+        assert_eq!(read(&parts, &after).await, b"later");
+        for (body, segment) in &written {
+            assert_eq!(read(&parts, segment).await, body.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn released_segments_free_their_bytes_and_spare_their_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = PartStore::open(dir.path()).unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let first = log.append(vec![Bytes::from(big.clone())]).await.unwrap();
+        let second = log.append(vec![Bytes::from_static(b"neighbour")]).await.unwrap();
+        let allocated = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dir.path().join(&first.file)).unwrap().blocks() * 512
+        };
+        assert!(allocated() >= 1 << 20);
+        release_log_segment(dir.path(), &first).unwrap();
+        assert!(allocated() < 1 << 20, "{} bytes still allocated", allocated());
+        assert_eq!(read(&parts, &second).await, b"neighbour");
+        // The hole reads back as zeros.
+        assert_eq!(read(&parts, &first).await, vec![0u8; 1 << 20]);
+    }
+}
