@@ -226,3 +226,52 @@ async fn sigterm_mid_upload_drains_and_loses_no_acknowledged_byte() {
     let handle = resp.headers()["cin-handle"].to_str().unwrap().to_owned();
     assert_eq!(sha256_hex(&pop.download(&handle).await), sha256_hex(&bytes));
 }
+
+#[tokio::test]
+async fn small_files_acknowledged_together_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = PopProcess::start(dir.path());
+    // Sizes around the small-file limit (1 MiB) and an empty file; many in flight,
+    // so acknowledgements share fsyncs.
+    let sizes: Vec<usize> = [0, 1, MIB, MIB + 1]
+        .into_iter()
+        .chain((0..60).map(|i| 1 + (i * 7919) % 70_000))
+        .collect();
+    let files: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| random_bytes(len, 500 + i as u64))
+        .collect();
+    let stored: Vec<String> = futures_util::stream::iter(files.iter().enumerate())
+        .map(|(i, bytes)| {
+            let pop = &pop;
+            async move {
+                pop.store_raw(&format!("/api/store/s3?filename=f{i}.bin"), bytes.clone())
+                    .await
+            }
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    pop.kill();
+
+    let pop = PopProcess::start(dir.path());
+    for (handle, bytes) in stored.iter().zip(&files) {
+        assert_eq!(
+            sha256_hex(&pop.download(handle).await),
+            sha256_hex(bytes),
+            "{handle} after the kill"
+        );
+    }
+    for (handle, bytes) in stored.iter().zip(&files) {
+        let meta = pop
+            .wait_status(handle, "Stored", Duration::from_secs(60))
+            .await;
+        assert_eq!(meta["sha256"], sha256_hex(bytes));
+        assert_eq!(meta["size"], bytes.len());
+    }
+    assert!(
+        dir.path().join("parts/log").read_dir().unwrap().count() >= 2,
+        "each start writes a new log file"
+    );
+}

@@ -68,6 +68,14 @@ pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> T
 }
 
 impl TestApp {
+    /// Upload directories under the part store (the small-file log aside).
+    pub fn upload_dirs(&self) -> usize {
+        std::fs::read_dir(self.data_dir.join("parts"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "log")
+            .count()
+    }
+
     /// Shuts the POP down gracefully and waits until it has stopped.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

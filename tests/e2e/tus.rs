@@ -504,10 +504,7 @@ async fn abandoned_uploads_expire() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "expired");
     assert_eq!(patch(&app, &url, 4, b"more").await.status(), 410);
-    let upload_dir = std::fs::read_dir(app.data_dir.join("parts"))
-        .unwrap()
-        .count();
-    assert_eq!(upload_dir, 0, "the expired upload's bytes are gone");
+    assert_eq!(app.upload_dirs(), 0, "the expired upload's bytes are gone");
 }
 
 #[tokio::test]

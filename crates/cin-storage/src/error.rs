@@ -15,8 +15,6 @@ pub enum StorageError {
     Sled(#[from] sled::Error),
     #[error("making writes durable failed: {0}")]
     Commit(String),
-    #[error("metadata store transaction failed: {0}")]
-    Transaction(String),
     #[error("metadata record {key} is corrupt ({reason}); restore the data directory from a backup or remove the record")]
     Corrupt { key: String, reason: String },
 }

@@ -100,7 +100,7 @@ mod tests {
             caller.await.unwrap().unwrap();
         }
         let syncs = syncs.load(Ordering::SeqCst);
-        assert!(syncs >= 1 && syncs < 64, "64 callers took {syncs} syncs");
+        assert!((1..64).contains(&syncs), "64 callers took {syncs} syncs");
     }
 
     #[tokio::test]
@@ -109,7 +109,10 @@ mod tests {
         let counted = calls.clone();
         let commit = GroupCommit::start("test", move || {
             if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(StorageError::io("syncing", std::io::Error::other("disk gone")))
+                Err(StorageError::io(
+                    "syncing",
+                    std::io::Error::other("disk gone"),
+                ))
             } else {
                 Ok(())
             }

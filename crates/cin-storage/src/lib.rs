@@ -15,5 +15,5 @@ pub use final_store::{
     PutOutcome, S3Settings, S3Store,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
-pub use segment_log::SegmentLog;
 pub use parts::{ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore};
+pub use segment_log::SegmentLog;

@@ -5,13 +5,12 @@
 use std::path::Path;
 
 use cin_domain::{
-    FileRecord, Handle, PartNumber, PartRecord, ReplicationJob, UploadId, WebhookDelivery,
+    FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob, UploadId,
+    WebhookDelivery,
 };
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use crate::group_commit::GroupCommit;
 use crate::StorageError;
@@ -27,8 +26,8 @@ pub enum JobChange {
 /// Records of files, parts and replication jobs.
 pub trait MetadataStore: Send + Sync {
     fn get_file(&self, handle: &Handle) -> Result<Option<FileRecord>, StorageError>;
-    /// Writes a file record (and the upload id index), and changes its job in the
-    /// same atomic step, so a file is never complete without a pending job.
+    /// Writes a file record (and the upload id index) and changes its job. A file
+    /// is never complete without a pending job, a crash in between included.
     fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError>;
     fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError>;
     /// Every file record; for start-up checks and sweeps.
@@ -97,6 +96,9 @@ impl SledMetadataStore {
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        let jobs = db.open_tree("jobs")?;
+        let files = db.open_tree("files")?;
+        queue_orphaned_files(&files, &jobs)?;
         let flushed = db.clone();
         let flusher = GroupCommit::start("metadata", move || {
             flushed.flush()?;
@@ -104,14 +106,29 @@ impl SledMetadataStore {
         })?;
         Ok(SledMetadataStore {
             flusher,
-            files: db.open_tree("files")?,
+            files,
             uploads: db.open_tree("uploads")?,
             parts: db.open_tree("parts")?,
-            jobs: db.open_tree("jobs")?,
+            jobs,
             webhooks: db.open_tree("webhooks")?,
             db,
         })
     }
+}
+
+/// Queues a replication job for every complete file without one (a crash came
+/// between writing a file's record and its job).
+fn queue_orphaned_files(files: &sled::Tree, jobs: &sled::Tree) -> Result<(), StorageError> {
+    for kv in files.iter() {
+        let (key, value) = kv?;
+        let file: FileRecord = decode(&key, &value)?;
+        if file.status == FileStatus::InTransit && !jobs.contains_key(&key)? {
+            tracing::warn!(handle = %file.handle, "queueing replication of a complete file that had no job");
+            jobs.insert(&key, encode(&ReplicationJob::new(file.handle)))?;
+        }
+    }
+    jobs.flush()?;
+    Ok(())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -156,28 +173,25 @@ impl MetadataStore for SledMetadataStore {
     }
 
     fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError> {
+        // No sled transaction: once one runs, sled makes every later operation
+        // take a process-wide lock that a flush holds while it waits for the disk.
+        // Plain writes instead, each state in between covered: the replicator
+        // drops a job whose file is not complete or already stored, and `open`
+        // queues any complete file a crash left without a job.
         let key = file.handle.as_str().as_bytes();
-        let value = encode(file);
-        let job_value = match &job {
-            JobChange::Upsert(j) => Some(encode(j)),
-            _ => None,
-        };
-        (&self.files, &self.uploads, &self.jobs)
-            .transaction(|(files, uploads, jobs)| {
-                files.insert(key, value.as_slice())?;
-                uploads.insert(file.upload_id.as_str().as_bytes(), key)?;
-                match (&job, &job_value) {
-                    (JobChange::Upsert(_), Some(v)) => {
-                        jobs.insert(key, v.as_slice())?;
-                    }
-                    (JobChange::Remove, _) => {
-                        jobs.remove(key)?;
-                    }
-                    _ => {}
-                }
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e: TransactionError<()>| StorageError::Transaction(format!("{e:?}")))
+        self.uploads
+            .insert(file.upload_id.as_str().as_bytes(), key)?;
+        self.files.insert(key, encode(file))?;
+        match &job {
+            JobChange::Upsert(j) => {
+                self.jobs.insert(key, encode(j))?;
+            }
+            JobChange::Remove => {
+                self.jobs.remove(key)?;
+            }
+            JobChange::Keep => {}
+        }
+        Ok(())
     }
 
     fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError> {
@@ -413,6 +427,27 @@ mod tests {
         assert_eq!(store.jobs_after(None, 10).unwrap().len(), 1);
         store.put_file(&file, JobChange::Remove).unwrap();
         assert!(store.jobs_after(None, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_complete_file_left_without_a_job_is_queued_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = record();
+        file.status = FileStatus::InTransit;
+        {
+            let store = SledMetadataStore::open(dir.path()).unwrap();
+            // As a crash between the record and its job would leave it.
+            store.put_file(&file, JobChange::Keep).unwrap();
+            store.put_file(&record(), JobChange::Keep).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledMetadataStore::open(dir.path()).unwrap();
+        let jobs = store.jobs_after(None, 10).unwrap();
+        assert_eq!(
+            jobs.iter().map(|j| &j.handle).collect::<Vec<_>>(),
+            vec![&file.handle],
+            "only the complete file gets a job"
+        );
     }
 
     #[tokio::test]

@@ -153,9 +153,9 @@ impl LogWriter {
 
     /// Makes the current file durable and moves on to a new one.
     fn roll(&mut self) -> Result<(), StorageError> {
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::io(format!("syncing {}", self.path(self.seq).display()), e))?;
+        self.file.sync_data().map_err(|e| {
+            StorageError::io(format!("syncing {}", self.path(self.seq).display()), e)
+        })?;
         let next = create_log_file(&self.dir, self.seq + 1)?;
         self.seq += 1;
         self.file = next;
@@ -272,7 +272,10 @@ mod tests {
 
         // A restart writes to a new file and leaves the old segments intact.
         let log = SegmentLog::open(dir.path()).unwrap();
-        let after = log.append(vec![Bytes::from_static(b"later")]).await.unwrap();
+        let after = log
+            .append(vec![Bytes::from_static(b"later")])
+            .await
+            .unwrap();
         assert_ne!(after.file, written[0].1.file);
         assert_eq!(read(&parts, &after).await, b"later");
         for (body, segment) in &written {
@@ -287,14 +290,24 @@ mod tests {
         let log = SegmentLog::open(dir.path()).unwrap();
         let big = vec![7u8; 1 << 20];
         let first = log.append(vec![Bytes::from(big.clone())]).await.unwrap();
-        let second = log.append(vec![Bytes::from_static(b"neighbour")]).await.unwrap();
+        let second = log
+            .append(vec![Bytes::from_static(b"neighbour")])
+            .await
+            .unwrap();
         let allocated = || {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(dir.path().join(&first.file)).unwrap().blocks() * 512
+            std::fs::metadata(dir.path().join(&first.file))
+                .unwrap()
+                .blocks()
+                * 512
         };
         assert!(allocated() >= 1 << 20);
         release_log_segment(dir.path(), &first).unwrap();
-        assert!(allocated() < 1 << 20, "{} bytes still allocated", allocated());
+        assert!(
+            allocated() < 1 << 20,
+            "{} bytes still allocated",
+            allocated()
+        );
         assert_eq!(read(&parts, &second).await, b"neighbour");
         // The hole reads back as zeros.
         assert_eq!(read(&parts, &first).await, vec![0u8; 1 << 20]);

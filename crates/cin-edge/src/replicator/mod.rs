@@ -168,7 +168,9 @@ impl Replicator {
             tracing::warn!(handle = %job.handle, "dropping a replication job for a file that no longer exists");
             return self.drop_job(&job.handle).await;
         };
-        if file.status == FileStatus::Stored {
+        if file.status != FileStatus::InTransit {
+            // Stored already, or (after a crash between the two writes) not complete:
+            // completing it writes a new job.
             return self.drop_job(&job.handle).await;
         }
         let started = std::time::Instant::now();
