@@ -2,8 +2,10 @@
 //!
 //! Small files go up in one `PutObject`; larger ones as a multipart upload read
 //! part by part from the local segments (at most `concurrency` parts in memory).
-//! Every request carries a SHA-256 checksum the service verifies; the finished
-//! object's size and checksum are checked with `HeadObject` before `put` returns.
+//! Every request carries a checksum the service verifies (SHA-256 for a single
+//! PutObject; CRC32 per part, the SDK's own default, which costs the service far
+//! less than SHA-256); the finished object's size and checksum are checked with
+//! `HeadObject` before `put` returns. The file's SHA-256 goes in its metadata.
 //! Multipart progress is journaled, so a restarted replicator resumes the same
 //! upload, and uploads that cannot be resumed are aborted, never left behind.
 
@@ -119,7 +121,7 @@ impl S3Store {
             .send()
             .await
             .map_err(classify)?;
-        self.verify(object, &sha256, Some(B64.encode(digest)))
+        self.verify(object, &sha256, Expected::Sha256(B64.encode(digest)))
             .await?;
         Ok(PutOutcome {
             sha256,
@@ -138,11 +140,12 @@ impl S3Store {
             .map(|cp| cp.part_size)
             .filter(|&p| p >= MIN_PART_SIZE)
             .unwrap_or(self.settings.part_size);
-        // One read up front gives the whole-file SHA-256 (stored as object metadata
-        // at creation) and every part's checksum (to skip parts already confirmed).
-        let (sha256, part_digests) = hash_parts(object.source, part_size).await?;
+        // One read up front gives the whole-file SHA-256 (object metadata, set at
+        // creation) and CRC32 (to verify the finished object).
+        let (sha256, whole_crc32) = hash_file(object.source).await?;
+        let part_count = size.div_ceil(part_size).max(1) as u32;
         let mut resume_from = journal.resume();
-        loop {
+        let parts = loop {
             let resuming = resume_from.is_some();
             let (checkpoint, confirmed) = self
                 .resume_or_create(object, journal, resume_from.take(), part_size, &sha256)
@@ -153,7 +156,7 @@ impl S3Store {
                     journal,
                     &checkpoint,
                     confirmed,
-                    &part_digests,
+                    part_count,
                     part_size,
                 )
                 .await
@@ -183,41 +186,53 @@ impl S3Store {
                     continue;
                 }
                 Err(other) => return Err(other),
-                Ok(()) => break,
+                Ok(parts) => break parts,
             }
-        }
-        let composite = {
-            let mut h = Sha256::new();
-            for d in &part_digests {
-                h.update(d);
-            }
-            format!("{}-{}", B64.encode(h.finalize()), part_digests.len())
         };
-        self.verify(object, &sha256, Some(composite)).await?;
+        // A composite checksum is the CRC32 of the parts' CRC32s, with the part count.
+        let composite = {
+            let mut h = crc32fast::Hasher::new();
+            for part in &parts {
+                let raw = part
+                    .checksum
+                    .as_deref()
+                    .and_then(|c| B64.decode(c).ok())
+                    .unwrap_or_default();
+                h.update(&raw);
+            }
+            format!("{}-{}", B64.encode(h.finalize().to_be_bytes()), parts.len())
+        };
+        self.verify(
+            object,
+            &sha256,
+            Expected::Crc32 {
+                composite,
+                full_object: B64.encode(whole_crc32.to_be_bytes()),
+            },
+        )
+        .await?;
         Ok(PutOutcome { sha256, size })
     }
 
-    /// Uploads the parts the service has not confirmed yet and completes the upload.
+    /// Uploads the parts the service has not confirmed yet and completes the
+    /// upload; returns the parts in order.
     async fn send_parts(
         &self,
         object: &ObjectToStore<'_>,
         journal: &dyn PutJournal,
         checkpoint: &MultipartCheckpoint,
         confirmed: HashMap<u32, CompletedPart>,
-        part_digests: &[[u8; 32]],
+        part_count: u32,
         part_size: u64,
-    ) -> Result<(), FinalStoreError> {
+    ) -> Result<Vec<CompletedPart>, FinalStoreError> {
         let size = object.source.size;
-        let mut done: Vec<CompletedPart> = Vec::with_capacity(part_digests.len());
+        let mut done: Vec<CompletedPart> = Vec::with_capacity(part_count as usize);
         let mut in_flight = FuturesUnordered::new();
 
-        for (index, digest) in part_digests.iter().enumerate() {
-            let number = index as u32 + 1;
-            let checksum = B64.encode(digest);
-            if let Some(part) = confirmed
-                .get(&number)
-                .filter(|p| p.checksum.as_deref() == Some(checksum.as_str()))
-            {
+        for number in 1..=part_count {
+            // The local file never changes once complete: a part the service
+            // confirmed (with the checksum journaled for it) is not sent again.
+            if let Some(part) = confirmed.get(&number) {
                 done.push(part.clone());
                 continue;
             }
@@ -237,8 +252,9 @@ impl S3Store {
                     self.save_progress(journal, checkpoint, &done).await?;
                 }
             }
-            let start = index as u64 * part_size;
+            let start = u64::from(number - 1) * part_size;
             let bytes = read_bytes(object.source, start, (start + part_size).min(size)).await?;
+            let checksum = B64.encode(crc32fast::hash(&bytes).to_be_bytes());
             in_flight.push(self.upload_part(
                 object,
                 &checkpoint.upload_id,
@@ -259,7 +275,7 @@ impl S3Store {
                 S3CompletedPart::builder()
                     .part_number(p.number as i32)
                     .e_tag(&p.etag)
-                    .set_checksum_sha256(p.checksum.clone())
+                    .set_checksum_crc32(p.checksum.clone())
                     .build()
             })
             .collect();
@@ -277,7 +293,7 @@ impl S3Store {
             .await
             .map_err(classify)?;
         journal.record(None).await?;
-        Ok(())
+        Ok(done)
     }
 
     async fn bucket_answers(&self, bucket: &str) -> bool {
@@ -328,7 +344,7 @@ impl S3Store {
             .content_type(object.mimetype)
             .set_acl(acl(object.acl))
             .set_metadata(Some(object_metadata(object, sha256)))
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
             .await
             .map_err(classify)?;
@@ -370,7 +386,7 @@ impl S3Store {
                 .map_err(classify)?;
             for p in page.parts() {
                 if let Some(n) = p.part_number() {
-                    listed.insert(n as u32, (p.size(), p.checksum_sha256().map(str::to_owned)));
+                    listed.insert(n as u32, (p.size(), p.checksum_crc32().map(str::to_owned)));
                 }
             }
             marker = page.next_part_number_marker().map(str::to_owned);
@@ -444,12 +460,12 @@ impl S3Store {
             .key(object.key)
             .upload_id(upload_id)
             .part_number(number as i32)
-            .checksum_sha256(&checksum)
+            .checksum_crc32(&checksum)
             .body(S3Body::from(bytes))
             .send()
             .await
             .map_err(classify)?;
-        if let Some(echoed) = answer.checksum_sha256() {
+        if let Some(echoed) = answer.checksum_crc32() {
             if echoed != checksum {
                 return Err(FinalStoreError::Verification(format!(
                     "part {number}: sent checksum {checksum}, service recorded {echoed}"
@@ -483,7 +499,7 @@ impl S3Store {
         &self,
         object: &ObjectToStore<'_>,
         sha256: &str,
-        expected_checksum: Option<String>,
+        expected: Expected,
     ) -> Result<(), FinalStoreError> {
         let head = self
             .client
@@ -501,16 +517,40 @@ impl S3Store {
                 object.container, object.key, object.source.size
             )));
         }
-        if let (Some(stored), Some(expected)) = (head.checksum_sha256(), expected_checksum) {
-            if stored != expected {
+        let (stored, accepted): (Option<&str>, Vec<&str>) = match &expected {
+            Expected::Sha256(sum) => (head.checksum_sha256(), vec![sum.as_str()]),
+            Expected::Crc32 {
+                composite,
+                full_object,
+            } => (
+                head.checksum_crc32(),
+                vec![composite.as_str(), full_object.as_str()],
+            ),
+        };
+        // Services that keep no checksum report none; size was checked above.
+        if let Some(stored) = stored {
+            if !accepted.contains(&stored) {
                 return Err(FinalStoreError::Verification(format!(
-                    "{}/{} has checksum {stored}, expected {expected} (sha256 {sha256})",
-                    object.container, object.key
+                    "{}/{} has checksum {stored}, expected {} (sha256 {sha256})",
+                    object.container,
+                    object.key,
+                    accepted.join(" or ")
                 )));
             }
         }
         Ok(())
     }
+}
+
+/// The checksum a finished object must report, when the service reports one.
+enum Expected {
+    Sha256(String),
+    /// A multipart object: the composite of its parts' CRC32s, or (services that
+    /// compute full-object checksums) the CRC32 of the whole file.
+    Crc32 {
+        composite: String,
+        full_object: String,
+    },
 }
 
 fn acl(access: Option<&str>) -> Option<ObjectCannedAcl> {
@@ -541,37 +581,19 @@ fn object_metadata(object: &ObjectToStore<'_>, sha256: &str) -> HashMap<String, 
     meta
 }
 
-/// The whole file's hex SHA-256 and the raw SHA-256 of each part, in one read.
-async fn hash_parts(
-    source: &LocalObject,
-    part_size: u64,
-) -> Result<(String, Vec<[u8; 32]>), FinalStoreError> {
-    let mut whole = Sha256::new();
-    let mut part = Sha256::new();
-    let mut in_part = 0u64;
-    let mut digests = Vec::with_capacity(source.size.div_ceil(part_size) as usize);
+/// The whole file's hex SHA-256 and its CRC32, in one read.
+async fn hash_file(source: &LocalObject) -> Result<(String, u32), FinalStoreError> {
+    let mut sha256 = Sha256::new();
+    let mut crc32 = crc32fast::Hasher::new();
     let mut stream = source.read_all();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             FinalStoreError::Local(crate::StorageError::io("reading the local copy", e))
         })?;
-        whole.update(&chunk);
-        let mut rest = &chunk[..];
-        while !rest.is_empty() {
-            let take = rest.len().min((part_size - in_part) as usize);
-            part.update(&rest[..take]);
-            in_part += take as u64;
-            rest = &rest[take..];
-            if in_part == part_size {
-                digests.push(part.finalize_reset().into());
-                in_part = 0;
-            }
-        }
+        sha256.update(&chunk);
+        crc32.update(&chunk);
     }
-    if in_part > 0 {
-        digests.push(part.finalize().into());
-    }
-    Ok((hex::encode(whole.finalize()), digests))
+    Ok((hex::encode(sha256.finalize()), crc32.finalize()))
 }
 
 async fn read_bytes(source: &LocalObject, start: u64, end: u64) -> Result<Bytes, FinalStoreError> {
