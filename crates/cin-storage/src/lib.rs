@@ -15,5 +15,7 @@ pub use final_store::{
     PutOutcome, S3Settings, S3Store,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
-pub use parts::{ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore};
+pub use parts::{
+    ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore, SegmentReader,
+};
 pub use segment_log::SegmentLog;

@@ -328,6 +328,46 @@ impl LocalObject {
     pub fn read_all(&self) -> ByteStream {
         self.read_range(0, self.size)
     }
+
+    /// A blocking reader over the whole file, for copies on the blocking pool.
+    pub fn reader(&self) -> SegmentReader {
+        SegmentReader {
+            root: self.parts.root.clone(),
+            segments: self.segments.clone().into(),
+            current: None,
+        }
+    }
+}
+
+/// Reads a complete file's segments one after the other (blocking I/O).
+pub struct SegmentReader {
+    root: Arc<PathBuf>,
+    segments: std::collections::VecDeque<Segment>,
+    current: Option<io::Take<File>>,
+}
+
+impl io::Read for SegmentReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Seek;
+        loop {
+            if let Some(current) = &mut self.current {
+                let n = current.read(buf)?;
+                if n > 0 || buf.is_empty() {
+                    return Ok(n);
+                }
+                self.current = None;
+            }
+            let Some(segment) = self.segments.pop_front() else {
+                return Ok(0);
+            };
+            let path = self.root.join(&segment.file);
+            let mut file = File::open(&path).map_err(|e| {
+                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            })?;
+            file.seek(io::SeekFrom::Start(segment.offset))?;
+            self.current = Some(io::Read::take(file, segment.len));
+        }
+    }
 }
 
 /// The blocking half of a chunk write: owns the file and the running digest.
@@ -534,6 +574,23 @@ mod tests {
             b"abcdefgh"
         );
         assert_eq!(collect(store.read_range(&segments, 4, 7)).await, b"efg");
+
+        // The blocking reader sees the same bytes, from offsets inside files too.
+        let object = LocalObject {
+            parts: store.clone(),
+            segments: vec![
+                Segment {
+                    offset: 2,
+                    len: 3,
+                    ..segments[0].clone()
+                },
+                segments[1].clone(),
+            ],
+            size: 5,
+        };
+        let mut read = Vec::new();
+        io::Read::read_to_end(&mut object.reader(), &mut read).unwrap();
+        assert_eq!(read, b"cdegh");
     }
 
     #[tokio::test]

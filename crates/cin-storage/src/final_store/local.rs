@@ -4,9 +4,10 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use std::io::{Read, Write};
+
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
@@ -45,25 +46,77 @@ fn io_err(context: String) -> impl FnOnce(io::Error) -> FinalStoreError {
     move |e| FinalStoreError::Local(StorageError::io(context, e))
 }
 
-async fn sha256_of_file(path: &Path) -> Result<(String, u64), FinalStoreError> {
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(io_err(format!("opening {}", path.display())))?;
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// Reads everything from `reader`, hashing it and handing each piece to `sink`.
+fn hash_through(
+    reader: &mut impl Read,
+    mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; COPY_BUFFER];
     let mut size = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .await
-            .map_err(io_err(format!("reading {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
         size += n as u64;
     }
     Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// Copies a local file into `path` through a temporary name: written, fsync'd,
+/// read back and compared, then renamed into place and its directory fsync'd.
+fn copy_durably(
+    mut source: impl Read,
+    size: u64,
+    path: &Path,
+) -> Result<PutOutcome, FinalStoreError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| FinalStoreError::Rejected(format!("{} has no parent", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let tmp = dir.join(format!(".incoming-{}", cin_domain::UploadId::generate()));
+    let result = (|| {
+        let mut out =
+            std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let (sent, written) = hash_through(&mut source, |piece| out.write_all(piece)).map_err(
+            io_err(format!("copying the local copy to {}", tmp.display())),
+        )?;
+        out.sync_all()
+            .map_err(io_err(format!("syncing {}", tmp.display())))?;
+        drop(out);
+        if written != size {
+            return Err(FinalStoreError::Verification(format!(
+                "local copy has {written} bytes, the record says {size}"
+            )));
+        }
+        // Read back what landed: the contract is verified, not merely written.
+        let mut landed_file =
+            std::fs::File::open(&tmp).map_err(io_err(format!("opening {}", tmp.display())))?;
+        let (landed, landed_size) = hash_through(&mut landed_file, |_| Ok(()))
+            .map_err(io_err(format!("reading {}", tmp.display())))?;
+        if landed != sent || landed_size != written {
+            return Err(FinalStoreError::Verification(format!(
+                "wrote sha256 {sent} ({written} bytes) but read back {landed} ({landed_size} bytes)"
+            )));
+        }
+        std::fs::rename(&tmp, path).map_err(io_err(format!("renaming into {}", path.display())))?;
+        sync_dir(dir)?;
+        Ok(PutOutcome {
+            sha256: sent,
+            size: written,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[async_trait]
@@ -78,61 +131,17 @@ impl FinalStore for LocalDirStore {
         _journal: &dyn PutJournal,
     ) -> Result<PutOutcome, FinalStoreError> {
         let path = self.object_path(object.container, object.key)?;
-        let dir = path
-            .parent()
-            .ok_or_else(|| FinalStoreError::Rejected(format!("{} has no parent", path.display())))?
-            .to_path_buf();
-        tokio::fs::create_dir_all(&dir)
+        let source = object.source.reader();
+        let size = object.source.size;
+        // Local disk work: one trip to the blocking pool for the whole copy, not one per call.
+        tokio::task::spawn_blocking(move || copy_durably(source, size, &path))
             .await
-            .map_err(io_err(format!("creating {}", dir.display())))?;
-        let tmp = dir.join(format!(".incoming-{}", cin_domain::UploadId::generate()));
-        let result = async {
-            let mut out = tokio::fs::File::create(&tmp)
-                .await
-                .map_err(io_err(format!("creating {}", tmp.display())))?;
-            let mut hasher = Sha256::new();
-            let mut written = 0u64;
-            let mut source = object.source.read_all();
-            while let Some(chunk) = source.next().await {
-                let chunk = chunk.map_err(io_err("reading the local copy".into()))?;
-                hasher.update(&chunk);
-                written += chunk.len() as u64;
-                out.write_all(&chunk)
-                    .await
-                    .map_err(io_err(format!("writing {}", tmp.display())))?;
-            }
-            out.sync_all()
-                .await
-                .map_err(io_err(format!("syncing {}", tmp.display())))?;
-            drop(out);
-            let sent = hex::encode(hasher.finalize());
-            if written != object.source.size {
-                return Err(FinalStoreError::Verification(format!(
-                    "local copy has {written} bytes, the record says {}",
-                    object.source.size
-                )));
-            }
-            // Read back what landed: the contract is verified, not merely written.
-            let (landed, landed_size) = sha256_of_file(&tmp).await?;
-            if landed != sent || landed_size != written {
-                return Err(FinalStoreError::Verification(format!(
-                    "wrote sha256 {sent} ({written} bytes) but read back {landed} ({landed_size} bytes)"
-                )));
-            }
-            tokio::fs::rename(&tmp, &path)
-                .await
-                .map_err(io_err(format!("renaming into {}", path.display())))?;
-            let d = dir.clone();
-            tokio::task::spawn_blocking(move || sync_dir(&d))
-                .await
-                .map_err(|e| FinalStoreError::Local(StorageError::io("sync task", io::Error::other(e.to_string()))))??;
-            Ok(PutOutcome { sha256: sent, size: written })
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+            .map_err(|e| {
+                FinalStoreError::Local(StorageError::io(
+                    "copy task",
+                    io::Error::other(e.to_string()),
+                ))
+            })?
     }
 
     async fn head(
