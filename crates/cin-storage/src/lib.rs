@@ -2,6 +2,7 @@
 //! replication jobs), the local part files holding uploaded bytes, and the final
 //! stores the replicator delivers complete files to.
 
+pub mod background;
 pub mod error;
 pub mod final_store;
 pub mod group_commit;

@@ -11,19 +11,27 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
+use crate::background::BackgroundPool;
 use crate::parts::sync_dir;
 use crate::{ByteStream, StorageError};
 
 pub struct LocalDirStore {
     root: PathBuf,
+    copies: BackgroundPool,
 }
+
+/// Files copied into the store at the same time.
+const COPY_THREADS: usize = 1;
 
 impl LocalDirStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
         std::fs::create_dir_all(&root)
             .map_err(|e| StorageError::io(format!("creating {}", root.display()), e))?;
-        Ok(LocalDirStore { root })
+        Ok(LocalDirStore {
+            root,
+            copies: BackgroundPool::start("local-store", COPY_THREADS)?,
+        })
     }
 
     fn object_path(&self, container: &str, key: &str) -> Result<PathBuf, FinalStoreError> {
@@ -133,15 +141,10 @@ impl FinalStore for LocalDirStore {
         let path = self.object_path(object.container, object.key)?;
         let source = object.source.reader();
         let size = object.source.size;
-        // Local disk work: one trip to the blocking pool for the whole copy, not one per call.
-        tokio::task::spawn_blocking(move || copy_durably(source, size, &path))
-            .await
-            .map_err(|e| {
-                FinalStoreError::Local(StorageError::io(
-                    "copy task",
-                    io::Error::other(e.to_string()),
-                ))
-            })?
+        // The whole copy in one job, on threads that yield to request handling.
+        self.copies
+            .run(move || copy_durably(source, size, &path))
+            .await?
     }
 
     async fn head(
