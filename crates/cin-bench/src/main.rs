@@ -112,6 +112,10 @@ pub struct Args {
     json: bool,
 }
 
+// The same allocator as the cin-edge binary, for POPs started in this process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::StorageError;
 
 /// The nice value of background threads (request handling runs at the process's own, usually 0).
-const BACKGROUND_NICE: libc::c_int = 10;
+const BACKGROUND_NICE: libc::c_int = 19;
 
 type Job = Box<dyn FnOnce() + Send>;
 
