@@ -331,9 +331,28 @@ impl LocalObject {
 
     /// A blocking reader over the whole file, for copies on the blocking pool.
     pub fn reader(&self) -> SegmentReader {
+        self.range_reader(0, self.size)
+    }
+
+    /// A blocking reader over bytes `[start, end)` of the file.
+    pub fn range_reader(&self, start: u64, end: u64) -> SegmentReader {
+        let mut pieces = std::collections::VecDeque::new();
+        let mut file_pos = 0u64;
+        for seg in &self.segments {
+            let (seg_start, seg_end) = (file_pos, file_pos + seg.len);
+            file_pos = seg_end;
+            let (s, e) = (start.max(seg_start), end.min(seg_end));
+            if s < e {
+                pieces.push_back(Segment {
+                    file: seg.file.clone(),
+                    offset: seg.offset + (s - seg_start),
+                    len: e - s,
+                });
+            }
+        }
         SegmentReader {
             root: self.parts.root.clone(),
-            segments: self.segments.clone().into(),
+            segments: pieces,
             current: None,
         }
     }

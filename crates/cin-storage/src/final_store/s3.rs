@@ -581,30 +581,43 @@ fn object_metadata(object: &ObjectToStore<'_>, sha256: &str) -> HashMap<String, 
     meta
 }
 
-/// The whole file's hex SHA-256 and its CRC32, in one read.
+/// The whole file's hex SHA-256 and its CRC32, in one read on the blocking pool.
 async fn hash_file(source: &LocalObject) -> Result<(String, u32), FinalStoreError> {
-    let mut sha256 = Sha256::new();
-    let mut crc32 = crc32fast::Hasher::new();
-    let mut stream = source.read_all();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            FinalStoreError::Local(crate::StorageError::io("reading the local copy", e))
-        })?;
-        sha256.update(&chunk);
-        crc32.update(&chunk);
-    }
-    Ok((hex::encode(sha256.finalize()), crc32.finalize()))
+    let mut reader = source.reader();
+    let hashed = tokio::task::spawn_blocking(move || {
+        let mut sha256 = Sha256::new();
+        let mut crc32 = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            sha256.update(&buf[..n]);
+            crc32.update(&buf[..n]);
+        }
+        Ok((hex::encode(sha256.finalize()), crc32.finalize()))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r);
+    hashed.map_err(|e| FinalStoreError::Local(crate::StorageError::io("reading the local copy", e)))
 }
 
+/// Bytes `[start, end)` of the local copy, read in one trip to the blocking pool.
 async fn read_bytes(source: &LocalObject, start: u64, end: u64) -> Result<Bytes, FinalStoreError> {
-    let mut out = Vec::with_capacity((end - start) as usize);
-    let mut stream = source.read_range(start, end);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            FinalStoreError::Local(crate::StorageError::io("reading the local copy", e))
-        })?;
-        out.extend_from_slice(&chunk);
-    }
+    let mut reader = source.range_reader(start, end);
+    let len = (end - start) as usize;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(len);
+        std::io::Read::read_to_end(&mut reader, &mut out).map(|_| out)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r)
+    .map_err(|e| FinalStoreError::Local(crate::StorageError::io("reading the local copy", e)))?;
     if out.len() as u64 != end - start {
         return Err(FinalStoreError::Local(crate::StorageError::io(
             "reading the local copy",
