@@ -270,8 +270,15 @@ async fn small_files_acknowledged_together_survive_a_kill() {
         assert_eq!(meta["sha256"], sha256_hex(bytes));
         assert_eq!(meta["size"], bytes.len());
     }
-    assert!(
-        dir.path().join("parts/log").read_dir().unwrap().count() >= 2,
-        "each start writes a new log file"
+    // This start appends to a log file of its own.
+    let later = random_bytes(1000, 599);
+    let handle = pop
+        .store_raw("/api/store/s3?filename=later.bin", later.clone())
+        .await;
+    assert_eq!(pop.download(&handle).await, later);
+    assert_eq!(
+        dir.path().join("parts/log").read_dir().unwrap().count(),
+        2,
+        "each start writes to a new log file"
     );
 }

@@ -34,9 +34,14 @@ pub struct SegmentLog {
 
 impl SegmentLog {
     /// Opens the log under a part store's root. Every start writes to a new log
-    /// file, so bytes torn off by a crash are never followed by new ones.
+    /// file (created at its first append), so bytes torn off by a crash are never
+    /// followed by new ones.
     pub fn open(parts_root: &Path) -> Result<Self, StorageError> {
-        let mut writer = LogWriter::open(parts_root)?;
+        Self::open_with_file_limit(parts_root, LOG_FILE_MAX)
+    }
+
+    fn open_with_file_limit(parts_root: &Path, max_file: u64) -> Result<Self, StorageError> {
+        let mut writer = LogWriter::open(parts_root, max_file)?;
         let (queue, incoming) = mpsc::channel::<Append>();
         let thread = std::thread::Builder::new()
             .name("segment-log".into())
@@ -83,12 +88,14 @@ impl Drop for SegmentLog {
 struct LogWriter {
     dir: PathBuf,
     seq: u64,
-    file: File,
+    /// The current log file; created at its first append.
+    file: Option<File>,
     pos: u64,
+    max_file: u64,
 }
 
 impl LogWriter {
-    fn open(parts_root: &Path) -> Result<Self, StorageError> {
+    fn open(parts_root: &Path, max_file: u64) -> Result<Self, StorageError> {
         let dir = parts_root.join(LOG_DIR);
         let existed = dir.exists();
         std::fs::create_dir_all(&dir)
@@ -101,13 +108,12 @@ impl LogWriter {
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);
-        let seq = last + 1;
-        let file = create_log_file(&dir, seq)?;
         Ok(LogWriter {
             dir,
-            seq,
-            file,
+            seq: last + 1,
+            file: None,
             pos: 0,
+            max_file,
         })
     }
 
@@ -117,10 +123,12 @@ impl LogWriter {
             let result = self.write(&append.frames).map_err(|e| e.to_string());
             written.push((append.done, result));
         }
-        let synced = self
-            .file
-            .sync_data()
-            .map_err(|e| format!("syncing {}: {e}", self.path(self.seq).display()));
+        let synced = match &self.file {
+            Some(file) => file
+                .sync_data()
+                .map_err(|e| format!("syncing {}: {e}", self.path(self.seq).display())),
+            None => Ok(()),
+        };
         for (done, result) in written {
             let answer = match (&synced, result) {
                 (Err(e), Ok(_)) => Err(e.clone()),
@@ -132,14 +140,24 @@ impl LogWriter {
 
     fn write(&mut self, frames: &[Bytes]) -> Result<Segment, StorageError> {
         let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
-        if self.pos > 0 && self.pos + len > LOG_FILE_MAX {
+        if self.pos > 0 && self.pos + len > self.max_file {
             self.roll()?;
         }
+        let file = match &mut self.file {
+            Some(file) => file,
+            empty => empty.insert(create_log_file(&self.dir, self.seq)?),
+        };
         let offset = self.pos;
         let mut at = offset;
         for frame in frames {
-            self.file.write_all_at(frame, at).map_err(|e| {
-                StorageError::io(format!("writing {}", self.path(self.seq).display()), e)
+            file.write_all_at(frame, at).map_err(|e| {
+                StorageError::io(
+                    format!(
+                        "writing {}",
+                        self.dir.join(log_file_name(self.seq)).display()
+                    ),
+                    e,
+                )
             })?;
             at += frame.len() as u64;
         }
@@ -151,14 +169,14 @@ impl LogWriter {
         })
     }
 
-    /// Makes the current file durable and moves on to a new one.
+    /// Makes the current file durable; the next append starts a new one.
     fn roll(&mut self) -> Result<(), StorageError> {
-        self.file.sync_data().map_err(|e| {
-            StorageError::io(format!("syncing {}", self.path(self.seq).display()), e)
-        })?;
-        let next = create_log_file(&self.dir, self.seq + 1)?;
+        if let Some(file) = self.file.take() {
+            file.sync_data().map_err(|e| {
+                StorageError::io(format!("syncing {}", self.path(self.seq).display()), e)
+            })?;
+        }
         self.seq += 1;
-        self.file = next;
         self.pos = 0;
         Ok(())
     }
@@ -281,6 +299,33 @@ mod tests {
         for (body, segment) in &written {
             assert_eq!(read(&parts, segment).await, body.as_bytes());
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_log_file_is_closed_and_the_next_append_starts_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = PartStore::open(dir.path()).unwrap();
+        let log = SegmentLog::open_with_file_limit(dir.path(), 10).unwrap();
+        let mut segments = Vec::new();
+        for body in [
+            &b"abcdef"[..],
+            b"ghijkl",
+            b"mn",
+            b"a body longer than the limit",
+        ] {
+            let segment = log
+                .append(vec![Bytes::copy_from_slice(body)])
+                .await
+                .unwrap();
+            assert_eq!(read(&parts, &segment).await, body);
+            segments.push(segment);
+        }
+        let files: Vec<&str> = segments.iter().map(|s| s.file.as_str()).collect();
+        assert_ne!(files[0], files[1], "6 + 6 bytes overflow a 10-byte file");
+        assert_eq!(files[1], files[2], "a file takes appends up to its limit");
+        assert_ne!(files[2], files[3]);
+        let offsets: Vec<u64> = segments.iter().map(|s| s.offset).collect();
+        assert_eq!(offsets, [0, 0, 6, 0]);
     }
 
     #[tokio::test]
