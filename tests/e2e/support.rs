@@ -216,6 +216,24 @@ impl Pop {
         }
     }
 
+    /// Waits until replicating `handle` has failed twice; the file must stay
+    /// `InTransit` with the error in its metadata. Returns the metadata.
+    pub async fn wait_failing_replication(&self, handle: &str, timeout: Duration) -> Value {
+        let meta = self
+            .wait_metadata(handle, timeout, "two failed attempts", |m| {
+                m["replication"]["attempts"].as_u64().unwrap_or(0) >= 2
+            })
+            .await;
+        assert_eq!(meta["status"], "InTransit");
+        assert!(
+            meta["replication"]["last_error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty()),
+            "{meta}"
+        );
+        meta
+    }
+
     /// `POST` of raw bytes to `/api/store/...` that must succeed; returns the handle.
     pub async fn store_raw(&self, path_and_query: &str, bytes: Vec<u8>) -> String {
         let resp = self

@@ -196,6 +196,34 @@ pub fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// p50 and p99 rows of latencies in ms, and a row for failures if there were any.
+pub fn latency_rows(
+    scenario: &'static str,
+    what: &str,
+    mut latencies: Vec<f64>,
+    failed: u64,
+) -> Vec<Row> {
+    latencies.sort_by(f64::total_cmp);
+    let mut rows = vec![
+        Row::new(
+            scenario,
+            format!("{what} p50"),
+            percentile(&latencies, 50.0),
+            "ms",
+        ),
+        Row::new(
+            scenario,
+            format!("{what} p99"),
+            percentile(&latencies, 99.0),
+            "ms",
+        ),
+    ];
+    if failed > 0 {
+        rows.push(Row::new(scenario, "failed uploads", failed as f64, ""));
+    }
+    rows
+}
+
 /// The `p`-th percentile (0..=100) of sorted samples, nearest rank.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

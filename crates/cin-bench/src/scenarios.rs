@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::pop::{edge_binary, Pop, S3Profile};
-use crate::report::{percentile, Goal, Row};
+use crate::report::{latency_rows, percentile, Goal, Row};
 use crate::s3::{self, S3Server};
 use crate::source::{Pattern, PatternSource, MIB};
 use crate::Args;
@@ -572,22 +572,12 @@ pub async fn concurrent(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         mb_per_s(latencies.len() as u64 * size, elapsed),
         "MB/s",
     )];
-    latencies.sort_by(f64::total_cmp);
-    rows.push(Row::new(
+    rows.extend(latency_rows(
         "concurrent",
-        "per-upload latency p50",
-        percentile(&latencies, 50.0),
-        "ms",
+        "per-upload latency",
+        latencies,
+        failed as u64,
     ));
-    rows.push(Row::new(
-        "concurrent",
-        "per-upload latency p99",
-        percentile(&latencies, 99.0),
-        "ms",
-    ));
-    if failed > 0 {
-        rows.push(Row::new("concurrent", "failed uploads", failed as f64, ""));
-    }
     if let Some(base) = baseline {
         rows.push(Row::new(
             "concurrent",
@@ -767,21 +757,7 @@ pub async fn small(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         "uploads/s",
     )
     .with_target(">= 5,000 uploads/s", Goal::AtLeast(5000.0), rate)];
-    rows.push(Row::new(
-        "small",
-        "latency p50",
-        percentile(&latencies, 50.0),
-        "ms",
-    ));
-    rows.push(Row::new(
-        "small",
-        "latency p99",
-        percentile(&latencies, 99.0),
-        "ms",
-    ));
-    if failed > 0 {
-        rows.push(Row::new("small", "failed uploads", failed as f64, ""));
-    }
+    rows.extend(latency_rows("small", "latency", latencies, failed));
     Ok(rows)
 }
 

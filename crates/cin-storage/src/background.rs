@@ -59,7 +59,7 @@ impl BackgroundPool {
         F: FnOnce() -> T + Send + 'static,
     {
         let (done, answer) = oneshot::channel();
-        let stopped = || StorageError::Commit("the background threads have stopped".into());
+        let stopped = || StorageError::Stopped("background");
         self.queue
             .as_ref()
             .ok_or_else(stopped)?

@@ -15,6 +15,8 @@ pub enum StorageError {
     Sled(#[from] sled::Error),
     #[error("making writes durable failed: {0}")]
     Commit(String),
+    #[error("the {0} thread has stopped; the POP is shutting down")]
+    Stopped(&'static str),
     #[error("metadata record {key} is corrupt ({reason}); restore the data directory from a backup or remove the record")]
     Corrupt { key: String, reason: String },
 }

@@ -1,6 +1,8 @@
-//! Group commit: one thread makes writes durable for every caller that asked since
-//! its last sync, so concurrent requests share one fsync instead of paying one each.
-//! A caller asks only after its own write, so the sync that answers it covers it.
+//! Group commit: one thread takes every request queued since its last batch,
+//! handles them together (writes, then one sync) and answers each caller, so
+//! concurrent requests share one fsync instead of paying one each. A caller's
+//! request reaches the thread only after everything it did before asking, so the
+//! sync that answers it covers that too.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -9,31 +11,31 @@ use tokio::sync::oneshot;
 
 use crate::StorageError;
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+type Answer<Resp> = oneshot::Sender<Result<Resp, String>>;
 
-pub struct GroupCommit {
+pub struct GroupCommit<Req, Resp> {
     name: &'static str,
-    queue: Option<mpsc::Sender<Waiter>>,
+    queue: Option<mpsc::Sender<(Req, Answer<Resp>)>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl GroupCommit {
-    /// Starts the committer thread; `sync` makes every write issued so far durable.
-    pub fn start<F>(name: &'static str, mut sync: F) -> Result<Self, StorageError>
+impl<Req: Send + 'static, Resp: Send + 'static> GroupCommit<Req, Resp> {
+    /// Starts the committer thread. `commit` handles a batch of requests and
+    /// returns one answer per request, in order, once they are durable.
+    pub fn start<F>(name: &'static str, mut commit: F) -> Result<Self, StorageError>
     where
-        F: FnMut() -> Result<(), StorageError> + Send + 'static,
+        F: FnMut(Vec<Req>) -> Vec<Result<Resp, String>> + Send + 'static,
     {
-        let (queue, waiting) = mpsc::channel::<Waiter>();
+        let (queue, waiting) = mpsc::channel::<(Req, Answer<Resp>)>();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-commit"))
             .spawn(move || {
                 while let Ok(first) = waiting.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(waiting.try_iter());
-                    let result = sync().map_err(|e| e.to_string());
-                    for waiter in batch {
+                    let (requests, answers): (Vec<Req>, Vec<Answer<Resp>>) =
+                        std::iter::once(first).chain(waiting.try_iter()).unzip();
+                    for (answer, result) in answers.into_iter().zip(commit(requests)) {
                         // A caller that gave up (its request was dropped) needs no answer.
-                        let _ = waiter.send(result.clone());
+                        let _ = answer.send(result);
                     }
                 }
             })
@@ -45,23 +47,23 @@ impl GroupCommit {
         })
     }
 
-    /// Returns once every write this caller issued before calling is durable.
-    pub async fn commit(&self) -> Result<(), StorageError> {
-        let (done, answer) = oneshot::channel();
-        let stopped = || StorageError::Commit(format!("the {} committer has stopped", self.name));
+    /// Hands `request` to the committer; returns its answer once it is durable.
+    pub async fn submit(&self, request: Req) -> Result<Resp, StorageError> {
+        let (answer, answered) = oneshot::channel();
+        let stopped = || StorageError::Stopped(self.name);
         self.queue
             .as_ref()
             .ok_or_else(stopped)?
-            .send(done)
+            .send((request, answer))
             .map_err(|_| stopped())?;
-        answer
+        answered
             .await
             .map_err(|_| stopped())?
             .map_err(StorageError::Commit)
     }
 }
 
-impl Drop for GroupCommit {
+impl<Req, Resp> Drop for GroupCommit<Req, Resp> {
     fn drop(&mut self) {
         // Closing the queue ends the thread; joining it releases what it holds
         // (files, the database) before the owner is reopened.
@@ -83,21 +85,22 @@ mod tests {
         let syncs = Arc::new(AtomicUsize::new(0));
         let counted = syncs.clone();
         let commit = Arc::new(
-            GroupCommit::start("test", move || {
+            GroupCommit::start("test", move |batch: Vec<u32>| {
                 counted.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(std::time::Duration::from_millis(5));
-                Ok(())
+                batch.into_iter().map(|n| Ok(n * 2)).collect()
             })
             .unwrap(),
         );
-        let callers: Vec<_> = (0..64)
-            .map(|_| {
+        let callers: Vec<_> = (0..64u32)
+            .map(|n| {
                 let commit = commit.clone();
-                tokio::spawn(async move { commit.commit().await })
+                tokio::spawn(async move { (n, commit.submit(n).await) })
             })
             .collect();
         for caller in callers {
-            caller.await.unwrap().unwrap();
+            let (n, answer) = caller.await.unwrap();
+            assert_eq!(answer.unwrap(), n * 2, "each caller gets its own answer");
         }
         let syncs = syncs.load(Ordering::SeqCst);
         assert!((1..64).contains(&syncs), "64 callers took {syncs} syncs");
@@ -107,19 +110,17 @@ mod tests {
     async fn a_failed_sync_fails_its_callers_only() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
-        let commit = GroupCommit::start("test", move || {
-            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(StorageError::io(
-                    "syncing",
-                    std::io::Error::other("disk gone"),
-                ))
+        let commit = GroupCommit::start("test", move |batch: Vec<()>| {
+            let result = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err("syncing: disk gone".to_owned())
             } else {
                 Ok(())
-            }
+            };
+            vec![result; batch.len()]
         })
         .unwrap();
-        let err = commit.commit().await.unwrap_err();
+        let err = commit.submit(()).await.unwrap_err();
         assert!(err.to_string().contains("disk gone"), "{err}");
-        commit.commit().await.unwrap();
+        commit.submit(()).await.unwrap();
     }
 }

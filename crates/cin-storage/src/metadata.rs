@@ -82,7 +82,7 @@ pub struct SledMetadataStore {
     db: sled::Db,
     /// Flushes for concurrent requests are grouped. (sled 0.34's own
     /// `flush_async` deadlocks with concurrent writers, spacejam/sled#1308.)
-    flusher: GroupCommit,
+    flusher: GroupCommit<(), ()>,
     files: sled::Tree,
     uploads: sled::Tree,
     parts: sled::Tree,
@@ -100,9 +100,9 @@ impl SledMetadataStore {
         let files = db.open_tree("files")?;
         queue_orphaned_files(&files, &jobs)?;
         let flushed = db.clone();
-        let flusher = GroupCommit::start("metadata", move || {
-            flushed.flush()?;
-            Ok(())
+        let flusher = GroupCommit::start("metadata", move |batch: Vec<()>| {
+            let flushed = flushed.flush().map(|_| ()).map_err(|e| e.to_string());
+            vec![flushed; batch.len()]
         })?;
         Ok(SledMetadataStore {
             flusher,
@@ -119,15 +119,19 @@ impl SledMetadataStore {
 /// Queues a replication job for every complete file without one (a crash came
 /// between writing a file's record and its job).
 fn queue_orphaned_files(files: &sled::Tree, jobs: &sled::Tree) -> Result<(), StorageError> {
+    let mut queued = false;
     for kv in files.iter() {
         let (key, value) = kv?;
         let file: FileRecord = decode(&key, &value)?;
         if file.status == FileStatus::InTransit && !jobs.contains_key(&key)? {
             tracing::warn!(handle = %file.handle, "queueing replication of a complete file that had no job");
             jobs.insert(&key, encode(&ReplicationJob::new(file.handle)))?;
+            queued = true;
         }
     }
-    jobs.flush()?;
+    if queued {
+        jobs.flush()?;
+    }
     Ok(())
 }
 
@@ -343,7 +347,7 @@ impl MetadataStore for SledMetadataStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        Box::pin(self.flusher.commit())
+        Box::pin(self.flusher.submit(()))
     }
 
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -353,7 +357,7 @@ impl MetadataStore for SledMetadataStore {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             self.db.insert(b"readiness-probe", &stamp.to_be_bytes())?;
-            self.flusher.commit().await
+            self.flusher.submit(()).await
         })
     }
 }

@@ -252,17 +252,10 @@ impl PartStore {
 
     /// Streams bytes `[start, end)` of the file made of `segments`.
     pub fn read_range(&self, segments: &[Segment], start: u64, end: u64) -> ByteStream {
-        let mut pieces = Vec::new();
-        let mut file_pos = 0u64;
-        for seg in segments {
-            let seg_start = file_pos;
-            let seg_end = file_pos + seg.len;
-            file_pos = seg_end;
-            let (s, e) = (start.max(seg_start), end.min(seg_end));
-            if s < e {
-                pieces.push((self.resolve(&seg.file), seg.offset + (s - seg_start), e - s));
-            }
-        }
+        let pieces = slice_segments(segments, start, end)
+            .into_iter()
+            .map(|piece| (self.resolve(&piece.file), piece.offset, piece.len))
+            .collect::<Vec<_>>();
         let stream = futures_util::stream::iter(pieces)
             .then(|(path, at, len)| async move {
                 let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
@@ -336,26 +329,31 @@ impl LocalObject {
 
     /// A blocking reader over bytes `[start, end)` of the file.
     pub fn range_reader(&self, start: u64, end: u64) -> SegmentReader {
-        let mut pieces = std::collections::VecDeque::new();
-        let mut file_pos = 0u64;
-        for seg in &self.segments {
-            let (seg_start, seg_end) = (file_pos, file_pos + seg.len);
-            file_pos = seg_end;
-            let (s, e) = (start.max(seg_start), end.min(seg_end));
-            if s < e {
-                pieces.push_back(Segment {
-                    file: seg.file.clone(),
-                    offset: seg.offset + (s - seg_start),
-                    len: e - s,
-                });
-            }
-        }
         SegmentReader {
             root: self.parts.root.clone(),
-            segments: pieces,
+            segments: slice_segments(&self.segments, start, end).into(),
             current: None,
         }
     }
+}
+
+/// The pieces of `segments` that hold bytes `[start, end)` of the file they make up.
+fn slice_segments(segments: &[Segment], start: u64, end: u64) -> Vec<Segment> {
+    let mut pieces = Vec::new();
+    let mut file_pos = 0u64;
+    for seg in segments {
+        let (seg_start, seg_end) = (file_pos, file_pos + seg.len);
+        file_pos = seg_end;
+        let (s, e) = (start.max(seg_start), end.min(seg_end));
+        if s < e {
+            pieces.push(Segment {
+                file: seg.file.clone(),
+                offset: seg.offset + (s - seg_start),
+                len: e - s,
+            });
+        }
+    }
+    pieces
 }
 
 /// Reads a complete file's segments one after the other (blocking I/O).

@@ -7,13 +7,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use cin_domain::Segment;
-use tokio::sync::oneshot;
 
+use crate::group_commit::GroupCommit;
 use crate::parts::sync_dir;
 use crate::StorageError;
 
@@ -22,15 +20,8 @@ pub const LOG_DIR: &str = "log";
 /// A log file is closed and a new one started past this size.
 const LOG_FILE_MAX: u64 = 256 << 20;
 
-struct Append {
-    frames: Vec<Bytes>,
-    done: oneshot::Sender<Result<Segment, String>>,
-}
-
-pub struct SegmentLog {
-    queue: Option<mpsc::Sender<Append>>,
-    thread: Option<JoinHandle<()>>,
-}
+/// Appends in, where each landed out.
+pub struct SegmentLog(GroupCommit<Vec<Bytes>, Segment>);
 
 impl SegmentLog {
     /// Opens the log under a part store's root. Every start writes to a new log
@@ -42,45 +33,13 @@ impl SegmentLog {
 
     fn open_with_file_limit(parts_root: &Path, max_file: u64) -> Result<Self, StorageError> {
         let mut writer = LogWriter::open(parts_root, max_file)?;
-        let (queue, incoming) = mpsc::channel::<Append>();
-        let thread = std::thread::Builder::new()
-            .name("segment-log".into())
-            .spawn(move || {
-                while let Ok(first) = incoming.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(incoming.try_iter());
-                    writer.write_batch(batch);
-                }
-            })
-            .map_err(|e| StorageError::io("starting the segment log thread", e))?;
-        Ok(SegmentLog {
-            queue: Some(queue),
-            thread: Some(thread),
-        })
+        let commit = GroupCommit::start("segment-log", move |batch| writer.write_batch(batch))?;
+        Ok(SegmentLog(commit))
     }
 
     /// Appends a whole file's bytes; returns where they are once they are durable.
     pub async fn append(&self, frames: Vec<Bytes>) -> Result<Segment, StorageError> {
-        let (done, answer) = oneshot::channel();
-        let stopped = || StorageError::Commit("the segment log has stopped".into());
-        self.queue
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(Append { frames, done })
-            .map_err(|_| stopped())?;
-        answer
-            .await
-            .map_err(|_| stopped())?
-            .map_err(StorageError::Commit)
-    }
-}
-
-impl Drop for SegmentLog {
-    fn drop(&mut self) {
-        self.queue.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.submit(frames).await
     }
 }
 
@@ -117,25 +76,22 @@ impl LogWriter {
         })
     }
 
-    fn write_batch(&mut self, batch: Vec<Append>) {
-        let mut written = Vec::with_capacity(batch.len());
-        for append in batch {
-            let result = self.write(&append.frames).map_err(|e| e.to_string());
-            written.push((append.done, result));
-        }
+    /// Writes every append of a batch, then makes them durable with one `fdatasync`.
+    fn write_batch(&mut self, batch: Vec<Vec<Bytes>>) -> Vec<Result<Segment, String>> {
+        let written: Vec<_> = batch
+            .iter()
+            .map(|frames| self.write(frames).map_err(|e| e.to_string()))
+            .collect();
         let synced = match &self.file {
             Some(file) => file
                 .sync_data()
                 .map_err(|e| format!("syncing {}: {e}", self.path(self.seq).display())),
             None => Ok(()),
         };
-        for (done, result) in written {
-            let answer = match (&synced, result) {
-                (Err(e), Ok(_)) => Err(e.clone()),
-                (_, result) => result,
-            };
-            let _ = done.send(answer);
-        }
+        written
+            .into_iter()
+            .map(|result| result.and_then(|segment| synced.clone().map(|()| segment)))
+            .collect()
     }
 
     fn write(&mut self, frames: &[Bytes]) -> Result<Segment, StorageError> {

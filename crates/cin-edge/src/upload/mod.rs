@@ -553,41 +553,21 @@ impl Uploads {
         self.disk
             .admit(&file.upload_id, declared_size.unwrap_or(0))?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
-        if let Some(size) = declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
-            let stored = self.store_small(size, body).await;
-            let segment = match stored {
-                Ok(segment) => segment,
-                Err(e) => {
-                    self.disk.release(&file.upload_id);
-                    count_chunk_failure(&e);
-                    metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
-                    return Err(e.into());
-                }
-            };
-            metrics::counter!(names::BYTES_RECEIVED).increment(size);
-            file.size = size;
-            file.segments = vec![segment];
-            self.finish(&mut file).await?;
-            return Ok(file);
-        }
-        let part = PartNumber::new(1)?;
-        self.parts.create_upload(&file.upload_id).await?;
-        let size = match declared_size {
-            Some(size) => ChunkSize::Exact(size),
-            None => ChunkSize::AtMost(self.max_file_size),
+        let stored = match declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
+            Some(size) => self.store_small(size, body).await,
+            None => {
+                let limit =
+                    declared_size.map_or(ChunkSize::AtMost(self.max_file_size), ChunkSize::Exact);
+                self.store_in_part_file(&file.upload_id, limit, body).await
+            }
         };
-        let written = self
-            .parts
-            .write_chunk(&file.upload_id, part, 0, size, &Default::default(), body)
-            .await;
-        let written = match written {
-            Ok(w) => w,
+        let segment = match stored {
+            Ok(segment) => segment,
             Err(e) => {
-                // Nothing was acknowledged: drop the bytes.
+                // Nothing was acknowledged.
                 self.disk.release(&file.upload_id);
                 count_chunk_failure(&e);
                 metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
-                let _ = self.parts.remove_upload(&file.upload_id).await;
                 return Err(match e {
                     ChunkError::TooLong { .. } if declared_size.is_none() => ApiError::TooLarge {
                         message: format!(
@@ -599,19 +579,13 @@ impl Uploads {
                 });
             }
         };
-        metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
-        file.size = written.len;
-        file.segments = vec![Segment {
-            file: PartStore::part_file(&file.upload_id, part),
-            offset: 0,
-            len: written.len,
-        }];
+        metrics::counter!(names::BYTES_RECEIVED).increment(segment.len);
+        file.size = segment.len;
+        file.segments = vec![segment];
         self.finish(&mut file).await?;
         Ok(file)
     }
-}
 
-impl Uploads {
     /// Reads a small body of exactly `size` bytes and appends it to the small-file log.
     async fn store_small<S, E>(&self, size: u64, body: S) -> Result<Segment, ChunkError>
     where
@@ -637,6 +611,42 @@ impl Uploads {
         }
         Ok(self.small_files.append(frames).await?)
     }
+
+    /// Writes a whole file as part 1 of its own upload; a failure removes the bytes.
+    async fn store_in_part_file<S, E>(
+        &self,
+        upload: &UploadId,
+        size: ChunkSize,
+        body: S,
+    ) -> Result<Segment, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let part = single_part();
+        self.parts.create_upload(upload).await?;
+        let written = self
+            .parts
+            .write_chunk(upload, part, 0, size, &Default::default(), body)
+            .await;
+        match written {
+            Ok(written) => Ok(Segment {
+                file: PartStore::part_file(upload, part),
+                offset: 0,
+                len: written.len,
+            }),
+            Err(e) => {
+                let _ = self.parts.remove_upload(upload).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The part of uploads that keep their bytes in a single part (tus, `/api/store`).
+fn single_part() -> PartNumber {
+    // 1 is always a valid part number.
+    PartNumber::new(1).unwrap_or_else(|_| unreachable!())
 }
 
 fn mode_label(mode: UploadMode) -> &'static str {

@@ -3,11 +3,11 @@
 //! partial uploads.
 
 use bytes::Bytes;
-use cin_domain::{FileRecord, FileStatus, PartNumber, Segment, TusConcat, TusState, UploadId};
+use cin_domain::{FileRecord, FileStatus, Segment, TusConcat, TusState, UploadId};
 use cin_storage::{ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
 use futures_util::Stream;
 
-use super::{now_ms, NewUpload, Uploads};
+use super::{now_ms, single_part, NewUpload, Uploads};
 use crate::error::ApiError;
 use crate::observability::names;
 
@@ -25,11 +25,6 @@ pub enum Appended {
     Complete(u64),
     /// The body broke off; the new offset covers what arrived and is durable.
     BrokenOff(u64),
-}
-
-fn tus_part() -> PartNumber {
-    // A tus upload keeps its bytes in a single part; 1 is always valid.
-    PartNumber::new(1).unwrap_or_else(|_| unreachable!())
 }
 
 impl Uploads {
@@ -74,7 +69,7 @@ impl Uploads {
         }
         Ok(self
             .meta
-            .get_part(&file.upload_id, tus_part())?
+            .get_part(&file.upload_id, single_part())?
             .map(|p| p.received.contiguous_prefix())
             .unwrap_or(0))
     }
@@ -107,7 +102,10 @@ impl Uploads {
                 "a final concatenation cannot be patched",
             ));
         }
-        let mut part = self.meta.get_part(upload, tus_part())?.unwrap_or_default();
+        let mut part = self
+            .meta
+            .get_part(upload, single_part())?
+            .unwrap_or_default();
         let current = if file.status == FileStatus::Uploading {
             part.received.contiguous_prefix()
         } else {
@@ -162,7 +160,7 @@ impl Uploads {
             .parts
             .write(
                 upload,
-                tus_part(),
+                single_part(),
                 offset,
                 ChunkSize::AtMost(room),
                 &part.received,
@@ -199,11 +197,11 @@ impl Uploads {
         if written.len > 0 {
             part.received.insert(offset, end);
             part.touched_at_ms = now_ms();
-            self.meta.put_part(upload, tus_part(), &part)?;
+            self.meta.put_part(upload, single_part(), &part)?;
         }
         if !file.length_deferred && end == file.size {
             file.segments = vec![Segment {
-                file: PartStore::part_file(upload, tus_part()),
+                file: PartStore::part_file(upload, single_part()),
                 offset: 0,
                 len: file.size,
             }];
