@@ -1,5 +1,5 @@
 //! One conformance suite for every `FinalStore`: the local origin directory and S3
-//! (against a real S3-compatible server).
+//! (against two real S3-compatible servers, s3s-fs and moto).
 
 use std::sync::Mutex;
 
@@ -11,7 +11,9 @@ use cin_storage::{
 };
 use futures_util::TryStreamExt;
 
-use crate::support::{random_bytes, sha256_hex, S3Server, MIB, S3_ACCESS_KEY, S3_SECRET_KEY};
+use crate::support::{
+    random_bytes, sha256_hex, S3Backend, S3Server, MIB, S3_ACCESS_KEY, S3_SECRET_KEY,
+};
 
 /// Writes `bytes` as local parts of `part_len` bytes and returns them as one object.
 async fn local_object(dir: &std::path::Path, bytes: &[u8], part_len: usize) -> LocalObject {
@@ -217,7 +219,16 @@ async fn local_directory_store_conforms() {
 
 #[tokio::test]
 async fn s3_store_conforms() {
-    let server = S3Server::start().await;
+    s3_store_conforms_on(S3Backend::S3sFs).await;
+}
+
+#[tokio::test]
+async fn s3_store_conforms_on_moto() {
+    s3_store_conforms_on(S3Backend::Moto).await;
+}
+
+async fn s3_store_conforms_on(backend: S3Backend) {
+    let server = S3Server::start_backend(backend).await;
     server.create_bucket("conformance").await;
     let store = S3Store::connect(S3Settings {
         bucket: "conformance".into(),
@@ -232,7 +243,7 @@ async fn s3_store_conforms() {
     .await;
     conformance(&store, "conformance").await;
     assert!(
-        server.open_multipart_uploads().is_empty(),
+        server.open_multipart_uploads().await.is_empty(),
         "no multipart upload is left open"
     );
 

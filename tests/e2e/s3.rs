@@ -1,12 +1,20 @@
-//! Replication to a customer's bucket on a real S3-compatible server, read back
-//! with `aws-sdk-s3` exactly as against AWS.
+//! Replication to a customer's bucket on real S3-compatible servers (s3s-fs and
+//! moto), read back with `aws-sdk-s3` exactly as against AWS.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use cin_edge::config::AppConfig;
 use serde_json::{json, Value};
 
 use crate::support::{
-    random_bytes, sha256_hex, spawn_app_with, Pop, PopProcess, S3Server, TestApp, MIB,
+    random_bytes, sha256_hex, spawn_app_with, Pop, PopProcess, S3Backend, S3Server, TestApp, MIB,
 };
 
 const BUCKET: &str = "customer-bucket";
@@ -65,7 +73,16 @@ async fn upload_to_bucket(pop: &Pop, name: &str, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn small_and_multipart_files_reach_the_customer_bucket() {
-    let server = S3Server::start().await;
+    small_and_multipart_files_reach(S3Backend::S3sFs).await;
+}
+
+#[tokio::test]
+async fn small_and_multipart_files_reach_the_customer_bucket_on_moto() {
+    small_and_multipart_files_reach(S3Backend::Moto).await;
+}
+
+async fn small_and_multipart_files_reach(backend: S3Backend) {
+    let server = S3Server::start_backend(backend).await;
     server.create_bucket(BUCKET).await;
     let app = app_with_customer_bucket(&server).await;
 
@@ -94,7 +111,29 @@ async fn small_and_multipart_files_reach_the_customer_bucket() {
         );
         assert_eq!(content_type.as_deref(), Some("video/mp4"));
     }
-    assert!(server.open_multipart_uploads().is_empty());
+    assert!(server.open_multipart_uploads().await.is_empty());
+}
+
+/// moto reports a multipart object's CRC32 as the composite value without the
+/// `-N` part count AWS appends: that is the bytes sent, so one upload stores it.
+#[tokio::test]
+async fn a_multipart_file_is_stored_on_moto_after_exactly_one_upload() {
+    let server = S3Server::start_backend(S3Backend::Moto).await;
+    server.create_bucket(BUCKET).await;
+    let app = app_with_customer_bucket(&server).await;
+    let bytes = random_bytes(12 * MIB, 76);
+    let handle = upload_to_bucket(&app, "twelve.bin", &bytes).await;
+    let meta = app
+        .wait_status(&handle, "Stored", Duration::from_secs(60))
+        .await;
+    assert_eq!(meta["replication"]["attempts"], 1, "{meta}");
+    assert_eq!(meta["replication"]["failed"], false, "{meta}");
+    // 12 MiB in 5 MiB parts: three UploadPart requests, none sent again.
+    assert_eq!(server.logged_requests("PUT", "partNumber="), 3);
+    let (stored, _, _) = object_bytes(&server, meta["key"].as_str().unwrap()).await;
+    assert_eq!(sha256_hex(&stored), sha256_hex(&bytes));
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+    assert!(server.open_multipart_uploads().await.is_empty());
 }
 
 #[tokio::test]
@@ -206,7 +245,7 @@ async fn a_pop_killed_mid_multipart_resumes_and_leaves_no_orphans() {
     }
     pop.kill();
     assert_eq!(
-        server.open_multipart_uploads().len(),
+        server.open_multipart_uploads().await.len(),
         1,
         "killed in the middle of a multipart upload"
     );
@@ -217,9 +256,217 @@ async fn a_pop_killed_mid_multipart_resumes_and_leaves_no_orphans() {
         .await;
     assert_eq!(meta["sha256"], sha256_hex(&bytes));
     assert!(
-        server.open_multipart_uploads().is_empty(),
+        server.open_multipart_uploads().await.is_empty(),
         "no multipart upload is left behind"
     );
     let (stored, _, _) = object_bytes(&server, meta["key"].as_str().unwrap()).await;
     assert_eq!(sha256_hex(&stored), sha256_hex(&bytes));
+}
+
+/// Objects whose key contains this are reported with other checksums by [`lying_proxy`].
+const LIE_ABOUT: &str = "corrupted";
+
+/// Forwards every request to `upstream` and answers HeadObject for keys containing
+/// [`LIE_ABOUT`] with CRC32 and SHA-256 values that cannot be the bytes sent: a
+/// store that holds other bytes. Returns the proxy's endpoint.
+async fn lying_proxy(upstream: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let router = Router::new()
+        .fallback(forward)
+        .with_state((reqwest::Client::new(), upstream));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    endpoint
+}
+
+async fn forward(
+    State((http, upstream)): State<(reqwest::Client, String)>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{upstream}{target}");
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let mut outgoing = http.request(parts.method.clone(), &url).body(body);
+    for (name, value) in &parts.headers {
+        if name != "host" && name != "content-length" {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let answer = outgoing.send().await.unwrap();
+    let mut response = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        if name != "transfer-encoding" && name != "connection" {
+            response = response.header(name, value);
+        }
+    }
+    let lie = parts.method == Method::HEAD && parts.uri.path().contains(LIE_ABOUT);
+    let body = answer.bytes().await.unwrap();
+    let mut response = response.body(Body::from(body)).unwrap();
+    if lie {
+        let headers = response.headers_mut();
+        for (name, value) in [
+            ("x-amz-checksum-crc32", "AAAAAA=="),
+            (
+                "x-amz-checksum-sha256",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+    }
+    response
+}
+
+/// Events of accepted webhook deliveries, as `(event, handle)`.
+type Received = Arc<Mutex<Vec<(String, String)>>>;
+
+async fn webhook_receiver() -> (String, Received) {
+    let received: Received = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let router = Router::new()
+        .route(
+            "/hook",
+            post(|State(received): State<Received>, body: String| async move {
+                let event: Value = serde_json::from_str(&body).unwrap();
+                received.lock().unwrap().push((
+                    event["event"].as_str().unwrap_or_default().to_owned(),
+                    event["handle"].as_str().unwrap_or_default().to_owned(),
+                ));
+                StatusCode::OK
+            }),
+        )
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (url, received)
+}
+
+/// A store that keeps answering with other bytes than were sent fails the file's
+/// replication visibly after `max_mismatch_attempts`, instead of re-uploading for
+/// ever: the file stays InTransit and servable, and neither the running POP nor a
+/// restarted one tries again.
+#[tokio::test]
+async fn a_store_that_reports_other_bytes_fails_the_replication_after_bounded_attempts() {
+    let server = S3Server::start_backend(S3Backend::Moto).await;
+    server.create_bucket(BUCKET).await;
+    let mut profile = server.profile(BUCKET);
+    profile.endpoint = lying_proxy(server.endpoint.clone()).await;
+    let (hook_url, received) = webhook_receiver().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let configure = move |c: &mut cin_edge::Config| {
+        c.replicator.max_mismatch_attempts = 2;
+        c.webhooks.retry_base_ms = 50;
+        c.storage.profiles.insert("acme".into(), profile);
+        c.apps.insert(
+            "hooked".into(),
+            AppConfig {
+                apikey: "HOOKKEY".into(),
+                webhooks: vec![hook_url],
+                ..Default::default()
+            },
+        );
+    };
+    let app = crate::support::spawn_app_in(data_dir.path(), configure.clone()).await;
+    let bytes = random_bytes(12 * MIB, 77);
+    let bad = store_in_bucket(&app, &format!("{LIE_ABOUT}.bin"), bytes.clone()).await;
+
+    let meta = app
+        .wait_metadata(&bad, Duration::from_secs(60), "a failed replication", |m| {
+            m["replication"]["failed"] == true
+        })
+        .await;
+    assert_eq!(meta["status"], "InTransit");
+    assert_eq!(meta["replication"]["attempts"], 2, "{meta}");
+    assert!(
+        meta["replication"]["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("given up")),
+        "{meta}"
+    );
+    assert!(
+        meta["replication"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not the bytes sent")),
+        "{meta}"
+    );
+    assert_eq!(app.download(&bad).await, bytes, "still served from the POP");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cin_replication_given_up_total 1"),
+        "{metrics}"
+    );
+    wait_for_event(&received, "replication_failed", &bad).await;
+
+    // A file the store confirms is stored meanwhile; the failed one is not retried.
+    let good = store_in_bucket(&app, "fine.bin", random_bytes(6 * MIB, 78)).await;
+    app.wait_status(&good, "Stored", Duration::from_secs(60))
+        .await;
+    assert_eq!(app.metadata(&bad).await["replication"]["attempts"], 2);
+
+    // Nor after a restart: the replicator's first pass over the queue skips it.
+    let creations = server.logged_requests("POST", &format!("{LIE_ABOUT}.bin?uploads"));
+    assert_eq!(creations, 2, "one multipart upload per attempt");
+    app.stop().await;
+    let app = crate::support::spawn_app_in(data_dir.path(), configure).await;
+    let after = store_in_bucket(&app, "after.bin", random_bytes(6 * MIB, 79)).await;
+    app.wait_status(&after, "Stored", Duration::from_secs(60))
+        .await;
+    let meta = app.metadata(&bad).await;
+    assert_eq!(meta["replication"]["attempts"], 2, "{meta}");
+    assert_eq!(meta["replication"]["failed"], true, "{meta}");
+    assert_eq!(meta["status"], "InTransit");
+    assert_eq!(
+        server.logged_requests("POST", &format!("{LIE_ABOUT}.bin?uploads")),
+        creations,
+        "no upload of the failed file after the restart"
+    );
+    assert_eq!(
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(event, _)| event == "replication_failed")
+            .count(),
+        1,
+        "one replication_failed event"
+    );
+    app.stop().await;
+}
+
+/// `POST /api/store` into the customer's bucket for app HOOKKEY; returns the handle.
+async fn store_in_bucket(pop: &Pop, name: &str, bytes: Vec<u8>) -> String {
+    pop.store_raw(
+        &format!("/api/store/s3?key=HOOKKEY&filename={name}&container={BUCKET}"),
+        bytes,
+    )
+    .await
+}
+
+async fn wait_for_event(received: &Received, event: &str, handle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !received
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(e, h)| e == event && h == handle)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {event} webhook for {handle}: {:?}",
+            received.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -296,22 +296,36 @@ impl PopProcess {
 
     /// Starts with extra `CIN__*` configuration variables.
     pub fn start_with_env(data_dir: &Path, env: &[(String, String)]) -> PopProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cin-edge"))
+        Self::try_spawn(Self::command(data_dir, env)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The command that runs a POP on port 0 (for tests that wrap it in another program).
+    pub fn command(data_dir: &Path, env: &[(String, String)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cin-edge"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("NO_COLOR", "1")
             .env("CIN__REPLICATOR__RETRY_BASE_MS", "50")
             .env("CIN__REPLICATOR__RETRY_CAP_MS", "500")
             .env("CIN__DISK__MIN_FREE_BYTES", "0")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+
+    /// Spawns `command` (a POP, or a program that runs one and passes its stderr
+    /// through) and waits until the POP logs its address. On failure, says what it printed.
+    pub fn try_spawn(mut command: Command) -> Result<PopProcess, String> {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start cin-edge");
+            .map_err(|e| format!("could not start cin-edge: {e}"))?;
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
+            let mut printed = Vec::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
                     if let Some(rest) = line.split("listening on ").nth(1) {
@@ -320,19 +334,37 @@ impl PopProcess {
                             .next()
                             .unwrap_or_default()
                             .to_owned();
-                        let _ = tx.send(url);
+                        let _ = tx.send(Ok(url));
                         sent = true;
+                    } else if printed.len() < 40 {
+                        printed.push(line);
                     }
                 }
             }
+            if !sent {
+                let _ = tx.send(Err(printed.join("\n")));
+            }
         });
-        let base = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("cin-edge did not log its address");
-        PopProcess {
-            pop: Pop::new(base),
-            child,
-        }
+        let failure = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(base)) => {
+                return Ok(PopProcess {
+                    pop: Pop::new(base),
+                    child,
+                })
+            }
+            Ok(Err(printed)) => {
+                format!("cin-edge exited without logging its address; it printed:\n{printed}")
+            }
+            Err(_) => "cin-edge did not log its address within 30 s".to_owned(),
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(failure)
+    }
+
+    /// The id of the process started (the wrapper, for a wrapped command).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGTERM, then waits for the process to exit; returns whether it exited with 0.
@@ -390,9 +422,21 @@ pub const MIB: usize = 1024 * 1024;
 pub const S3_ACCESS_KEY: &str = "cinedgetestkey";
 pub const S3_SECRET_KEY: &str = "cinedgetestsecret";
 
-/// A real S3-compatible server (s3s-fs, which checks SigV4 signatures) on a free port.
+/// Which S3 implementation an [`S3Server`] runs: the tests that matter for every
+/// service run against both, as the services differ (in how they report a
+/// multipart object's checksum, for one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S3Backend {
+    /// s3s-fs: checks SigV4 signatures, keeps objects in a directory.
+    S3sFs,
+    /// moto's server: another implementation of the S3 API, in memory (a restart empties it).
+    Moto,
+}
+
+/// A real S3-compatible server on a free port.
 pub struct S3Server {
     pub endpoint: String,
+    pub backend: S3Backend,
     port: u16,
     root: TempDir,
     child: Option<Child>,
@@ -411,14 +455,32 @@ fn s3s_fs_binary() -> PathBuf {
     installed
 }
 
+fn moto_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("CIN_TEST_MOTO") {
+        return PathBuf::from(path);
+    }
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/moto_server");
+    assert!(
+        installed.exists(),
+        "the moto tests need moto's server: run scripts/test (it installs it), or set CIN_TEST_MOTO"
+    );
+    installed
+}
+
 impl S3Server {
+    /// s3s-fs.
     pub async fn start() -> S3Server {
+        Self::start_backend(S3Backend::S3sFs).await
+    }
+
+    pub async fn start_backend(backend: S3Backend) -> S3Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let mut server = S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
+            backend,
             port,
             root: tempfile::tempdir().expect("temp dir"),
             child: None,
@@ -427,18 +489,28 @@ impl S3Server {
         server
     }
 
-    /// Starts (again) on the same port and directory.
+    /// Starts (again) on the same port (and, for s3s-fs, the same directory).
     pub async fn resume(&mut self) {
-        let child = Command::new(s3s_fs_binary())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(self.root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
+        let child = match self.backend {
+            S3Backend::S3sFs => Command::new(s3s_fs_binary())
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+                .arg(self.root.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start s3s-fs"),
+            // Its request log (stderr) lets tests count requests.
+            S3Backend::Moto => Command::new(moto_server_binary())
+                .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.request_log()).expect("moto log"))
+                .spawn()
+                .expect("start moto_server"),
+        };
         self.child = Some(child);
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
@@ -447,7 +519,23 @@ impl S3Server {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("s3s-fs did not start on port {}", self.port);
+        panic!("{:?} did not start on port {}", self.backend, self.port);
+    }
+
+    fn request_log(&self) -> PathBuf {
+        self.root.path().join("requests.log")
+    }
+
+    /// Requests with `method` whose target contains `needle` that the server
+    /// answered with 200 (moto only: read from its request log).
+    pub fn logged_requests(&self, method: &str, needle: &str) -> usize {
+        assert_eq!(self.backend, S3Backend::Moto, "only moto logs its requests");
+        let method = format!("\"{method} ");
+        std::fs::read_to_string(self.request_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&method) && l.contains(needle) && l.contains("\" 200 "))
+            .count()
     }
 
     /// Stops the server, as an outage would.
@@ -522,6 +610,7 @@ impl S3Server {
 
     /// Parts of multipart uploads the server holds (s3s-fs: `.upload_id-{id}.part-{n}` files).
     pub fn uploaded_parts(&self) -> usize {
+        assert_eq!(self.backend, S3Backend::S3sFs, "reads s3s-fs's directory");
         std::fs::read_dir(self.root.path())
             .map(|dir| {
                 dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -531,14 +620,37 @@ impl S3Server {
             .unwrap_or(0)
     }
 
-    /// Multipart uploads the server holds open. s3s-fs does not implement
-    /// ListMultipartUploads; it keeps one `.upload-{id}.json` file per open upload.
-    pub fn open_multipart_uploads(&self) -> Vec<String> {
-        std::fs::read_dir(self.root.path())
-            .expect("s3s-fs root")
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| name.starts_with(".upload-") && name.ends_with(".json"))
-            .collect()
+    /// Multipart uploads the server holds open, in any bucket.
+    pub async fn open_multipart_uploads(&self) -> Vec<String> {
+        match self.backend {
+            // s3s-fs does not implement ListMultipartUploads; it keeps one
+            // `.upload-{id}.json` file per open upload.
+            S3Backend::S3sFs => std::fs::read_dir(self.root.path())
+                .expect("s3s-fs root")
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|name| name.starts_with(".upload-") && name.ends_with(".json"))
+                .collect(),
+            S3Backend::Moto => {
+                let client = self.client().await;
+                let buckets = client.list_buckets().send().await.expect("list buckets");
+                let mut open = Vec::new();
+                for bucket in buckets.buckets() {
+                    let uploads = client
+                        .list_multipart_uploads()
+                        .bucket(bucket.name().unwrap_or_default())
+                        .send()
+                        .await
+                        .expect("list multipart uploads");
+                    open.extend(
+                        uploads
+                            .uploads()
+                            .iter()
+                            .filter_map(|u| u.upload_id().map(str::to_owned)),
+                    );
+                }
+                open
+            }
+        }
     }
 }
 

@@ -15,4 +15,9 @@ pub enum DomainError {
     InvalidStorePath(String),
     #[error("store container {0:?} is not a valid bucket name")]
     InvalidContainer(String),
+    #[error("a file that is {from} cannot become {to}")]
+    IllegalTransition {
+        from: &'static str,
+        to: &'static str,
+    },
 }

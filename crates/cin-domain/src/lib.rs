@@ -6,13 +6,15 @@ pub mod error;
 pub mod ids;
 pub mod ranges;
 pub mod record;
+pub mod status;
 pub mod store;
 
 pub use error::DomainError;
 pub use ids::{Handle, PartNumber, UploadId};
 pub use ranges::RangeSet;
 pub use record::{
-    CompletedPart, FileRecord, FileStatus, MultipartCheckpoint, PartRecord, ReplicationJob,
+    CompletedPart, FileRecord, MultipartCheckpoint, PartRecord, ReplicationJob,
     Segment, TusConcat, TusState, UploadMode, WebhookDelivery,
 };
+pub use status::{FileStatus, Transition};
 pub use store::{sanitize_filename, StoreOptions};

@@ -1,27 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{Handle, RangeSet, StoreOptions, UploadId};
-
-/// Where a file is in its life at this POP. Only ever moves forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FileStatus {
-    /// Bytes are arriving; the filelink does not serve yet.
-    Uploading,
-    /// Complete at the POP and servable; not yet confirmed by final storage.
-    InTransit,
-    /// Confirmed (size and checksum) by final storage.
-    Stored,
-}
-
-impl FileStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileStatus::Uploading => "Uploading",
-            FileStatus::InTransit => "InTransit",
-            FileStatus::Stored => "Stored",
-        }
-    }
-}
+use crate::{FileStatus, Handle, RangeSet, StoreOptions, UploadId};
 
 /// How the client sends the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +87,18 @@ pub struct FileRecord {
     /// When the local copy was evicted from the cache (final storage serves it since).
     #[serde(default)]
     pub evicted_at_ms: Option<u64>,
+    /// When the client terminated the upload (status `Deleted`).
+    #[serde(default)]
+    pub deleted_at_ms: Option<u64>,
+    /// tus partial uploads: the final uploads whose segments point into this
+    /// upload's bytes. The bytes stay while any of them keeps its local copy.
+    #[serde(default)]
+    pub referenced_by: Vec<Handle>,
+    /// Found at start: a segment of the local copy is gone or shorter than it
+    /// should be. The filelink does not serve the local copy (final storage does
+    /// once the file is `Stored`); checked again at every start.
+    #[serde(default)]
+    pub local_bytes_missing: bool,
 }
 
 impl FileRecord {
@@ -150,6 +141,10 @@ pub struct ReplicationJob {
     /// The `replication_failing` webhook went out for this job.
     #[serde(default)]
     pub failing_reported: bool,
+    /// Attempts final storage answered with a definitive mismatch (it holds other
+    /// bytes than the file's); at the replicator's limit the job is given up.
+    #[serde(default)]
+    pub mismatched_attempts: u32,
 }
 
 impl ReplicationJob {
@@ -161,6 +156,7 @@ impl ReplicationJob {
             last_error: None,
             checkpoint: None,
             failing_reported: false,
+            mismatched_attempts: 0,
         }
     }
 }
@@ -200,4 +196,41 @@ pub struct CompletedPart {
     pub etag: String,
     /// Base64 checksum the final store confirmed for the part.
     pub checksum: Option<String>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fresh upload record for rule tests.
+    pub(crate) fn record() -> FileRecord {
+        FileRecord {
+            handle: Handle::generate(),
+            upload_id: UploadId::generate(),
+            filename: "a.txt".into(),
+            mimetype: "text/plain".into(),
+            size: 10,
+            mode: UploadMode::Tus,
+            status: FileStatus::Uploading,
+            created_at_ms: 1,
+            completed_at_ms: None,
+            stored_at_ms: None,
+            store: StoreOptions::default(),
+            profile: "default".into(),
+            container: "default".into(),
+            key: "k".into(),
+            segments: vec![],
+            sha256: None,
+            replication_attempts: 0,
+            last_error: None,
+            length_deferred: false,
+            expired_at_ms: None,
+            tus: None,
+            app: None,
+            evicted_at_ms: None,
+            deleted_at_ms: None,
+            referenced_by: vec![],
+            local_bytes_missing: false,
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
 use crate::signing::UrlSigner;
-use crate::upload::{UploadLimits, UploadParts, Uploads};
+use crate::upload::{Lifecycle, Services, UploadLimits, Uploads};
 use crate::webhooks::Webhooks;
 
 /// Everything request handlers share.
@@ -39,13 +39,10 @@ pub struct AppState {
     pub public_url: String,
     /// `host[:port]` of this POP, as Filestack's `location_url`.
     pub location_url: String,
+    /// The stores and registries the engine and the handlers share.
+    pub services: Arc<Services>,
     pub uploads: Uploads,
-    pub parts: PartStore,
-    pub destinations: Arc<Destinations>,
     pub signer: UrlSigner,
-    pub disk: Arc<Disk>,
-    pub events: Arc<StatusEvents>,
-    pub apps: Arc<Apps>,
     pub cache: Arc<LocalCache>,
 }
 
@@ -71,6 +68,8 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     let parts = PartStore::open(data_dir.join("parts"))?;
     let small_files = Arc::new(SegmentLog::open(&data_dir.join("parts"))?);
     let destinations = Arc::new(Destinations::open(&config.storage, &data_dir).await?);
+    // Before anything writes: bytes a crash left without an owner are collected.
+    crate::upload::reconcile(meta.as_ref(), &parts, &config).await?;
     let wakeup = Arc::new(Notify::new());
     let public_url = if config.server.public_url.is_empty() {
         format!("http://{bound}")
@@ -103,18 +102,26 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         config.disk.min_free_bytes,
         config.disk.retry_after_secs,
     ));
+    let services = Arc::new(Services {
+        meta: meta.clone(),
+        parts: parts.clone(),
+        small_files,
+        destinations: destinations.clone(),
+        disk,
+        events: events.clone(),
+        apps,
+        webhooks: webhooks.clone(),
+        replication_wakeup: wakeup.clone(),
+    });
+    let lifecycle = Arc::new(Lifecycle::new(
+        meta.clone(),
+        parts.clone(),
+        webhooks.clone(),
+        events,
+    ));
     let uploads = Uploads::new(
-        UploadParts {
-            meta: meta.clone(),
-            parts: parts.clone(),
-            small_files,
-            destinations: destinations.clone(),
-            disk: disk.clone(),
-            events: events.clone(),
-            apps: apps.clone(),
-            webhooks: webhooks.clone(),
-            replication_wakeup: wakeup.clone(),
-        },
+        services.clone(),
+        lifecycle.clone(),
         UploadLimits {
             max_file_size: config.uploads.max_file_size,
             expire_after: Duration::from_secs(config.uploads.expire_after_secs),
@@ -123,29 +130,25 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     uploads.restore_reservations()?;
     let replicator = Arc::new(Replicator::new(
         meta.clone(),
-        parts.clone(),
-        destinations.clone(),
+        parts,
+        destinations,
         wakeup,
         config.replicator.clone(),
-        events.clone(),
+        lifecycle.clone(),
         webhooks.clone(),
     ));
     let cache = Arc::new(LocalCache::new(
         meta.clone(),
-        parts.clone(),
+        lifecycle,
         config.cache.max_bytes,
     ));
     let state = Arc::new(AppState {
         config,
         public_url,
         location_url,
+        services,
         uploads,
-        parts,
-        destinations,
         signer,
-        disk,
-        events,
-        apps,
         cache,
     });
     Ok(Node {
@@ -185,7 +188,7 @@ async fn probe_destinations(destinations: Arc<Destinations>, mut stop: watch::Re
 /// Keeps the local cache within budget: periodically, and whenever a file is stored.
 async fn evict_cache(state: SharedState, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_secs(state.config.cache.evict_interval_secs.max(1));
-    let mut changes = state.events.subscribe();
+    let mut changes = state.services.events.subscribe();
     while !*stop.borrow() {
         tokio::select! {
             _ = stop.changed() => continue,
@@ -236,11 +239,32 @@ fn signing_secret(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
         Ok(secret) if !secret.is_empty() => Ok(secret),
         _ => {
             let secret = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
-            std::fs::write(&path, &secret)
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_secret(&path, &secret)?;
             Ok(secret)
         }
     }
+}
+
+/// Writes a secret readable by the POP's user only, durably: a temporary file
+/// (mode 0600) synced, renamed into place, and its directory synced.
+fn write_secret(path: &Path, secret: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(secret)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    cin_storage::parts::sync_dir(dir)?;
+    Ok(())
 }
 
 fn cors() -> CorsLayer {
@@ -320,14 +344,14 @@ pub async fn run(
         node.state.public_url,
         node.state.config.server.data_dir.display()
     );
-    for d in node.state.destinations.all() {
+    for d in node.state.services.destinations.all() {
         tracing::info!(profile = %d.name, bucket = %d.profile.bucket, store = %d.store.describe(), "storage profile");
     }
 
     let (stop_workers, workers_stopped) = watch::channel(false);
     let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped.clone()));
     tokio::spawn(probe_destinations(
-        node.state.destinations.clone(),
+        node.state.services.destinations.clone(),
         workers_stopped.clone(),
     ));
     tokio::spawn(sweep_expired(node.state.clone(), workers_stopped.clone()));

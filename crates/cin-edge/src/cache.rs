@@ -9,16 +9,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cin_domain::{FileRecord, FileStatus, Handle};
-use cin_storage::{JobChange, MetadataStore, PartStore};
+use cin_domain::{FileRecord, FileStatus, Handle, UploadId};
+use cin_storage::MetadataStore;
 
-use crate::error::ApiError;
 use crate::observability::names;
-use crate::upload::now_ms;
+use crate::upload::{now_ms, Lifecycle, UploadError};
 
 pub struct LocalCache {
     meta: Arc<dyn MetadataStore>,
-    parts: PartStore,
+    lifecycle: Arc<Lifecycle>,
     /// Bytes of local copies of stored files to keep; 0 keeps everything.
     budget: u64,
     /// When each file was last read through its filelink (ms since the Unix epoch).
@@ -29,8 +28,8 @@ pub struct LocalCache {
 
 #[derive(Default)]
 struct EvictableCopies {
-    /// Handle -> (bytes, stored at ms).
-    files: HashMap<Handle, (u64, u64)>,
+    /// Handle -> (bytes, stored at ms, upload).
+    files: HashMap<Handle, (u64, u64, UploadId)>,
     total: u64,
 }
 
@@ -39,15 +38,19 @@ impl EvictableCopies {
         if !is_evictable(file) {
             return;
         }
-        let entry = (file.size, file.stored_at_ms.unwrap_or(0));
-        if let Some((old, _)) = self.files.insert(file.handle.clone(), entry) {
+        let entry = (
+            file.size,
+            file.stored_at_ms.unwrap_or(0),
+            file.upload_id.clone(),
+        );
+        if let Some((old, _, _)) = self.files.insert(file.handle.clone(), entry) {
             self.total -= old;
         }
         self.total += file.size;
     }
 
     fn remove(&mut self, handle: &Handle) {
-        if let Some((size, _)) = self.files.remove(handle) {
+        if let Some((size, _, _)) = self.files.remove(handle) {
             self.total -= size;
         }
     }
@@ -58,10 +61,10 @@ fn is_evictable(file: &FileRecord) -> bool {
 }
 
 impl LocalCache {
-    pub fn new(meta: Arc<dyn MetadataStore>, parts: PartStore, budget: u64) -> Self {
+    pub fn new(meta: Arc<dyn MetadataStore>, lifecycle: Arc<Lifecycle>, budget: u64) -> Self {
         LocalCache {
             meta,
-            parts,
+            lifecycle,
             budget,
             last_read: Mutex::new(HashMap::new()),
             copies: Mutex::new(None),
@@ -80,7 +83,7 @@ impl LocalCache {
     }
 
     /// Notes that a file reached final storage: its local copy becomes evictable.
-    pub fn stored(&self, handle: &Handle) -> Result<(), ApiError> {
+    pub fn stored(&self, handle: &Handle) -> Result<(), UploadError> {
         if self.budget == 0 {
             return Ok(());
         }
@@ -100,7 +103,7 @@ impl LocalCache {
 
     /// Evicts least-recently-read local copies of stored files until the cache
     /// fits its budget. Returns how many were evicted.
-    pub async fn evict(&self) -> Result<usize, ApiError> {
+    pub async fn evict(&self) -> Result<usize, UploadError> {
         if self.budget == 0 {
             return Ok(0);
         }
@@ -121,19 +124,19 @@ impl LocalCache {
             }
             let last_read = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
             // Never read: as old as the moment it was stored.
-            let mut candidates: Vec<(u64, Handle)> = copies
+            let mut candidates: Vec<(u64, Handle, UploadId)> = copies
                 .files
                 .iter()
-                .map(|(handle, (_, stored_at))| {
+                .map(|(handle, (_, stored_at, upload))| {
                     let used = last_read.get(handle).copied().unwrap_or(*stored_at);
-                    (used, handle.clone())
+                    (used, handle.clone(), upload.clone())
                 })
                 .collect();
             candidates.sort();
             candidates
         };
         let mut evicted = 0;
-        for (_, handle) in candidates {
+        for (_, handle, upload) in candidates {
             let over_budget = self
                 .copies()
                 .as_ref()
@@ -141,20 +144,19 @@ impl LocalCache {
             if !over_budget {
                 break;
             }
-            let current = self.meta.get_file(&handle)?;
             if let Some(copies) = self.copies().as_mut() {
                 copies.remove(&handle);
             }
-            let Some(mut file) = current.filter(is_evictable) else {
+            if !self.lifecycle.evict(&handle, &upload).await? {
                 continue;
-            };
-            file.evicted_at_ms = Some(now_ms());
-            self.meta.put_file(&file, JobChange::Keep)?;
-            self.meta.flush().await?;
-            self.parts.release(&file.segments).await?;
+            }
+            self.last_read
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&handle);
             evicted += 1;
             metrics::counter!(names::CACHE_EVICTIONS).increment(1);
-            tracing::info!(handle = %file.handle, bytes = file.size, "evicted local copy; final storage serves it");
+            tracing::info!(%handle, "evicted local copy; final storage serves it");
         }
         Ok(evicted)
     }

@@ -216,6 +216,8 @@ pub struct ReplicatorConfig {
     pub retry_base_ms: u64,
     /// Longest delay between retries, in milliseconds; a failing job keeps being retried at this interval.
     pub retry_cap_ms: u64,
+    /// Attempts final storage may answer with a definitive mismatch (a size or checksum that cannot be the file's bytes) before the file's replication is given up: it stays InTransit and servable, marked failed; 0 never gives up.
+    pub max_mismatch_attempts: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -275,6 +277,7 @@ impl Default for ReplicatorConfig {
             workers: 4,
             retry_base_ms: 500,
             retry_cap_ms: 60_000,
+            max_mismatch_attempts: 3,
         }
     }
 }

@@ -10,7 +10,7 @@ use cin_domain::StoreOptions;
 use cin_storage::{FinalStore, FinalStoreError, LocalDirStore, S3Settings, S3Store};
 
 use crate::config::{ProfileKind, StorageConfig, StorageProfile};
-use crate::error::ApiError;
+use crate::upload::UploadError;
 
 /// A profile and the store it opened.
 pub struct Destination {
@@ -123,12 +123,12 @@ impl Destinations {
         store: &StoreOptions,
         handle: &str,
         filename: &str,
-    ) -> Result<Placement, ApiError> {
+    ) -> Result<Placement, UploadError> {
         store.validate()?;
         if let Some(location) = store.location.as_deref().filter(|l| !l.is_empty()) {
             let location = location.to_ascii_lowercase();
             if !KNOWN_LOCATIONS.contains(&location.as_str()) {
-                return Err(ApiError::invalid(
+                return Err(UploadError::invalid(
                     "unsupported_location",
                     format!("store location {location:?} is not supported here; use \"s3\""),
                 ));
@@ -136,14 +136,14 @@ impl Destinations {
         }
         let destination = match store.container.as_deref().filter(|c| !c.is_empty()) {
             None => self.by_name.get(&self.default_profile).ok_or_else(|| {
-                ApiError::forbidden("no_default_storage", "this POP has no default storage profile")
+                UploadError::forbidden("no_default_storage", "this POP has no default storage profile")
             })?,
             Some(container) => self
                 .by_name
                 .values()
                 .find(|d| d.profile.bucket == container)
                 .ok_or_else(|| {
-                    ApiError::forbidden(
+                    UploadError::forbidden(
                         "container_not_allowed",
                         format!(
                             "container {container:?} is not configured on this POP; ask the operator to add a storage profile for it, or omit container to use the default storage"
@@ -152,7 +152,7 @@ impl Destinations {
                 })?,
         };
         if let Some(reason) = destination.refusal() {
-            return Err(ApiError::forbidden(
+            return Err(UploadError::forbidden(
                 "storage_refused",
                 format!(
                     "the final storage for container {:?} refuses requests ({reason}); the operator must fix the storage profile's credentials or bucket",

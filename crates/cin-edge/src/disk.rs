@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use cin_domain::UploadId;
 
-use crate::error::ApiError;
+use crate::upload::UploadError;
 
 pub struct Disk {
     data_dir: PathBuf,
@@ -67,14 +67,14 @@ impl Disk {
     }
 
     /// Reserves room for a new upload of `size` bytes, or refuses it with 507.
-    pub fn admit(&self, upload: &UploadId, size: u64) -> Result<(), ApiError> {
+    pub fn admit(&self, upload: &UploadId, size: u64) -> Result<(), UploadError> {
         let usage = self.usage();
         let room = usage
             .free
             .saturating_sub(usage.reserved)
             .saturating_sub(size);
         if room < self.min_free {
-            return Err(ApiError::InsufficientStorage {
+            return Err(UploadError::InsufficientStorage {
                 message: format!(
                     "this POP is short of disk space ({} bytes free, {} reserved for uploads in progress); try again later or another POP",
                     usage.free, usage.reserved

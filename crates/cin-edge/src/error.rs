@@ -8,6 +8,8 @@ use cin_domain::{DomainError, FileStatus};
 use cin_storage::{ChunkError, FinalStoreError, StorageError};
 use serde_json::json;
 
+use crate::upload::UploadError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed or breaks a rule; `code` names the rule.
@@ -40,6 +42,13 @@ pub enum ApiError {
     /// tus: the body's checksum differs from `Upload-Checksum`; nothing of it was kept.
     #[error("the body does not match Upload-Checksum; nothing of it was kept, send it again")]
     ChecksumMismatch,
+    /// The file was there and is no more (expired, terminated).
+    #[error("{message}")]
+    Gone { code: &'static str, message: String },
+    /// The file exists but this POP cannot serve its bytes (its local copy is
+    /// incomplete and final storage does not have it yet).
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -84,6 +93,9 @@ impl ApiError {
         match self {
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
+            // Filestack answers 404 for a handle that is gone; tus turns it into 410.
+            ApiError::Gone { code, .. } => (StatusCode::NOT_FOUND, code),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
@@ -108,7 +120,12 @@ impl ApiError {
 
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> Self {
+        if let DomainError::IllegalTransition { from, .. } = &e {
+            let status = FileStatus::ALL.into_iter().find(|s| s.as_str() == *from);
+            return ApiError::conflict("illegal_transition", e.to_string(), status);
+        }
         let code = match &e {
+            DomainError::IllegalTransition { .. } => "illegal_transition",
             DomainError::InvalidHandle(_) => "invalid_handle",
             DomainError::InvalidUploadId(_) => "invalid_upload_id",
             DomainError::PartOutOfRange { .. } => "part_out_of_range",
@@ -116,6 +133,38 @@ impl From<DomainError> for ApiError {
             DomainError::InvalidContainer(_) => "invalid_container",
         };
         ApiError::invalid(code, e.to_string())
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::Invalid { code, message } => ApiError::Invalid { code, message },
+            UploadError::NotFound { code, message } => ApiError::NotFound { code, message },
+            UploadError::Gone { code, message } => ApiError::Gone { code, message },
+            UploadError::Forbidden { code, message } => ApiError::Forbidden { code, message },
+            UploadError::Conflict {
+                code,
+                message,
+                status,
+            } => ApiError::Conflict {
+                code,
+                message,
+                status,
+            },
+            UploadError::TooLarge { message } => ApiError::TooLarge { message },
+            UploadError::InsufficientStorage {
+                message,
+                retry_after_secs,
+            } => ApiError::InsufficientStorage {
+                message,
+                retry_after_secs,
+            },
+            UploadError::ChecksumMismatch => ApiError::ChecksumMismatch,
+            UploadError::Chunk(e) => e.into(),
+            UploadError::Domain(e) => e.into(),
+            UploadError::Storage(e) => ApiError::Storage(e),
+        }
     }
 }
 

@@ -22,6 +22,8 @@ pub mod names {
     pub const CHUNK_FAILURES: &str = "cin_chunk_failures_total";
     pub const REPLICATION_ATTEMPTS: &str = "cin_replication_attempts_total";
     pub const REPLICATION_FAILURES: &str = "cin_replication_failures_total";
+    /// Files whose replication was given up after repeated definitive mismatches.
+    pub const REPLICATION_GIVEN_UP: &str = "cin_replication_given_up_total";
     pub const REPLICATED_BYTES: &str = "cin_replicated_bytes_total";
     pub const REPLICATION_SECONDS: &str = "cin_replication_duration_seconds";
     pub const REPLICATION_QUEUE: &str = "cin_replication_queue_depth";
@@ -29,6 +31,14 @@ pub mod names {
     pub const DISK_USED: &str = "cin_disk_used_bytes";
     pub const DISK_FREE: &str = "cin_disk_free_bytes";
     pub const CACHE_EVICTIONS: &str = "cin_cache_evictions_total";
+    /// Bytes no record owned, removed at start, by `kind`: `upload_dir`, `part_file`,
+    /// `log_file`, `log_file_trimmed` (a log file still in use gave back ranges), `temp_file`.
+    pub const ORPHANS_REMOVED: &str = "cin_orphans_removed_total";
+    /// Disk space (allocated blocks) those removals gave back.
+    pub const ORPHAN_BYTES_FREED: &str = "cin_orphan_bytes_freed_total";
+    /// Files whose local copy was found incomplete at the last start; they are not
+    /// served from it (final storage serves them once `Stored`).
+    pub const FILES_MISSING_LOCAL_BYTES: &str = "cin_files_missing_local_bytes";
     pub const HTTP_REQUESTS: &str = "cin_http_requests_total";
     pub const HTTP_SECONDS: &str = "cin_http_request_duration_seconds";
 }

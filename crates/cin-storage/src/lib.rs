@@ -7,8 +7,12 @@ pub mod error;
 pub mod final_store;
 pub mod group_commit;
 pub mod metadata;
+#[cfg(test)]
+mod metadata_conformance;
+pub mod orphans;
 pub mod parts;
 pub mod segment_log;
+mod sled_durability;
 
 pub use error::{ChunkError, StorageError};
 pub use final_store::{
@@ -17,6 +21,6 @@ pub use final_store::{
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
 pub use parts::{
-    ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore, SegmentReader,
+    ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore, SegmentOwner, SegmentReader,
 };
 pub use segment_log::SegmentLog;

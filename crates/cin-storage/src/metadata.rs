@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::group_commit::GroupCommit;
+use crate::sled_durability::SledDurability;
 use crate::StorageError;
 
 /// What to do with a file's replication job when its record is written.
@@ -53,6 +54,7 @@ pub trait MetadataStore: Send + Sync {
 
     fn get_job(&self, handle: &Handle) -> Result<Option<ReplicationJob>, StorageError>;
     fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError>;
+    fn remove_job(&self, handle: &Handle) -> Result<(), StorageError>;
     /// Up to `limit` jobs in handle order, starting after `after` (from the first with None).
     fn jobs_after(
         &self,
@@ -100,8 +102,14 @@ impl SledMetadataStore {
         let files = db.open_tree("files")?;
         queue_orphaned_files(&files, &jobs)?;
         let flushed = db.clone();
+        let mut durability = SledDurability::open(path)?;
+        // One flush and one sync answer every request queued since the last batch.
         let flusher = GroupCommit::start("metadata", move |batch: Vec<()>| {
-            let flushed = flushed.flush().map(|_| ()).map_err(|e| e.to_string());
+            let flushed = flushed
+                .flush()
+                .map_err(StorageError::from)
+                .and_then(|_| durability.sync())
+                .map_err(|e| e.to_string());
             vec![flushed; batch.len()]
         })?;
         Ok(SledMetadataStore {
@@ -173,7 +181,8 @@ fn part_key(upload: &UploadId, part: PartNumber) -> Vec<u8> {
 impl MetadataStore for SledMetadataStore {
     fn get_file(&self, handle: &Handle) -> Result<Option<FileRecord>, StorageError> {
         let key = handle.as_str().as_bytes();
-        self.files.get(key)?.map(|v| decode(key, &v)).transpose()
+        let file: Option<FileRecord> = self.files.get(key)?.map(|v| decode(key, &v)).transpose()?;
+        Ok(file.map(FileRecord::upgrade))
     }
 
     fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError> {
@@ -222,7 +231,7 @@ impl MetadataStore for SledMetadataStore {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                decode(&k, &v)
+                decode(&k, &v).map(FileRecord::upgrade)
             })
             .collect()
     }
@@ -292,6 +301,11 @@ impl MetadataStore for SledMetadataStore {
     fn put_job(&self, job: &ReplicationJob) -> Result<(), StorageError> {
         self.jobs
             .insert(job.handle.as_str().as_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    fn remove_job(&self, handle: &Handle) -> Result<(), StorageError> {
+        self.jobs.remove(handle.as_str().as_bytes())?;
         Ok(())
     }
 
@@ -392,6 +406,9 @@ mod tests {
             tus: None,
             app: None,
             evicted_at_ms: None,
+            deleted_at_ms: None,
+            referenced_by: vec![],
+            local_bytes_missing: false,
         }
     }
 

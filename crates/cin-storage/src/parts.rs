@@ -132,6 +132,11 @@ impl PartStore {
         self.root.join(relative)
     }
 
+    /// The directory holding every upload's part files and the small-file log.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Creates the upload's directory durably, so later part files have a home after a crash.
     pub async fn create_upload(&self, upload: &UploadId) -> Result<(), StorageError> {
         let dir = self.root.join(upload.as_str());
@@ -207,7 +212,11 @@ impl PartStore {
         let path = self.resolve(&Self::part_file(upload, part));
         let expected_len = size.limit();
         let overlap = acknowledged.intersect(offset, offset.saturating_add(expected_len));
-        let writer = ChunkWriter::open(path, offset, overlap, digest).await?;
+        // Until a byte of the part is acknowledged, its file's directory entry may
+        // not be durable (an earlier attempt may have created the file and failed),
+        // so the first acknowledgment syncs the directory whoever created the file.
+        let sync_entry = acknowledged.is_empty();
+        let writer = ChunkWriter::open(path, offset, overlap, digest, sync_entry).await?;
         let mut writer = Some(writer);
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0usize;
@@ -268,29 +277,27 @@ impl PartStore {
         Box::pin(stream)
     }
 
-    /// Frees the local bytes of a complete file: its uploads' part directories,
-    /// and its ranges of the small-file log.
-    pub async fn release(&self, segments: &[Segment]) -> Result<(), StorageError> {
-        let mut uploads = std::collections::BTreeSet::new();
-        for segment in segments {
-            let dir = segment.file.split('/').next().unwrap_or_default();
-            if dir == crate::segment_log::LOG_DIR {
-                let root = self.root.clone();
-                let segment = segment.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::segment_log::release_log_segment(&root, &segment)
-                })
-                .await
-                .map_err(join_error)??;
-            } else if let Ok(upload) = UploadId::parse(dir) {
-                // A tus final upload's segments live in its partial uploads' directories.
-                uploads.insert(upload);
-            }
+    /// Which bytes a segment lies in, so the caller can tell whose they are.
+    pub fn owner(segment: &Segment) -> SegmentOwner {
+        let dir = segment.file.split('/').next().unwrap_or_default();
+        if dir == crate::segment_log::LOG_DIR {
+            return SegmentOwner::Log;
         }
-        for upload in uploads {
-            self.remove_upload(&upload).await?;
+        match UploadId::parse(dir) {
+            Ok(upload) => SegmentOwner::Upload(upload),
+            Err(_) => SegmentOwner::Unknown,
         }
-        Ok(())
+    }
+
+    /// Frees a segment's range of the small-file log (each range has one owner).
+    pub async fn free_log_segment(&self, segment: &Segment) -> Result<(), StorageError> {
+        let root = self.root.clone();
+        let segment = segment.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::segment_log::release_log_segment(&root, &segment)
+        })
+        .await
+        .map_err(join_error)?
     }
 
     /// True when every segment's file is present with at least the bytes it names.
@@ -303,6 +310,17 @@ impl PartStore {
         }
         true
     }
+}
+
+/// Where a segment's bytes live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SegmentOwner {
+    /// A range of the shared small-file log.
+    Log,
+    /// A part file in this upload's directory.
+    Upload(UploadId),
+    /// A name this POP did not write.
+    Unknown,
 }
 
 /// A complete local file: its segments in the part store.
@@ -391,7 +409,8 @@ impl io::Read for SegmentReader {
 struct ChunkWriter {
     file: File,
     path: PathBuf,
-    created: bool,
+    /// Sync the parent directory with the data: the file's entry may not be durable yet.
+    sync_entry: bool,
     pos: u64,
     /// Acknowledged ranges inside this chunk, compared instead of written.
     overlap: Vec<(u64, u64)>,
@@ -405,9 +424,9 @@ impl ChunkWriter {
         offset: u64,
         overlap: Vec<(u64, u64)>,
         digest: DigestKind,
+        sync_entry: bool,
     ) -> Result<Self, ChunkError> {
         tokio::task::spawn_blocking(move || {
-            let created = !path.exists();
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -418,7 +437,7 @@ impl ChunkWriter {
             Ok(ChunkWriter {
                 file,
                 path,
-                created,
+                sync_entry,
                 pos: offset,
                 overlap,
                 hasher: Hasher::new(digest),
@@ -500,7 +519,7 @@ impl ChunkWriter {
         self.file
             .sync_data()
             .map_err(|e| StorageError::io(format!("syncing {}", self.path.display()), e))?;
-        if self.created {
+        if self.sync_entry {
             if let Some(dir) = self.path.parent() {
                 sync_dir(dir)?;
             }

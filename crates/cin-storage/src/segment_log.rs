@@ -173,7 +173,7 @@ pub fn release_log_segment(parts_root: &Path, segment: &Segment) -> Result<(), S
     Ok(())
 }
 
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Err(std::io::Error::other("segment out of range"));

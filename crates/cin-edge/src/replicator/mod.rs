@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cin_domain::{FileStatus, Handle, MultipartCheckpoint, ReplicationJob};
+use cin_domain::{FileStatus, Handle, MultipartCheckpoint, ReplicationJob, Transition};
 use cin_storage::{
-    JobChange, LocalObject, MetadataStore, ObjectToStore, PartStore, PutJournal, StorageError,
+    FinalStoreError, JobChange, LocalObject, MetadataStore, ObjectToStore, PartStore, PutJournal,
+    StorageError,
 };
 use rand::Rng;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -18,9 +19,8 @@ use tokio::task::JoinSet;
 
 use crate::config::ReplicatorConfig;
 use crate::destinations::Destinations;
-use crate::events::StatusEvents;
 use crate::observability::names;
-use crate::upload::now_ms;
+use crate::upload::{now_ms, Lifecycle, UploadError};
 use crate::webhooks::Webhooks;
 
 /// Jobs read from the queue at a time.
@@ -40,7 +40,7 @@ pub struct Replicator {
     cursor: Mutex<Option<Handle>>,
     /// Set on shutdown: deliveries stop after their current part.
     stopping: Arc<AtomicBool>,
-    events: Arc<StatusEvents>,
+    lifecycle: Arc<Lifecycle>,
     webhooks: Arc<Webhooks>,
 }
 
@@ -51,7 +51,7 @@ impl Replicator {
         destinations: Arc<Destinations>,
         wakeup: Arc<Notify>,
         config: ReplicatorConfig,
-        events: Arc<StatusEvents>,
+        lifecycle: Arc<Lifecycle>,
         webhooks: Arc<Webhooks>,
     ) -> Self {
         Replicator {
@@ -63,7 +63,7 @@ impl Replicator {
             in_flight: Mutex::new(HashSet::new()),
             cursor: Mutex::new(None),
             stopping: Arc::new(AtomicBool::new(false)),
-            events,
+            lifecycle,
             webhooks,
         }
     }
@@ -117,6 +117,9 @@ impl Replicator {
                     return wait;
                 }
                 after = Some(job.handle.clone());
+                if given_up(&self.config, &job) {
+                    continue;
+                }
                 if job.not_before_ms > now {
                     wait = wait.min(Duration::from_millis(job.not_before_ms - now));
                     continue;
@@ -163,7 +166,7 @@ impl Replicator {
         }
     }
 
-    async fn try_replicate(&self, mut job: ReplicationJob) -> Result<(), StorageError> {
+    async fn try_replicate(&self, mut job: ReplicationJob) -> Result<(), UploadError> {
         let Some(mut file) = self.meta.get_file(&job.handle)? else {
             tracing::warn!(handle = %job.handle, "dropping a replication job for a file that no longer exists");
             return self.drop_job(&job.handle).await;
@@ -174,11 +177,12 @@ impl Replicator {
             return self.drop_job(&job.handle).await;
         }
         let started = std::time::Instant::now();
+        // An error, and whether it is a definitive mismatch (counted towards giving up).
         let result = match self.destinations.get(&file.profile) {
-            None => Err(format!(
+            None => Err((format!(
                 "storage profile {:?} is not configured on this POP any more; add it back to deliver this file",
                 file.profile
-            )),
+            ), false)),
             Some(destination) => {
                 let source = LocalObject {
                     parts: self.parts.clone(),
@@ -207,7 +211,7 @@ impl Replicator {
                     .store
                     .put(&object, &journal)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| (e.to_string(), matches!(e, FinalStoreError::Mismatch { .. })))
             }
         };
         job.attempts += 1;
@@ -218,14 +222,15 @@ impl Replicator {
                 metrics::counter!(names::REPLICATED_BYTES).increment(file.size);
                 metrics::histogram!(names::REPLICATION_SECONDS)
                     .record(started.elapsed().as_secs_f64());
-                file.status = FileStatus::Stored;
-                file.stored_at_ms = Some(now_ms());
+                let guard = self.lifecycle.lock(&file.upload_id).await;
+                file = self.lifecycle.current(&guard, &file.handle)?;
+                file.replication_attempts = job.attempts;
                 file.sha256 = Some(outcome.sha256);
                 file.last_error = None;
-                self.webhooks.enqueue(&file, "Stored")?;
-                self.meta.put_file(&file, JobChange::Remove)?;
-                self.meta.flush().await?;
-                self.events.publish(&file.handle, FileStatus::Stored);
+                self.lifecycle
+                    .transition(&guard, &mut file, Transition::Store, JobChange::Remove)
+                    .await?;
+                drop(guard);
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
                     handle = %file.handle,
@@ -236,13 +241,20 @@ impl Replicator {
                     "stored"
                 );
             }
-            Err(error) => {
+            Err((error, mismatch)) => {
                 metrics::counter!(names::REPLICATION_FAILURES).increment(1);
+                if mismatch {
+                    job.mismatched_attempts += 1;
+                }
+                let gives_up = mismatch && given_up(&self.config, &job);
                 let delay = backoff(&self.config, job.attempts);
                 // Keep a checkpoint an attempt may have saved meanwhile.
                 job.checkpoint = self.meta.get_job(&job.handle)?.and_then(|j| j.checkpoint);
                 job.not_before_ms = now_ms() + delay.as_millis() as u64;
                 job.last_error = Some(error.clone());
+                let guard = self.lifecycle.lock(&file.upload_id).await;
+                file = self.lifecycle.current(&guard, &file.handle)?;
+                file.replication_attempts = job.attempts;
                 file.last_error = Some(error.clone());
                 let failing_for = now_ms().saturating_sub(file.completed_at_ms.unwrap_or(0));
                 if !job.failing_reported
@@ -251,26 +263,58 @@ impl Replicator {
                     self.webhooks.enqueue(&file, "replication_failing")?;
                     job.failing_reported = true;
                 }
-                self.meta.put_file(&file, JobChange::Upsert(job.clone()))?;
-                self.meta.flush().await?;
-                tracing::warn!(
-                    handle = %file.handle,
-                    attempts = job.attempts,
-                    retry_in_ms = delay.as_millis() as u64,
-                    %error,
-                    "replication failed; will retry"
-                );
+                if gives_up {
+                    self.webhooks.enqueue(&file, "replication_failed")?;
+                }
+                self.lifecycle
+                    .update(&guard, &file, JobChange::Upsert(job.clone()))
+                    .await?;
+                drop(guard);
+                if gives_up {
+                    metrics::counter!(names::REPLICATION_GIVEN_UP).increment(1);
+                    tracing::error!(
+                        handle = %file.handle,
+                        attempts = job.attempts,
+                        mismatched_attempts = job.mismatched_attempts,
+                        %error,
+                        "replication given up: final storage keeps answering with other bytes; the file stays here, servable"
+                    );
+                } else {
+                    tracing::warn!(
+                        handle = %file.handle,
+                        attempts = job.attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        %error,
+                        "replication failed; will retry"
+                    );
+                }
             }
         }
         Ok(())
     }
 
-    async fn drop_job(&self, handle: &Handle) -> Result<(), StorageError> {
-        if let Some(file) = self.meta.get_file(handle)? {
-            self.meta.put_file(&file, JobChange::Remove)?;
-        }
-        self.meta.flush().await
+    async fn drop_job(&self, handle: &Handle) -> Result<(), UploadError> {
+        self.meta.remove_job(handle)?;
+        Ok(self.meta.flush().await?)
     }
+}
+
+/// True once final storage answered `max_mismatch_attempts` attempts with a
+/// definitive mismatch: the job is parked, not retried (a restart does not
+/// resume it; raising the limit and restarting gives it that many more).
+pub fn given_up(config: &ReplicatorConfig, job: &ReplicationJob) -> bool {
+    config.max_mismatch_attempts > 0 && job.mismatched_attempts >= config.max_mismatch_attempts
+}
+
+/// Why replication of a file was given up, for people; None while it goes on.
+pub fn failure_message(config: &ReplicatorConfig, job: &ReplicationJob) -> Option<String> {
+    given_up(config, job).then(|| {
+        format!(
+            "replication given up: final storage answered {} attempts with an object that is not this file's bytes; \
+             the file stays InTransit and is served from this POP. Raise replicator.max_mismatch_attempts and restart to try again",
+            job.mismatched_attempts
+        )
+    })
 }
 
 /// Exponential backoff with equal jitter: the delay for attempt n lies in
@@ -325,6 +369,7 @@ mod tests {
             workers: 1,
             retry_base_ms: 100,
             retry_cap_ms: 1_000,
+            max_mismatch_attempts: 3,
         };
         for _ in 0..100 {
             let first = backoff(&config, 1).as_millis();
@@ -334,5 +379,24 @@ mod tests {
             let late = backoff(&config, 40).as_millis();
             assert!((500..=1_000).contains(&late), "{late}");
         }
+    }
+
+    #[test]
+    fn a_job_is_given_up_after_the_configured_mismatches_only() {
+        let mut config = ReplicatorConfig::default();
+        let mut job = ReplicationJob::new(Handle::generate());
+        job.attempts = 10;
+        assert!(!given_up(&config, &job), "other failures never give up");
+        job.mismatched_attempts = config.max_mismatch_attempts - 1;
+        assert!(!given_up(&config, &job));
+        assert!(failure_message(&config, &job).is_none());
+        job.mismatched_attempts = config.max_mismatch_attempts;
+        assert!(given_up(&config, &job));
+        assert!(failure_message(&config, &job).is_some_and(|m| m.contains("given up")));
+        config.max_mismatch_attempts += 1;
+        assert!(!given_up(&config, &job), "a raised limit gives it another attempt");
+        config.max_mismatch_attempts = 0;
+        job.mismatched_attempts = 100;
+        assert!(!given_up(&config, &job), "0 never gives up");
     }
 }

@@ -22,7 +22,7 @@ fn find(state: &SharedState, handle: &str) -> Result<FileRecord, ApiError> {
     let handle = Handle::parse(handle).map_err(|_| {
         ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
     })?;
-    state.uploads.file(&handle)
+    Ok(state.uploads.file(&handle)?)
 }
 
 /// Query parameters that carry a security policy.
@@ -53,7 +53,7 @@ pub async fn metadata(
     Query(q): Query<PolicyQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let file = find(&state, &handle)?;
-    state.apps.authorize_access(
+    state.services.apps.authorize_access(
         file.app.as_deref(),
         &q.credentials(),
         Call::Stat,
@@ -80,6 +80,18 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         .filter(|l| !l.is_empty())
         .unwrap_or("s3")
         .to_ascii_lowercase();
+    // Only a file in transit has a job; a failed read leaves the failure unreported, not the metadata.
+    let failure = if file.status == FileStatus::InTransit {
+        state
+            .services
+            .meta
+            .get_job(&file.handle)
+            .ok()
+            .flatten()
+            .and_then(|job| crate::replicator::failure_message(&state.config.replicator, &job))
+    } else {
+        None
+    };
     json!({
         "handle": file.handle,
         "url": format!("{}/{}", state.public_url, file.handle),
@@ -95,12 +107,16 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         "sha256": file.sha256,
         "pop": state.config.server.pop_id,
         // Whether this POP still holds the bytes (evicted copies are read from final storage).
-        "local_copy": file.evicted_at_ms.is_none() && file.expired_at_ms.is_none(),
+        "local_copy": file.evicted_at_ms.is_none() && file.expired_at_ms.is_none() && !file.local_bytes_missing,
+        "local_bytes_missing": file.local_bytes_missing,
         "replication": {
             "attempts": file.replication_attempts,
             "last_error": file.last_error,
             "completed_at": file.completed_at_ms,
             "stored_at": file.stored_at_ms,
+            // Given up after repeated definitive mismatches: no automatic retry.
+            "failed": failure.is_some(),
+            "failure": failure,
         },
     })
 }
@@ -201,7 +217,7 @@ pub async fn serve(
     Query(q): Query<PolicyQuery>,
 ) -> Result<Response, ApiError> {
     let file = find(&state, &handle)?;
-    state.apps.authorize_access(
+    state.services.apps.authorize_access(
         file.app.as_deref(),
         &q.credentials(),
         Call::Read,
@@ -216,6 +232,15 @@ pub async fn serve(
             ),
             Some(file.status),
         ));
+    }
+    if file.local_bytes_missing && file.status != FileStatus::Stored {
+        return Err(ApiError::Unavailable {
+            code: "local_copy_incomplete",
+            message: format!(
+                "file {} lost bytes of its local copy before final storage had it; it cannot be served",
+                file.handle
+            ),
+        });
     }
     let etag = format!("\"{}\"", file.handle);
     let mut response_headers = HeaderMap::new();
@@ -272,12 +297,14 @@ pub async fn serve(
         return Ok((status, response_headers).into_response());
     }
     state.cache.touch(&file.handle);
-    let local = file.evicted_at_ms.is_none() && state.parts.has_segments(&file.segments).await;
+    let local = file.evicted_at_ms.is_none()
+        && !file.local_bytes_missing
+        && state.services.parts.has_segments(&file.segments).await;
     let body = if local {
-        Body::from_stream(state.parts.read_range(&file.segments, start, end))
+        Body::from_stream(state.services.parts.read_range(&file.segments, start, end))
     } else {
         // The local copy is gone (evicted after it was stored): read from final storage.
-        let destination = state.destinations.get(&file.profile).ok_or_else(|| {
+        let destination = state.services.destinations.get(&file.profile).ok_or_else(|| {
             ApiError::not_found(
                 "file_unavailable",
                 format!(
@@ -300,10 +327,18 @@ pub async fn serve(
 pub async fn events(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
+    Query(q): Query<PolicyQuery>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading the record, so no change falls in between.
-    let mut changes = state.events.subscribe();
+    let mut changes = state.services.events.subscribe();
     let file = find(&state, &handle)?;
+    // The stream tells what metadata tells: the same authorization.
+    state.services.apps.authorize_access(
+        file.app.as_deref(),
+        &q.credentials(),
+        Call::Stat,
+        file.handle.as_str(),
+    )?;
     let handle = file.handle.clone();
     let stream = async_stream_of(move |tx| async move {
         let mut last = file.status;
@@ -315,8 +350,13 @@ pub async fn events(
         if tx.send(event(last)).await.is_err() {
             return;
         }
-        while last != FileStatus::Stored {
-            match changes.recv().await {
+        // Ends at a final status, or as soon as the client goes away.
+        while !matches!(last, FileStatus::Stored) && !last.is_gone() {
+            let change = tokio::select! {
+                _ = tx.closed() => return,
+                change = changes.recv() => change,
+            };
+            match change {
                 Ok(change) if change.handle == handle && change.status != last => {
                     last = change.status;
                     if tx.send(event(last)).await.is_err() {

@@ -29,10 +29,10 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     if let Err(e) = state.uploads.check_metadata_writable().await {
         failures.push(format!("metadata store is not writable: {e}"));
     }
-    if let Some(reason) = state.disk.below_watermark() {
+    if let Some(reason) = state.services.disk.below_watermark() {
         failures.push(reason);
     }
-    if let Some(default) = state.destinations.default_destination() {
+    if let Some(default) = state.services.destinations.default_destination() {
         match tokio::time::timeout(READINESS_TIMEOUT, default.store.check()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failures.push(format!("default final store: {e}")),
@@ -78,7 +78,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
             .unwrap_or(0);
         metrics::gauge!(names::REPLICATION_LAG).set(oldest as f64 / 1000.0);
     }
-    let disk = state.disk.usage();
+    let disk = state.services.disk.usage();
     metrics::gauge!(names::DISK_USED).set(disk.used as f64);
     metrics::gauge!(names::DISK_FREE).set(disk.free as f64);
     (

@@ -50,7 +50,7 @@ pub async fn start(
             "filename is required",
         ));
     }
-    let app = state.apps.authorize_upload(
+    let app = state.services.apps.authorize_upload(
         &Credentials {
             apikey: req.apikey.as_deref(),
             policy: req.policy.as_deref(),
@@ -236,7 +236,7 @@ pub async fn put_chunk(
     );
     Ok(match written {
         Ok(etag) => (StatusCode::OK, [(ETAG.as_str(), etag), hint]).into_response(),
-        Err(e) => ([hint], e).into_response(),
+        Err(e) => ([hint], ApiError::from(e)).into_response(),
     })
 }
 

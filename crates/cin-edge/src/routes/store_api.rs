@@ -64,7 +64,7 @@ pub async fn store(
         region: q.region,
         access: q.access,
     };
-    let app = state.apps.authorize_upload(
+    let app = state.services.apps.authorize_upload(
         &Credentials {
             apikey: q.key.as_deref(),
             policy: q.policy.as_deref(),

@@ -17,7 +17,7 @@ use cin_storage::DigestKind;
 use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
-use crate::upload::{Appended, DeclaredChecksum, NewUpload};
+use crate::upload::{Appended, DeclaredChecksum, NewUpload, UploadError};
 
 pub const TUS_VERSION: &str = "1.0.0";
 const TUS_EXTENSIONS: &str =
@@ -84,19 +84,20 @@ impl From<ApiError> for TusError {
     }
 }
 
+impl From<UploadError> for TusError {
+    fn from(e: UploadError) -> Self {
+        TusError::Api(e.into())
+    }
+}
+
 impl IntoResponse for TusError {
     fn into_response(self) -> Response {
         let error = match self {
             TusError::Raw(response) => return *response,
             TusError::Api(error) => error,
         };
-        let expired = matches!(
-            &error,
-            ApiError::NotFound {
-                code: "expired",
-                ..
-            }
-        );
+        // tus answers 410 for an upload that is gone.
+        let expired = matches!(&error, ApiError::Gone { .. });
         let mut response = error.into_response();
         if expired {
             *response.status_mut() = StatusCode::GONE;
@@ -303,7 +304,7 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
             .map(|(_, v)| v.as_str())
     };
     // Credentials travel as Upload-Metadata keys (apikey, policy, signature).
-    let app = state.apps.authorize_upload(
+    let app = state.services.apps.authorize_upload(
         &Credentials {
             apikey: meta_value("apikey"),
             policy: meta_value("policy"),

@@ -2,17 +2,16 @@
 //! time loses its bytes and part records; its file record stays as a tombstone so
 //! the handle can answer `expired` rather than "never existed".
 
-use cin_domain::{FileRecord, FileStatus};
+use cin_domain::{FileRecord, FileStatus, Transition};
 use cin_storage::JobChange;
 
-use super::{now_ms, Uploads};
-use crate::error::ApiError;
+use super::{UploadError, now_ms, Uploads};
 use crate::observability::names;
 
 impl Uploads {
     /// When bytes last arrived for an upload (or when it started).
-    pub fn last_activity_ms(&self, file: &FileRecord) -> Result<u64, ApiError> {
-        let parts = self.meta.parts(&file.upload_id)?;
+    pub fn last_activity_ms(&self, file: &FileRecord) -> Result<u64, UploadError> {
+        let parts = self.services.meta.parts(&file.upload_id)?;
         Ok(parts
             .iter()
             .map(|(_, p)| p.touched_at_ms)
@@ -20,22 +19,22 @@ impl Uploads {
     }
 
     /// When an unfinished upload will expire (ms since the Unix epoch).
-    pub fn expires_at_ms(&self, file: &FileRecord) -> Result<Option<u64>, ApiError> {
+    pub fn expires_at_ms(&self, file: &FileRecord) -> Result<Option<u64>, UploadError> {
         if file.status != FileStatus::Uploading {
             return Ok(None);
         }
         Ok(Some(
-            self.last_activity_ms(file)? + self.expire_after.as_millis() as u64,
+            self.last_activity_ms(file)? + self.limits.expire_after.as_millis() as u64,
         ))
     }
 
     /// Expires every unfinished upload idle for longer than the configured time.
     /// Returns how many were swept.
-    pub async fn sweep_expired(&self) -> Result<usize, ApiError> {
+    pub async fn sweep_expired(&self) -> Result<usize, UploadError> {
         let now = now_ms();
         let mut swept = 0;
-        for file in self.meta.files()? {
-            if file.status != FileStatus::Uploading || file.expired_at_ms.is_some() {
+        for file in self.services.meta.files()? {
+            if file.status != FileStatus::Uploading {
                 continue;
             }
             let Some(expires) = self.expires_at_ms(&file)? else {
@@ -44,24 +43,26 @@ impl Uploads {
             if expires > now {
                 continue;
             }
-            let _guard = self.part_locks.lock((file.upload_id.clone(), 1)).await;
-            // Bytes may have arrived while waiting for the lock.
-            let Some(mut current) = self.meta.get_file(&file.handle)? else {
-                continue;
+            let guard = self.lifecycle.lock(&file.upload_id).await;
+            // Bytes may have arrived, or the upload completed, while waiting for the lock.
+            let mut current = match self.lifecycle.current(&guard, &file.handle) {
+                Ok(current) => current,
+                Err(UploadError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
             };
             if current.status != FileStatus::Uploading
                 || self.expires_at_ms(&current)?.is_some_and(|e| e > now)
             {
                 continue;
             }
-            current.expired_at_ms = Some(now);
             current.segments.clear();
-            self.webhooks.enqueue(&current, "expired")?;
-            self.meta.remove_parts(&current.upload_id)?;
-            self.meta.put_file(&current, JobChange::Remove)?;
-            self.meta.flush().await?;
-            self.parts.remove_upload(&current.upload_id).await?;
-            self.disk.release(&current.upload_id);
+            self.services.meta.remove_parts(&current.upload_id)?;
+            self.lifecycle
+                .transition(&guard, &mut current, Transition::Expire, JobChange::Remove)
+                .await?;
+            drop(guard);
+            self.lifecycle.release_bytes(&current).await?;
+            self.services.disk.release(&current.upload_id);
             metrics::counter!(names::UPLOADS_FAILED, "reason" => "expired").increment(1);
             tracing::info!(handle = %current.handle, "expired an abandoned upload");
             swept += 1;

@@ -3,8 +3,11 @@
 //! calls; the rules live here.
 
 mod assessment;
+mod error;
 mod expiry;
+mod lifecycle;
 mod locks;
+mod reconcile;
 mod tus;
 
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{
     sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob,
-    Segment, StoreOptions, UploadId, UploadMode,
+    Segment, StoreOptions, Transition, UploadId, UploadMode,
 };
 use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore, SegmentLog};
 use futures_util::{Stream, StreamExt};
@@ -23,12 +26,14 @@ use tokio::sync::Notify;
 use crate::auth::Apps;
 use crate::destinations::Destinations;
 use crate::disk::Disk;
-use crate::error::ApiError;
 use crate::events::StatusEvents;
 use crate::observability::names;
 use crate::webhooks::Webhooks;
 use assessment::Assessment;
+pub use error::UploadError;
+pub use lifecycle::{Lifecycle, UploadGuard};
 use locks::KeyedLocks;
+pub use reconcile::{reconcile, Reconciled};
 pub use tus::{Appended, DeclaredChecksum};
 
 pub fn now_ms() -> u64 {
@@ -69,8 +74,8 @@ pub struct ClaimedPart {
     pub etag: Option<String>,
 }
 
-/// What the engine works with.
-pub struct UploadParts {
+/// What the engine works with; built once and shared with the HTTP layer.
+pub struct Services {
     pub meta: Arc<dyn MetadataStore>,
     pub parts: PartStore,
     /// Where whole small files go, many to a shared fsync.
@@ -92,19 +97,13 @@ pub struct UploadLimits {
 }
 
 pub struct Uploads {
-    meta: Arc<dyn MetadataStore>,
-    parts: PartStore,
-    small_files: Arc<SegmentLog>,
-    destinations: Arc<Destinations>,
-    max_file_size: u64,
+    services: Arc<Services>,
+    lifecycle: Arc<Lifecycle>,
+    limits: UploadLimits,
+    /// Serialises the bodies written into one part (its record is written under
+    /// the upload's lock, taken only briefly).
     part_locks: KeyedLocks<(UploadId, u32)>,
-    replication_wakeup: Arc<Notify>,
     assessment: Assessment,
-    expire_after: std::time::Duration,
-    disk: Arc<Disk>,
-    events: Arc<StatusEvents>,
-    apps: Arc<Apps>,
-    webhooks: Arc<Webhooks>,
 }
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
@@ -114,47 +113,43 @@ const DEFAULT_MIMETYPE: &str = "application/octet-stream";
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
 impl Uploads {
-    pub fn new(parts: UploadParts, limits: UploadLimits) -> Self {
+    pub fn new(services: Arc<Services>, lifecycle: Arc<Lifecycle>, limits: UploadLimits) -> Self {
         Uploads {
-            meta: parts.meta,
-            parts: parts.parts,
-            small_files: parts.small_files,
-            destinations: parts.destinations,
-            max_file_size: limits.max_file_size,
+            services,
+            lifecycle,
+            limits,
             part_locks: KeyedLocks::new(),
-            replication_wakeup: parts.replication_wakeup,
             assessment: Assessment::default(),
-            expire_after: limits.expire_after,
-            disk: parts.disk,
-            events: parts.events,
-            apps: parts.apps,
-            webhooks: parts.webhooks,
         }
     }
 
-    fn check_size(&self, size: u64) -> Result<(), ApiError> {
-        if size > self.max_file_size {
-            return Err(ApiError::TooLarge {
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), UploadError> {
+        if size > self.limits.max_file_size {
+            return Err(UploadError::TooLarge {
                 message: format!(
                     "the file is {size} bytes; this POP accepts files up to {} bytes",
-                    self.max_file_size
+                    self.limits.max_file_size
                 ),
             });
         }
         Ok(())
     }
 
-    fn new_record(&self, upload: &NewUpload) -> Result<FileRecord, ApiError> {
+    fn new_record(&self, upload: &NewUpload) -> Result<FileRecord, UploadError> {
         let handle = Handle::generate();
         let filename = sanitize_filename(&upload.filename);
         let placement = self
-            .destinations
+            .services.destinations
             .place(&upload.store, handle.as_str(), &filename)?;
         if !self
-            .apps
+            .services.apps
             .allows_profile(upload.app.as_deref(), &placement.profile)
         {
-            return Err(ApiError::forbidden(
+            return Err(UploadError::forbidden(
                 "profile_not_allowed",
                 format!(
                     "this app may not deliver to container {:?}; ask the operator to allow storage profile {:?}",
@@ -191,23 +186,26 @@ impl Uploads {
             tus: None,
             app: upload_app,
             evicted_at_ms: None,
+            deleted_at_ms: None,
+            referenced_by: Vec::new(),
+            local_bytes_missing: false,
         })
     }
 
     /// Registers a new upload; its handle and filelink are valid from now on.
-    pub async fn start(&self, upload: NewUpload) -> Result<FileRecord, ApiError> {
+    pub async fn start(&self, upload: NewUpload) -> Result<FileRecord, UploadError> {
         self.check_size(upload.size)?;
         let record = self.new_record(&upload)?;
-        self.disk.admit(&record.upload_id, record.size)?;
+        self.services.disk.admit(&record.upload_id, record.size)?;
         let created = async {
-            self.parts.create_upload(&record.upload_id).await?;
-            self.meta.put_file(&record, JobChange::Keep)?;
-            self.meta.flush().await?;
-            Ok::<_, ApiError>(())
+            self.services.parts.create_upload(&record.upload_id).await?;
+            self.services.meta.put_file(&record, JobChange::Keep)?;
+            self.services.meta.flush().await?;
+            Ok::<_, UploadError>(())
         }
         .await;
         if let Err(e) = created {
-            self.disk.release(&record.upload_id);
+            self.services.disk.release(&record.upload_id);
             return Err(e);
         }
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(record.mode)).increment(1);
@@ -215,24 +213,28 @@ impl Uploads {
         Ok(record)
     }
 
-    pub fn file(&self, handle: &Handle) -> Result<FileRecord, ApiError> {
-        let file = self.meta.get_file(handle)?.ok_or_else(|| {
-            ApiError::not_found("file_not_found", format!("no file has handle {handle}"))
+    pub fn file(&self, handle: &Handle) -> Result<FileRecord, UploadError> {
+        let file = self.services.meta.get_file(handle)?.ok_or_else(|| {
+            UploadError::not_found("file_not_found", format!("no file has handle {handle}"))
         })?;
-        if file.expired_at_ms.is_some() {
-            return Err(ApiError::not_found(
-                "expired",
-                format!(
+        match file.status {
+            FileStatus::Expired => Err(UploadError::Gone {
+                code: "expired",
+                message: format!(
                     "the upload of {handle} was abandoned and has expired; upload the file again"
                 ),
-            ));
+            }),
+            FileStatus::Deleted => Err(UploadError::Gone {
+                code: "deleted",
+                message: format!("the upload of {handle} was terminated by its client"),
+            }),
+            _ => Ok(file),
         }
-        Ok(file)
     }
 
-    pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, ApiError> {
-        let handle = self.meta.handle_for_upload(upload)?.ok_or_else(|| {
-            ApiError::not_found(
+    pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
+        let handle = self.services.meta.handle_for_upload(upload)?.ok_or_else(|| {
+            UploadError::not_found(
                 "upload_not_found",
                 format!("no upload has id {upload}; start a new upload with /multipart/start"),
             )
@@ -240,10 +242,10 @@ impl Uploads {
         self.file(&handle)
     }
 
-    fn uploading(&self, upload: &UploadId) -> Result<FileRecord, ApiError> {
+    fn uploading(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
         let file = self.file_for_upload(upload)?;
         if file.status != FileStatus::Uploading {
-            return Err(ApiError::conflict(
+            return Err(UploadError::conflict(
                 "upload_complete",
                 format!(
                     "upload {upload} is already complete; its file is {}",
@@ -261,11 +263,11 @@ impl Uploads {
         upload: &UploadId,
         offset: u64,
         size: u64,
-    ) -> Result<FileRecord, ApiError> {
+    ) -> Result<FileRecord, UploadError> {
         let file = self.uploading(upload)?;
         let end = offset.checked_add(size);
         if end.is_none_or(|end| end > file.size) {
-            return Err(ApiError::invalid(
+            return Err(UploadError::invalid(
                 "chunk_out_of_range",
                 format!(
                     "a chunk of {size} bytes at offset {offset} goes past the declared file size of {} bytes",
@@ -278,7 +280,7 @@ impl Uploads {
 
     /// Writes one chunk durably and records it. Returns the chunk's quoted MD5 ETag
     /// only once the bytes are fsync'd and the range is flushed to the metadata store.
-    pub async fn write_chunk<S, E>(&self, chunk: IncomingChunk<S>) -> Result<String, ApiError>
+    pub async fn write_chunk<S, E>(&self, chunk: IncomingChunk<S>) -> Result<String, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
@@ -295,7 +297,7 @@ impl Uploads {
                     .filter(|d| d.len() == 16)
                     .map(hex::encode)
                     .ok_or_else(|| {
-                        ApiError::invalid(
+                        UploadError::invalid(
                             "invalid_md5",
                             format!("md5 {m:?} is not a base64 MD5 digest"),
                         )
@@ -308,13 +310,13 @@ impl Uploads {
             .lock((chunk.upload_id.clone(), chunk.part.get()))
             .await;
         let mut part = self
-            .meta
+            .services.meta
             .get_part(&chunk.upload_id, chunk.part)?
             .unwrap_or_default();
         let whole_part = file.mode != UploadMode::Intelligent;
         if whole_part {
             if let Some(len) = part.committed_len.filter(|&len| len != chunk.size) {
-                return Err(ApiError::conflict(
+                return Err(UploadError::conflict(
                     "part_conflict",
                     format!(
                         "part {} was already uploaded with {len} bytes; it cannot be replaced by {} bytes",
@@ -326,7 +328,7 @@ impl Uploads {
         }
         let receiving = std::time::Instant::now();
         let written = self
-            .parts
+            .services.parts
             .write_chunk(
                 &chunk.upload_id,
                 chunk.part,
@@ -346,7 +348,7 @@ impl Uploads {
                 return Err(e.into());
             }
         };
-        self.disk.consumed(&chunk.upload_id, written.len);
+        self.services.disk.consumed(&chunk.upload_id, written.len);
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
@@ -369,33 +371,60 @@ impl Uploads {
             part.committed_len = Some(chunk.size);
             part.etag = Some(etag.clone());
         }
-        self.meta.put_part(&chunk.upload_id, chunk.part, &part)?;
-        self.meta.flush().await?;
+        self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
+            .await?;
+        self.services.meta.flush().await?;
         Ok(etag)
     }
 
-    /// Every file record (for gauges and sweeps).
-    pub fn all_files(&self) -> Result<Vec<FileRecord>, ApiError> {
-        Ok(self.meta.files()?)
+    /// Records a part's bytes if the upload is still taking them (it may have
+    /// been completed, expired or terminated while the body streamed). The
+    /// caller flushes: the lock covers the check and the write, not the sync.
+    async fn record_part(
+        &self,
+        handle: &Handle,
+        upload: &UploadId,
+        number: PartNumber,
+        part: &PartRecord,
+    ) -> Result<(), UploadError> {
+        let guard = self.lifecycle.lock(upload).await;
+        let file = self.lifecycle.current(&guard, handle)?;
+        if file.status != FileStatus::Uploading {
+            return Err(UploadError::conflict(
+                "upload_not_uploading",
+                format!(
+                    "upload {upload} is {} now; these bytes were not recorded",
+                    file.status.as_str()
+                ),
+                Some(file.status),
+            ));
+        }
+        self.services.meta.put_part(upload, number, part)?;
+        Ok(())
     }
 
-    pub async fn check_metadata_writable(&self) -> Result<(), ApiError> {
-        Ok(self.meta.check_writable().await?)
+    /// Every file record (for gauges and sweeps).
+    pub fn all_files(&self) -> Result<Vec<FileRecord>, UploadError> {
+        Ok(self.services.meta.files()?)
+    }
+
+    pub async fn check_metadata_writable(&self) -> Result<(), UploadError> {
+        Ok(self.services.meta.check_writable().await?)
     }
 
     /// Re-reserves disk room for the uploads in progress, after a restart.
-    pub fn restore_reservations(&self) -> Result<(), ApiError> {
-        for file in self.meta.files()? {
-            if file.status != FileStatus::Uploading || file.expired_at_ms.is_some() {
+    pub fn restore_reservations(&self) -> Result<(), UploadError> {
+        for file in self.services.meta.files()? {
+            if file.status != FileStatus::Uploading {
                 continue;
             }
             let received: u64 = self
-                .meta
+                .services.meta
                 .parts(&file.upload_id)?
                 .iter()
                 .map(|(_, p)| p.received.total())
                 .sum();
-            self.disk
+            self.services.disk
                 .restore(&file.upload_id, file.size.saturating_sub(received));
         }
         Ok(())
@@ -411,14 +440,14 @@ impl Uploads {
         &self,
         upload: &UploadId,
         part_number: PartNumber,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, UploadError> {
         let file = self.file_for_upload(upload)?;
         let _guard = self
             .part_locks
             .lock((upload.clone(), part_number.get()))
             .await;
-        let mut part = self.meta.get_part(upload, part_number)?.ok_or_else(|| {
-            ApiError::invalid(
+        let mut part = self.services.meta.get_part(upload, part_number)?.ok_or_else(|| {
+            UploadError::invalid(
                 "part_missing",
                 format!(
                     "part {part_number} has no bytes yet; upload its chunks before committing it"
@@ -431,7 +460,7 @@ impl Uploads {
                 .unwrap_or(part.received.contiguous_prefix()));
         }
         let len = whole_length(&part).ok_or_else(|| {
-            ApiError::invalid(
+            UploadError::invalid(
                 "part_incomplete",
                 format!(
                     "part {part_number} has gaps: only bytes {:?} arrived; send the missing chunks, then commit again",
@@ -440,8 +469,9 @@ impl Uploads {
             )
         })?;
         part.committed_len = Some(len);
-        self.meta.put_part(upload, part_number, &part)?;
-        self.meta.flush().await?;
+        self.record_part(&file.handle, upload, part_number, &part)
+            .await?;
+        self.services.meta.flush().await?;
         Ok(len)
     }
 
@@ -451,13 +481,13 @@ impl Uploads {
         &self,
         upload: &UploadId,
         claimed: Option<Vec<ClaimedPart>>,
-    ) -> Result<FileRecord, ApiError> {
-        let _guard = self.part_locks.lock((upload.clone(), 0)).await;
+    ) -> Result<FileRecord, UploadError> {
+        let guard = self.lifecycle.lock(upload).await;
         let mut file = self.file_for_upload(upload)?;
         if file.status != FileStatus::Uploading {
             return Ok(file);
         }
-        let parts = self.meta.parts(upload)?;
+        let parts = self.services.meta.parts(upload)?;
         if let Some(claimed) = &claimed {
             check_claimed_parts(claimed, &parts)?;
         }
@@ -477,7 +507,7 @@ impl Uploads {
             }
         }
         if !missing.is_empty() {
-            return Err(ApiError::invalid(
+            return Err(UploadError::invalid(
                 "missing_parts",
                 format!(
                     "cannot complete: parts {} are missing or have gaps",
@@ -487,13 +517,13 @@ impl Uploads {
         }
         let total: u64 = segments.iter().map(|s| s.len).sum();
         if segments.is_empty() && file.size > 0 {
-            return Err(ApiError::invalid(
+            return Err(UploadError::invalid(
                 "missing_parts",
                 "cannot complete: no part has arrived yet; upload the parts first",
             ));
         }
         if total != file.size {
-            return Err(ApiError::invalid(
+            return Err(UploadError::invalid(
                 "size_mismatch",
                 if total < file.size {
                     format!(
@@ -511,25 +541,20 @@ impl Uploads {
             ));
         }
         file.segments = segments;
-        self.finish(&mut file).await?;
+        self.finish(&guard, &mut file).await?;
         self.assessment.forget(upload);
         Ok(file)
     }
 
     /// Marks a file complete at this POP and queues it for final storage, durably.
-    async fn finish(&self, file: &mut FileRecord) -> Result<(), ApiError> {
-        file.status = FileStatus::InTransit;
-        file.completed_at_ms = Some(now_ms());
-        self.webhooks.enqueue(file, "InTransit")?;
-        self.meta.put_file(
-            file,
-            JobChange::Upsert(ReplicationJob::new(file.handle.clone())),
-        )?;
-        self.meta.flush().await?;
-        self.disk.release(&file.upload_id);
+    async fn finish(&self, guard: &UploadGuard<'_>, file: &mut FileRecord) -> Result<(), UploadError> {
+        let job = JobChange::Upsert(ReplicationJob::new(file.handle.clone()));
+        self.lifecycle
+            .transition(guard, file, Transition::Complete, job)
+            .await?;
+        self.services.disk.release(&file.upload_id);
         metrics::counter!(names::UPLOADS_COMPLETED, "mode" => mode_label(file.mode)).increment(1);
-        self.events.publish(&file.handle, file.status);
-        self.replication_wakeup.notify_one();
+        self.services.replication_wakeup.notify_one();
         tracing::info!(handle = %file.handle, size = file.size, "upload complete, queued for replication");
         Ok(())
     }
@@ -541,7 +566,7 @@ impl Uploads {
         upload: NewUpload,
         declared_size: Option<u64>,
         body: S,
-    ) -> Result<FileRecord, ApiError>
+    ) -> Result<FileRecord, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
@@ -550,14 +575,14 @@ impl Uploads {
             self.check_size(size)?;
         }
         let mut file = self.new_record(&upload)?;
-        self.disk
+        self.services.disk
             .admit(&file.upload_id, declared_size.unwrap_or(0))?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
         let stored = match declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
             Some(size) => self.store_small(size, body).await,
             None => {
                 let limit =
-                    declared_size.map_or(ChunkSize::AtMost(self.max_file_size), ChunkSize::Exact);
+                    declared_size.map_or(ChunkSize::AtMost(self.limits.max_file_size), ChunkSize::Exact);
                 self.store_in_part_file(&file.upload_id, limit, body).await
             }
         };
@@ -565,14 +590,14 @@ impl Uploads {
             Ok(segment) => segment,
             Err(e) => {
                 // Nothing was acknowledged.
-                self.disk.release(&file.upload_id);
+                self.services.disk.release(&file.upload_id);
                 count_chunk_failure(&e);
                 metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
                 return Err(match e {
-                    ChunkError::TooLong { .. } if declared_size.is_none() => ApiError::TooLarge {
+                    ChunkError::TooLong { .. } if declared_size.is_none() => UploadError::TooLarge {
                         message: format!(
                             "the body exceeds this POP's limit of {} bytes",
-                            self.max_file_size
+                            self.limits.max_file_size
                         ),
                     },
                     other => other.into(),
@@ -582,7 +607,9 @@ impl Uploads {
         metrics::counter!(names::BYTES_RECEIVED).increment(segment.len);
         file.size = segment.len;
         file.segments = vec![segment];
-        self.finish(&mut file).await?;
+        // Nobody else knows this upload yet; the lock keeps the one rule.
+        let guard = self.lifecycle.lock(&file.upload_id).await;
+        self.finish(&guard, &mut file).await?;
         Ok(file)
     }
 
@@ -609,7 +636,7 @@ impl Uploads {
                 expected: size,
             });
         }
-        Ok(self.small_files.append(frames).await?)
+        Ok(self.services.small_files.append(frames).await?)
     }
 
     /// Writes a whole file as part 1 of its own upload; a failure removes the bytes.
@@ -624,9 +651,9 @@ impl Uploads {
         E: std::fmt::Display,
     {
         let part = single_part();
-        self.parts.create_upload(upload).await?;
+        self.services.parts.create_upload(upload).await?;
         let written = self
-            .parts
+            .services.parts
             .write_chunk(upload, part, 0, size, &Default::default(), body)
             .await;
         match written {
@@ -636,7 +663,7 @@ impl Uploads {
                 len: written.len,
             }),
             Err(e) => {
-                let _ = self.parts.remove_upload(upload).await;
+                let _ = self.services.parts.remove_upload(upload).await;
                 Err(e)
             }
         }
@@ -679,7 +706,7 @@ fn whole_length(part: &PartRecord) -> Option<u64> {
 fn check_claimed_parts(
     claimed: &[ClaimedPart],
     stored: &[(PartNumber, PartRecord)],
-) -> Result<(), ApiError> {
+) -> Result<(), UploadError> {
     let mut missing = Vec::new();
     for claim in claimed {
         match stored.iter().find(|(n, _)| *n == claim.number) {
@@ -690,7 +717,7 @@ fn check_claimed_parts(
                     continue;
                 };
                 if theirs.trim_matches('"') != ours.trim_matches('"') {
-                    return Err(ApiError::invalid(
+                    return Err(UploadError::invalid(
                         "etag_mismatch",
                         format!(
                             "part {} has ETag {ours}, not {theirs}; upload the part again or send its ETag",
@@ -702,7 +729,7 @@ fn check_claimed_parts(
         }
     }
     if !missing.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(UploadError::invalid(
             "missing_parts",
             format!(
                 "cannot complete: parts {} were never uploaded",

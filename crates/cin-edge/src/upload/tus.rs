@@ -3,12 +3,11 @@
 //! partial uploads.
 
 use bytes::Bytes;
-use cin_domain::{FileRecord, FileStatus, Segment, TusConcat, TusState, UploadId};
+use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
 use cin_storage::{ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
 use futures_util::Stream;
 
-use super::{now_ms, single_part, NewUpload, Uploads};
-use crate::error::ApiError;
+use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads};
 use crate::observability::names;
 
 /// A checksum the client declared for a PATCH body (`Upload-Checksum`).
@@ -35,10 +34,10 @@ impl Uploads {
         deferred: bool,
         metadata: String,
         partial: bool,
-    ) -> Result<FileRecord, ApiError> {
+    ) -> Result<FileRecord, UploadError> {
         let mut record = self.new_record(&upload)?;
         self.check_size(upload.size)?;
-        self.disk.admit(&record.upload_id, upload.size)?;
+        self.services.disk.admit(&record.upload_id, upload.size)?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => "tus").increment(1);
         record.length_deferred = deferred;
         record.tus = Some(TusState {
@@ -49,26 +48,27 @@ impl Uploads {
                 TusConcat::None
             },
         });
-        self.parts.create_upload(&record.upload_id).await?;
+        self.services.parts.create_upload(&record.upload_id).await?;
         if !deferred && record.size == 0 {
             // An empty file is complete at creation.
             record.segments = Vec::new();
-            self.finish_tus(&mut record).await?;
+            let guard = self.lifecycle.lock(&record.upload_id).await;
+            self.finish_tus(&guard, &mut record).await?;
             return Ok(record);
         }
-        self.meta.put_file(&record, JobChange::Keep)?;
-        self.meta.flush().await?;
+        self.services.meta.put_file(&record, JobChange::Keep)?;
+        self.services.meta.flush().await?;
         tracing::info!(handle = %record.handle, size = record.size, deferred, partial, "tus upload created");
         Ok(record)
     }
 
     /// The number of bytes received from offset 0 (the tus `Upload-Offset`).
-    pub fn tus_offset(&self, file: &FileRecord) -> Result<u64, ApiError> {
+    pub fn tus_offset(&self, file: &FileRecord) -> Result<u64, UploadError> {
         if file.status != FileStatus::Uploading {
             return Ok(file.size);
         }
         Ok(self
-            .meta
+            .services.meta
             .get_part(&file.upload_id, single_part())?
             .map(|p| p.received.contiguous_prefix())
             .unwrap_or(0))
@@ -83,7 +83,7 @@ impl Uploads {
         new_length: Option<u64>,
         checksum: Option<DeclaredChecksum>,
         body: S,
-    ) -> Result<Appended, ApiError>
+    ) -> Result<Appended, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
@@ -97,13 +97,13 @@ impl Uploads {
                 ..
             })
         ) {
-            return Err(ApiError::forbidden(
+            return Err(UploadError::forbidden(
                 "final_upload",
                 "a final concatenation cannot be patched",
             ));
         }
         let mut part = self
-            .meta
+            .services.meta
             .get_part(upload, single_part())?
             .unwrap_or_default();
         let current = if file.status == FileStatus::Uploading {
@@ -112,14 +112,14 @@ impl Uploads {
             file.size
         };
         if offset != current {
-            return Err(ApiError::conflict(
+            return Err(UploadError::conflict(
                 "offset_mismatch",
                 format!("Upload-Offset is {offset} but the upload is at {current}; HEAD it and continue from there"),
                 Some(file.status),
             ));
         }
         if file.status != FileStatus::Uploading {
-            return Err(ApiError::conflict(
+            return Err(UploadError::conflict(
                 "upload_complete",
                 format!("upload {upload} is already complete"),
                 Some(file.status),
@@ -127,9 +127,11 @@ impl Uploads {
         }
         if let Some(length) = new_length {
             if file.length_deferred {
+                let guard = self.lifecycle.lock(upload).await;
+                file = self.lifecycle.current(&guard, &file.handle)?;
                 self.check_size(length)?;
                 if length < current {
-                    return Err(ApiError::invalid(
+                    return Err(UploadError::invalid(
                         "length_too_small",
                         format!(
                             "Upload-Length {length} is below the {current} bytes already received"
@@ -138,16 +140,18 @@ impl Uploads {
                 }
                 file.size = length;
                 file.length_deferred = false;
-                self.meta.put_file(&file, JobChange::Keep)?;
+                self.lifecycle
+                    .update(&guard, &file, JobChange::Keep)
+                    .await?;
             } else if length != file.size {
-                return Err(ApiError::invalid(
+                return Err(UploadError::invalid(
                     "length_fixed",
                     format!("Upload-Length is already {} and cannot change", file.size),
                 ));
             }
         }
         let room = if file.length_deferred {
-            self.max_file_size - current
+            self.limits.max_file_size - current
         } else {
             file.size - current
         };
@@ -157,7 +161,7 @@ impl Uploads {
             None => (DigestKind::None, OnBreak::KeepPrefix),
         };
         let written = self
-            .parts
+            .services.parts
             .write(
                 upload,
                 single_part(),
@@ -172,7 +176,7 @@ impl Uploads {
         let written = match written {
             Ok(w) => w,
             Err(ChunkError::TooLong { .. }) => {
-                return Err(ApiError::TooLarge {
+                return Err(UploadError::TooLarge {
                     message: format!(
                         "the body goes past the upload's length; at most {room} more bytes fit"
                     ),
@@ -184,11 +188,11 @@ impl Uploads {
             if declared.digest != written.digest {
                 metrics::counter!(names::CHUNK_FAILURES, "reason" => "checksum_mismatch")
                     .increment(1);
-                return Err(ApiError::ChecksumMismatch);
+                return Err(UploadError::ChecksumMismatch);
             }
         }
         let end = offset + written.len;
-        self.disk.consumed(upload, written.len);
+        self.services.disk.consumed(upload, written.len);
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         if written.broken_off.is_some() {
             self.assessment.record_failure(upload);
@@ -197,17 +201,20 @@ impl Uploads {
         if written.len > 0 {
             part.received.insert(offset, end);
             part.touched_at_ms = now_ms();
-            self.meta.put_part(upload, single_part(), &part)?;
+            self.record_part(&file.handle, upload, single_part(), &part)
+                .await?;
         }
         if !file.length_deferred && end == file.size {
+            let guard = self.lifecycle.lock(upload).await;
+            file = self.lifecycle.current(&guard, &file.handle)?;
             file.segments = vec![Segment {
                 file: PartStore::part_file(upload, single_part()),
                 offset: 0,
                 len: file.size,
             }];
-            self.finish_tus(&mut file).await?;
+            self.finish_tus(&guard, &mut file).await?;
         } else {
-            self.meta.flush().await?;
+            self.services.meta.flush().await?;
         }
         Ok(match written.broken_off {
             Some(reason) => {
@@ -220,35 +227,41 @@ impl Uploads {
 
     /// Marks a tus upload complete: partial uploads wait for their final upload,
     /// everything else is queued for final storage.
-    async fn finish_tus(&self, file: &mut FileRecord) -> Result<(), ApiError> {
+    async fn finish_tus(
+        &self,
+        guard: &UploadGuard<'_>,
+        file: &mut FileRecord,
+    ) -> Result<(), UploadError> {
         if file.is_tus_partial() {
-            file.status = FileStatus::InTransit;
-            file.completed_at_ms = Some(now_ms());
-            self.meta.put_file(file, JobChange::Keep)?;
-            self.meta.flush().await?;
+            self.lifecycle
+                .transition(guard, file, Transition::Complete, JobChange::Keep)
+                .await?;
+            self.services.disk.release(&file.upload_id);
             return Ok(());
         }
-        self.finish(file).await
+        self.finish(guard, file).await
     }
 
     /// Creates a final upload from complete partial uploads: no bytes are copied.
+    /// Each partial first records the final as a reference, so its bytes stay
+    /// for as long as the final needs them whatever happens to the partial.
     pub async fn tus_concat(
         &self,
         upload: NewUpload,
         partials: Vec<UploadId>,
         metadata: String,
-    ) -> Result<FileRecord, ApiError> {
+    ) -> Result<FileRecord, UploadError> {
         let mut segments = Vec::new();
         for id in &partials {
             let part = self.file_for_upload(id)?;
             if !part.is_tus_partial() {
-                return Err(ApiError::invalid(
+                return Err(UploadError::invalid(
                     "not_partial",
                     format!("upload {id} was not created with Upload-Concat: partial"),
                 ));
             }
             if part.status == FileStatus::Uploading {
-                return Err(ApiError::invalid(
+                return Err(UploadError::invalid(
                     "partial_incomplete",
                     format!(
                         "partial upload {id} is not complete yet; finish it before concatenating"
@@ -262,29 +275,55 @@ impl Uploads {
         let mut record = self.new_record(&NewUpload { size, ..upload })?;
         record.tus = Some(TusState {
             metadata,
-            concat: TusConcat::Final(partials),
+            concat: TusConcat::Final(partials.clone()),
         });
         record.segments = segments;
-        self.finish(&mut record).await?;
+        let mut referenced: Vec<&UploadId> = Vec::new();
+        for id in &partials {
+            if referenced.contains(&id) {
+                continue;
+            }
+            if let Err(e) = self.lifecycle.add_reference(id, &record.handle).await {
+                // Nothing was answered yet: undo the references made so far.
+                for done in referenced {
+                    let _ = self.lifecycle.drop_reference(done, &record.handle).await;
+                }
+                return Err(e);
+            }
+            referenced.push(id);
+        }
+        let guard = self.lifecycle.lock(&record.upload_id).await;
+        self.finish(&guard, &mut record).await?;
         Ok(record)
     }
 
-    /// Removes an unfinished upload (or a partial one) with its bytes.
-    pub async fn tus_terminate(&self, upload: &UploadId) -> Result<(), ApiError> {
-        let _guard = self.part_locks.lock((upload.clone(), 1)).await;
-        let file = self.file_for_upload(upload)?;
+    /// Terminates an unfinished upload (or a partial one): its bytes go, unless
+    /// final uploads still reference them (they go with the last of those).
+    pub async fn tus_terminate(&self, upload: &UploadId) -> Result<(), UploadError> {
+        let guard = self.lifecycle.lock(upload).await;
+        let mut file = self.file_for_upload(upload)?;
         if file.status != FileStatus::Uploading && !file.is_tus_partial() {
-            return Err(ApiError::forbidden(
+            return Err(UploadError::forbidden(
                 "upload_complete",
                 "this upload is a complete file on its way to final storage; it cannot be terminated",
             ));
         }
-        self.meta.delete_file(&file)?;
-        self.meta.flush().await?;
-        self.disk.release(upload);
+        if file.referenced_by.is_empty() {
+            // Nothing else needs the record: forget it outright.
+            file.apply(Transition::Delete, now_ms())?;
+            self.services.meta.delete_file(&file)?;
+            self.services.meta.flush().await?;
+        } else {
+            self.services.meta.remove_parts(upload)?;
+            self.lifecycle
+                .transition(&guard, &mut file, Transition::Delete, JobChange::Remove)
+                .await?;
+        }
+        drop(guard);
+        self.services.disk.release(upload);
         metrics::counter!(names::UPLOADS_FAILED, "reason" => "terminated").increment(1);
-        self.parts.remove_upload(upload).await?;
-        tracing::info!(handle = %file.handle, "tus upload terminated");
+        self.lifecycle.release_bytes(&file).await?;
+        tracing::info!(handle = %file.handle, kept_for = file.referenced_by.len(), "tus upload terminated");
         Ok(())
     }
 }

@@ -24,10 +24,17 @@ pub struct LocalDirStore {
 const COPY_THREADS: usize = 1;
 
 impl LocalDirStore {
+    /// Objects are written under a temporary name starting so, then renamed into
+    /// place; one left behind is a copy a crash interrupted.
+    pub const TEMP_FILE_PREFIX: &'static str = ".incoming-";
+
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
         std::fs::create_dir_all(&root)
             .map_err(|e| StorageError::io(format!("creating {}", root.display()), e))?;
+        if let Some(parent) = root.parent() {
+            sync_dir(parent)?;
+        }
         Ok(LocalDirStore {
             root,
             copies: BackgroundPool::start("local-store", COPY_THREADS)?,
@@ -83,13 +90,18 @@ fn hash_through(
 fn copy_durably(
     mut source: impl Read,
     size: u64,
+    root: &Path,
     path: &Path,
 ) -> Result<PutOutcome, FinalStoreError> {
     let dir = path
         .parent()
         .ok_or_else(|| FinalStoreError::Rejected(format!("{} has no parent", path.display())))?;
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let tmp = dir.join(format!(".incoming-{}", cin_domain::UploadId::generate()));
+    let tmp = dir.join(format!(
+        "{}{}",
+        LocalDirStore::TEMP_FILE_PREFIX,
+        cin_domain::UploadId::generate()
+    ));
     let result = (|| {
         let mut out =
             std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
@@ -115,7 +127,11 @@ fn copy_durably(
             )));
         }
         std::fs::rename(&tmp, path).map_err(io_err(format!("renaming into {}", path.display())))?;
-        sync_dir(dir)?;
+        // Every directory from the object's up to the store root: an earlier
+        // attempt may have created some of them and failed before syncing.
+        for ancestor in dir.ancestors().take_while(|d| d.starts_with(root)) {
+            sync_dir(ancestor)?;
+        }
         Ok(PutOutcome {
             sha256: sent,
             size: written,
@@ -141,9 +157,10 @@ impl FinalStore for LocalDirStore {
         let path = self.object_path(object.container, object.key)?;
         let source = object.source.reader();
         let size = object.source.size;
+        let root = self.root.clone();
         // The whole copy in one job, on threads that yield to request handling.
         self.copies
-            .run(move || copy_durably(source, size, &path))
+            .run(move || copy_durably(source, size, &root, &path))
             .await?
     }
 

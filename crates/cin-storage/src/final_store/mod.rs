@@ -21,8 +21,19 @@ pub enum FinalStoreError {
     Unreachable(String),
     #[error("final storage refused the request: {0}")]
     Rejected(String),
+    /// The object could not be verified this time (a local read-back differed);
+    /// another attempt may well succeed.
     #[error("final storage holds a different object than was sent: {0}")]
     Verification(String),
+    /// Definitive: the store reports a size or checksum that cannot be the bytes
+    /// sent (not a transient failure). Retrying sends the same bytes and gets the
+    /// same answer, so callers give up after a few of these.
+    #[error("final storage reports {container}/{key} is not the bytes sent: {detail}")]
+    Mismatch {
+        container: String,
+        key: String,
+        detail: String,
+    },
     #[error("{0}")]
     Local(#[from] StorageError),
 }

@@ -6,6 +6,10 @@
 //! PutObject; CRC32 per part, the SDK's own default, which costs the service far
 //! less than SHA-256); the finished object's size and checksum are checked with
 //! `HeadObject` before `put` returns. The file's SHA-256 goes in its metadata.
+//! Services differ in how they report a multipart object's CRC32 (AWS: the
+//! composite `base64-N`; moto: the composite without `-N`; others: the whole
+//! file's CRC32), so every documented form is accepted, and only an answer that
+//! cannot be the bytes sent is a [`FinalStoreError::Mismatch`].
 //! Multipart progress is journaled, so a restarted replicator resumes the same
 //! upload, and uploads that cannot be resumed are aborted, never left behind.
 
@@ -21,8 +25,8 @@ use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as S3Body;
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart as S3CompletedPart,
-    ObjectCannedAcl,
+    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload,
+    CompletedPart as S3CompletedPart, ObjectCannedAcl,
 };
 use aws_sdk_s3::Client;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -185,32 +189,30 @@ impl S3Store {
                     tracing::warn!(key = object.key, %reason, "resumed multipart upload failed while the service answers; starting over");
                     continue;
                 }
+                Err(mismatch @ FinalStoreError::Mismatch { .. }) => {
+                    // The service holds other bytes for a part: sending the rest
+                    // cannot fix it. Leave no upload open; a later attempt starts afresh.
+                    self.abort(object.container, object.key, &checkpoint.upload_id)
+                        .await;
+                    journal.record(None).await?;
+                    return Err(mismatch);
+                }
                 Err(other) => return Err(other),
                 Ok(parts) => break parts,
             }
         };
-        // A composite checksum is the CRC32 of the parts' CRC32s, with the part count.
-        let composite = {
-            let mut h = crc32fast::Hasher::new();
-            for part in &parts {
-                let raw = part
-                    .checksum
-                    .as_deref()
-                    .and_then(|c| B64.decode(c).ok())
-                    .unwrap_or_default();
-                h.update(&raw);
+        let expected = Expected::Crc32(MultipartCrc32 {
+            composite: composite_crc32(&parts),
+            full_object: B64.encode(whole_crc32.to_be_bytes()),
+            parts: parts.len(),
+        });
+        if let Err(e) = self.verify(object, &sha256, expected).await {
+            if matches!(e, FinalStoreError::Mismatch { .. }) {
+                // The journaled upload is complete: nothing is left to resume.
+                journal.record(None).await?;
             }
-            format!("{}-{}", B64.encode(h.finalize().to_be_bytes()), parts.len())
-        };
-        self.verify(
-            object,
-            &sha256,
-            Expected::Crc32 {
-                composite,
-                full_object: B64.encode(whole_crc32.to_be_bytes()),
-            },
-        )
-        .await?;
+            return Err(e);
+        }
         Ok(PutOutcome { sha256, size })
     }
 
@@ -268,6 +270,8 @@ impl S3Store {
             self.save_progress(journal, checkpoint, &done).await?;
         }
         done.sort_by_key(|p| p.number);
+        self.check_listed_parts(object, checkpoint, &done, part_size)
+            .await?;
 
         let parts: Vec<S3CompletedPart> = done
             .iter()
@@ -318,7 +322,7 @@ impl S3Store {
         if let Some(cp) = resume_from {
             if cp.container == object.container && cp.key == object.key && cp.part_size == part_size
             {
-                match self.confirmed_parts(&cp).await {
+                match self.confirmed_parts(&cp, object.source.size).await {
                     Ok(parts) => {
                         tracing::info!(key = object.key, upload_id = %cp.upload_id, confirmed = parts.len(), "resuming multipart upload");
                         return Ok((cp, parts));
@@ -370,8 +374,58 @@ impl S3Store {
     async fn confirmed_parts(
         &self,
         cp: &MultipartCheckpoint,
+        size: u64,
     ) -> Result<HashMap<u32, CompletedPart>, FinalStoreError> {
-        let mut listed: HashMap<u32, (Option<i64>, Option<String>)> = HashMap::new();
+        let listed = self.list_parts(cp).await?;
+        Ok(cp
+            .parts
+            .iter()
+            .filter(|part| {
+                listed.get(&part.number).is_some_and(|l| {
+                    l.contradicts(part, part_len(part.number, cp.part_size, size))
+                        .is_none()
+                })
+            })
+            .map(|part| (part.number, part.clone()))
+            .collect())
+    }
+
+    /// Before completing: every part as the service lists it must be the part sent
+    /// (size, and checksum where listed). Parts whose checksum UploadPart did not
+    /// echo are confirmed here. A service that cannot list parts is not held to it.
+    async fn check_listed_parts(
+        &self,
+        object: &ObjectToStore<'_>,
+        cp: &MultipartCheckpoint,
+        parts: &[CompletedPart],
+        part_size: u64,
+    ) -> Result<(), FinalStoreError> {
+        let listed = match self.list_parts(cp).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::debug!(key = object.key, error = %e, "cannot list the parts of a multipart upload; HeadObject still verifies it");
+                return Ok(());
+            }
+        };
+        for part in parts {
+            let expected_len = part_len(part.number, part_size, object.source.size);
+            let detail = match listed.get(&part.number) {
+                None => Some(format!("part {} is not listed", part.number)),
+                Some(l) => l.contradicts(part, expected_len),
+            };
+            if let Some(detail) = detail {
+                return Err(mismatch(object, detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every part of the upload the service lists, by number.
+    async fn list_parts(
+        &self,
+        cp: &MultipartCheckpoint,
+    ) -> Result<HashMap<u32, ListedPart>, FinalStoreError> {
+        let mut listed = HashMap::new();
         let mut marker: Option<String> = None;
         loop {
             let page = self
@@ -386,7 +440,13 @@ impl S3Store {
                 .map_err(classify)?;
             for p in page.parts() {
                 if let Some(n) = p.part_number() {
-                    listed.insert(n as u32, (p.size(), p.checksum_crc32().map(str::to_owned)));
+                    listed.insert(
+                        n as u32,
+                        ListedPart {
+                            size: p.size(),
+                            crc32: p.checksum_crc32().map(str::to_owned),
+                        },
+                    );
                 }
             }
             marker = page.next_part_number_marker().map(str::to_owned);
@@ -394,16 +454,7 @@ impl S3Store {
                 break;
             }
         }
-        Ok(cp
-            .parts
-            .iter()
-            .filter(|part| match listed.get(&part.number) {
-                None => false,
-                Some((_, Some(listed_sum))) => part.checksum.as_ref() == Some(listed_sum),
-                Some((_, None)) => true,
-            })
-            .map(|part| (part.number, part.clone()))
-            .collect())
+        Ok(listed)
     }
 
     async fn abort_stale_uploads(&self, bucket: &str, key: &str) {
@@ -467,9 +518,10 @@ impl S3Store {
             .map_err(classify)?;
         if let Some(echoed) = answer.checksum_crc32() {
             if echoed != checksum {
-                return Err(FinalStoreError::Verification(format!(
-                    "part {number}: sent checksum {checksum}, service recorded {echoed}"
-                )));
+                return Err(mismatch(
+                    object,
+                    format!("part {number}: sent CRC32 {checksum}, the service recorded {echoed}"),
+                ));
             }
         }
         let etag = answer.e_tag().ok_or_else(|| {
@@ -512,45 +564,130 @@ impl S3Store {
             .map_err(classify)?;
         let size = head.content_length().unwrap_or(-1);
         if size != object.source.size as i64 {
-            return Err(FinalStoreError::Verification(format!(
-                "{}/{} has {size} bytes, {} were sent",
-                object.container, object.key, object.source.size
-            )));
+            return Err(mismatch(
+                object,
+                format!("it has {size} bytes, {} were sent", object.source.size),
+            ));
         }
-        let (stored, accepted): (Option<&str>, Vec<&str>) = match &expected {
-            Expected::Sha256(sum) => (head.checksum_sha256(), vec![sum.as_str()]),
-            Expected::Crc32 {
-                composite,
-                full_object,
-            } => (
-                head.checksum_crc32(),
-                vec![composite.as_str(), full_object.as_str()],
-            ),
-        };
         // Services that keep no checksum report none; size was checked above.
-        if let Some(stored) = stored {
-            if !accepted.contains(&stored) {
-                return Err(FinalStoreError::Verification(format!(
-                    "{}/{} has checksum {stored}, expected {} (sha256 {sha256})",
-                    object.container,
-                    object.key,
-                    accepted.join(" or ")
-                )));
-            }
+        let contradiction = match &expected {
+            Expected::Sha256(sum) => head
+                .checksum_sha256()
+                .filter(|stored| stored != sum)
+                .map(|stored| format!("SHA-256 {stored}, sent {sum}")),
+            Expected::Crc32(crc) => head
+                .checksum_crc32()
+                .and_then(|stored| crc.contradicts(stored, head.checksum_type())),
+        };
+        match contradiction {
+            Some(detail) => Err(mismatch(object, format!("{detail} (sha256 {sha256})"))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 /// The checksum a finished object must report, when the service reports one.
 enum Expected {
     Sha256(String),
-    /// A multipart object: the composite of its parts' CRC32s, or (services that
-    /// compute full-object checksums) the CRC32 of the whole file.
-    Crc32 {
-        composite: String,
-        full_object: String,
-    },
+    Crc32(MultipartCrc32),
+}
+
+/// The CRC32 forms a multipart object of the bytes sent may report.
+#[derive(Debug)]
+struct MultipartCrc32 {
+    /// Base64 CRC32 of the parts' big-endian CRC32s: S3's composite checksum, without `-N`.
+    composite: String,
+    /// Base64 CRC32 of the whole file: a full-object checksum.
+    full_object: String,
+    parts: usize,
+}
+
+impl MultipartCrc32 {
+    /// Why `reported` (HeadObject's CRC32, and its `ChecksumType` when the service
+    /// gave one) cannot be the bytes sent; None when it can. Accepted: the composite
+    /// or the full-object CRC32, each with or without the `-N` part count; a
+    /// reported type narrows it to that one.
+    fn contradicts(&self, reported: &str, kind: Option<&ChecksumType>) -> Option<String> {
+        let (value, count) = match reported.rsplit_once('-') {
+            Some((value, count)) if count.parse::<usize>().is_ok() => {
+                (value, count.parse::<usize>().ok())
+            }
+            _ => (reported, None),
+        };
+        if let Some(count) = count.filter(|&n| n != self.parts) {
+            return Some(format!(
+                "CRC32 {reported} counts {count} parts, {} were sent",
+                self.parts
+            ));
+        }
+        let (accepted, form): (Vec<&str>, &str) = match kind {
+            Some(ChecksumType::Composite) => (vec![&self.composite], "composite"),
+            Some(ChecksumType::FullObject) => (vec![&self.full_object], "full-object"),
+            _ => (vec![&self.composite, &self.full_object], "composite or full-object"),
+        };
+        if accepted.contains(&value) {
+            None
+        } else {
+            Some(format!(
+                "CRC32 {reported}, expected the {form} CRC32 {} of {} parts",
+                accepted.join(" or "),
+                self.parts
+            ))
+        }
+    }
+}
+
+/// A part as ListParts reports it.
+struct ListedPart {
+    size: Option<i64>,
+    crc32: Option<String>,
+}
+
+impl ListedPart {
+    /// Why this listing cannot be `part` (of `len` bytes); None when it can.
+    fn contradicts(&self, part: &CompletedPart, len: u64) -> Option<String> {
+        if let Some(size) = self.size.filter(|&s| s != len as i64) {
+            return Some(format!(
+                "part {} is listed with {size} bytes, {len} were sent",
+                part.number
+            ));
+        }
+        match (&self.crc32, &part.checksum) {
+            (Some(listed), Some(sent)) if listed != sent => Some(format!(
+                "part {} is listed with CRC32 {listed}, sent {sent}",
+                part.number
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// S3's composite checksum of `parts` (in order): the CRC32 of their CRC32s, base64.
+fn composite_crc32(parts: &[CompletedPart]) -> String {
+    let mut h = crc32fast::Hasher::new();
+    for part in parts {
+        let raw = part
+            .checksum
+            .as_deref()
+            .and_then(|c| B64.decode(c).ok())
+            .unwrap_or_default();
+        h.update(&raw);
+    }
+    B64.encode(h.finalize().to_be_bytes())
+}
+
+/// The length of part `number` (1-based) of a file of `size` bytes in parts of `part_size`.
+fn part_len(number: u32, part_size: u64, size: u64) -> u64 {
+    let start = u64::from(number.saturating_sub(1)) * part_size;
+    size.saturating_sub(start).min(part_size)
+}
+
+fn mismatch(object: &ObjectToStore<'_>, detail: String) -> FinalStoreError {
+    FinalStoreError::Mismatch {
+        container: object.container.to_owned(),
+        key: object.key.to_owned(),
+        detail,
+    }
 }
 
 fn acl(access: Option<&str>) -> Option<ObjectCannedAcl> {
@@ -753,5 +890,90 @@ impl FinalStore for S3Store {
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file the reported forms below describe: three parts, 12 MiB in all.
+    fn twelve_mib() -> (MultipartCrc32, Vec<CompletedPart>) {
+        let data: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let parts: Vec<CompletedPart> = data
+            .chunks(MIN_PART_SIZE as usize)
+            .enumerate()
+            .map(|(i, bytes)| CompletedPart {
+                number: i as u32 + 1,
+                etag: String::new(),
+                checksum: Some(B64.encode(crc32fast::hash(bytes).to_be_bytes())),
+            })
+            .collect();
+        let crc = MultipartCrc32 {
+            composite: composite_crc32(&parts),
+            full_object: B64.encode(crc32fast::hash(&data).to_be_bytes()),
+            parts: parts.len(),
+        };
+        (crc, parts)
+    }
+
+    #[test]
+    fn every_documented_form_of_the_multipart_crc32_is_accepted() {
+        let (crc, _) = twelve_mib();
+        let composite = crc.composite.clone();
+        let full = crc.full_object.clone();
+        // AWS: composite with the part count, typed or not.
+        assert_eq!(crc.contradicts(&format!("{composite}-3"), None), None);
+        assert_eq!(
+            crc.contradicts(&format!("{composite}-3"), Some(&ChecksumType::Composite)),
+            None
+        );
+        // moto: the composite without the count.
+        assert_eq!(crc.contradicts(&composite, None), None);
+        // Full-object CRC32, bare, with a count, or typed.
+        assert_eq!(crc.contradicts(&full, None), None);
+        assert_eq!(crc.contradicts(&format!("{full}-3"), None), None);
+        assert_eq!(crc.contradicts(&full, Some(&ChecksumType::FullObject)), None);
+    }
+
+    #[test]
+    fn a_crc32_that_cannot_be_the_bytes_is_a_contradiction() {
+        let (crc, _) = twelve_mib();
+        let other = B64.encode(0x1234_5678u32.to_be_bytes());
+        assert!(crc.contradicts(&other, None).is_some());
+        assert!(crc.contradicts(&format!("{other}-3"), None).is_some());
+        // The right value with the wrong part count.
+        assert!(crc
+            .contradicts(&format!("{}-4", crc.composite), None)
+            .is_some());
+        // A type the value does not fit.
+        assert!(crc
+            .contradicts(&crc.full_object, Some(&ChecksumType::Composite))
+            .is_some());
+        assert!(crc
+            .contradicts(&crc.composite, Some(&ChecksumType::FullObject))
+            .is_some());
+    }
+
+    #[test]
+    fn listed_parts_are_checked_by_size_and_listed_checksum() {
+        let (_, parts) = twelve_mib();
+        let size = 12 * 1024 * 1024;
+        assert_eq!(part_len(1, MIN_PART_SIZE, size), MIN_PART_SIZE);
+        assert_eq!(part_len(3, MIN_PART_SIZE, size), 2 * 1024 * 1024);
+        let last = &parts[2];
+        let listed = |size: i64, crc32: Option<&str>| ListedPart {
+            size: Some(size),
+            crc32: crc32.map(str::to_owned),
+        };
+        let len = 2 * 1024 * 1024;
+        assert!(listed(len as i64, None).contradicts(last, len).is_none());
+        assert!(listed(len as i64, last.checksum.as_deref())
+            .contradicts(last, len)
+            .is_none());
+        assert!(listed(len as i64 - 1, None).contradicts(last, len).is_some());
+        assert!(listed(len as i64, Some("AAAAAA=="))
+            .contradicts(last, len)
+            .is_some());
     }
 }

@@ -1,0 +1,256 @@
+//! The lifecycle of a file at this POP, in one place:
+//! - one lock per upload, taken by every writer of its records (chunk writes to
+//!   record their bytes, complete, the expiry sweep, termination, replication,
+//!   cache eviction);
+//! - one function that changes a file's status ([`Lifecycle::transition`]), a
+//!   compare-and-swap against the stored record under that lock;
+//! - one rule for freeing bytes: a part directory goes only when no record needs
+//!   it, neither its own upload nor a tus final upload whose segments point into it.
+
+use std::sync::Arc;
+
+use cin_domain::{FileRecord, FileStatus, Handle, Transition, UploadId};
+use cin_storage::{JobChange, MetadataStore, PartStore, SegmentOwner};
+
+use super::locks::{KeyedGuard, KeyedLocks};
+use super::{now_ms, UploadError};
+use crate::events::StatusEvents;
+use crate::webhooks::Webhooks;
+
+pub struct Lifecycle {
+    meta: Arc<dyn MetadataStore>,
+    parts: PartStore,
+    locks: KeyedLocks<UploadId>,
+    webhooks: Arc<Webhooks>,
+    events: Arc<StatusEvents>,
+}
+
+/// Holds an upload's lock: the records of that upload may be written.
+pub struct UploadGuard<'a> {
+    upload: UploadId,
+    _held: KeyedGuard<'a, UploadId>,
+}
+
+impl UploadGuard<'_> {
+    pub fn upload(&self) -> &UploadId {
+        &self.upload
+    }
+}
+
+/// The webhook event a transition sends, if any.
+fn event_name(transition: Transition) -> Option<&'static str> {
+    match transition {
+        Transition::Complete => Some("InTransit"),
+        Transition::Store => Some("Stored"),
+        Transition::Expire => Some("expired"),
+        Transition::Delete => None,
+    }
+}
+
+impl Lifecycle {
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        parts: PartStore,
+        webhooks: Arc<Webhooks>,
+        events: Arc<StatusEvents>,
+    ) -> Self {
+        Lifecycle {
+            meta,
+            parts,
+            locks: KeyedLocks::new(),
+            webhooks,
+            events,
+        }
+    }
+
+    pub async fn lock(&self, upload: &UploadId) -> UploadGuard<'_> {
+        UploadGuard {
+            upload: upload.clone(),
+            _held: self.locks.lock(upload.clone()).await,
+        }
+    }
+
+    /// The stored record of `handle`, read under its upload's lock.
+    pub fn current(&self, guard: &UploadGuard<'_>, handle: &Handle) -> Result<FileRecord, UploadError> {
+        let file = self
+            .meta
+            .get_file(handle)?
+            .ok_or_else(|| UploadError::not_found("file_not_found", format!("no file has handle {handle}")))?;
+        if file.upload_id != *guard.upload() {
+            return Err(UploadError::conflict(
+                "wrong_upload",
+                format!("file {handle} does not belong to upload {}", guard.upload()),
+                Some(file.status),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Checks that the stored record still has the status `file` was read with
+    /// (a record not written yet counts as `Uploading`).
+    fn compare(&self, file: &FileRecord) -> Result<(), UploadError> {
+        let stored = self.meta.get_file(&file.handle)?.map(|f| f.status);
+        let stored = stored.unwrap_or(FileStatus::Uploading);
+        if stored != file.status {
+            return Err(UploadError::conflict(
+                "status_changed",
+                format!(
+                    "file {} is {} now, not {}; read it again",
+                    file.handle,
+                    stored.as_str(),
+                    file.status.as_str()
+                ),
+                Some(stored),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves `file` through `transition`: checks it against the stored status,
+    /// queues its webhook, writes the record with `job`, makes it durable and
+    /// publishes the change. On error the stored record is unchanged.
+    pub async fn transition(
+        &self,
+        guard: &UploadGuard<'_>,
+        file: &mut FileRecord,
+        transition: Transition,
+        job: JobChange,
+    ) -> Result<(), UploadError> {
+        debug_assert_eq!(&file.upload_id, guard.upload());
+        self.compare(file)?;
+        let mut next = file.clone();
+        next.apply(transition, now_ms())?;
+        if let Some(event) = event_name(transition) {
+            // Queued before the change itself, so the change is never durable without it.
+            self.webhooks.enqueue(&next, event)?;
+        }
+        self.meta.put_file(&next, job)?;
+        self.meta.flush().await?;
+        *file = next;
+        self.events.publish(&file.handle, file.status);
+        Ok(())
+    }
+
+    /// Writes a change to `file` that keeps its status (replication bookkeeping,
+    /// an eviction, references), durably; refused if the status moved meanwhile.
+    pub async fn update(
+        &self,
+        guard: &UploadGuard<'_>,
+        file: &FileRecord,
+        job: JobChange,
+    ) -> Result<(), UploadError> {
+        debug_assert_eq!(&file.upload_id, guard.upload());
+        self.compare(file)?;
+        self.meta.put_file(file, job)?;
+        self.meta.flush().await?;
+        Ok(())
+    }
+
+    /// Drops the local copy of a `Stored` file (final storage serves it from
+    /// now on). Returns false when the file is not such a file any more.
+    pub async fn evict(&self, handle: &Handle, upload: &UploadId) -> Result<bool, UploadError> {
+        let evicted = {
+            let guard = self.lock(upload).await;
+            let mut file = self.current(&guard, handle)?;
+            if file.status != FileStatus::Stored || file.evicted_at_ms.is_some() {
+                return Ok(false);
+            }
+            file.evicted_at_ms = Some(now_ms());
+            self.update(&guard, &file, JobChange::Keep).await?;
+            file
+        };
+        self.release_bytes(&evicted).await?;
+        Ok(true)
+    }
+
+    /// Frees the local bytes a file no longer needs, once its record says so
+    /// durably (evicted, expired, deleted): its own ranges of the small-file
+    /// log, its own part directory unless final uploads still reference it, and
+    /// its references to the partial uploads it was concatenated from.
+    pub async fn release_bytes(&self, file: &FileRecord) -> Result<(), UploadError> {
+        if file.has_local_copy() {
+            return Ok(());
+        }
+        let mut partials: Vec<UploadId> = Vec::new();
+        for segment in &file.segments {
+            match PartStore::owner(segment) {
+                SegmentOwner::Log => self.parts.free_log_segment(segment).await?,
+                SegmentOwner::Upload(owner) if owner == file.upload_id => {}
+                SegmentOwner::Upload(owner) => {
+                    if !partials.contains(&owner) {
+                        partials.push(owner);
+                    }
+                }
+                SegmentOwner::Unknown => {
+                    tracing::warn!(handle = %file.handle, file = %segment.file, "not freeing a segment this POP did not write");
+                }
+            }
+        }
+        if file.referenced_by.is_empty() {
+            self.parts.remove_upload(&file.upload_id).await?;
+        }
+        for partial in partials {
+            self.drop_reference(&partial, &file.handle).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds `final_handle` to the partial upload's references, so its bytes stay
+    /// while the final upload needs them. Refused unless the partial is complete.
+    pub async fn add_reference(
+        &self,
+        partial: &UploadId,
+        final_handle: &Handle,
+    ) -> Result<(), UploadError> {
+        let guard = self.lock(partial).await;
+        let mut file = self.partial_record(&guard)?;
+        if !file.is_tus_partial() || file.status != FileStatus::InTransit {
+            return Err(UploadError::invalid(
+                "partial_unavailable",
+                format!("upload {partial} is not a complete partial upload; it cannot be concatenated"),
+            ));
+        }
+        if !file.referenced_by.contains(final_handle) {
+            file.referenced_by.push(final_handle.clone());
+            self.update(&guard, &file, JobChange::Keep).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `final_handle` from a partial upload's references; frees the
+    /// partial's bytes (and forgets a terminated partial) once nothing needs them.
+    pub async fn drop_reference(
+        &self,
+        partial: &UploadId,
+        final_handle: &Handle,
+    ) -> Result<(), UploadError> {
+        let guard = self.lock(partial).await;
+        let mut file = match self.partial_record(&guard) {
+            Ok(file) => file,
+            Err(UploadError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let before = file.referenced_by.len();
+        file.referenced_by.retain(|h| h != final_handle);
+        if file.referenced_by.len() == before {
+            return Ok(());
+        }
+        if file.referenced_by.is_empty() && file.status == FileStatus::Deleted {
+            self.meta.delete_file(&file)?;
+            self.meta.flush().await?;
+        } else {
+            self.update(&guard, &file, JobChange::Keep).await?;
+        }
+        if file.referenced_by.is_empty() && !file.has_local_copy() {
+            self.parts.remove_upload(partial).await?;
+        }
+        Ok(())
+    }
+
+    fn partial_record(&self, guard: &UploadGuard<'_>) -> Result<FileRecord, UploadError> {
+        let handle = self.meta.handle_for_upload(guard.upload())?.ok_or_else(|| {
+            UploadError::not_found("upload_not_found", format!("no upload has id {}", guard.upload()))
+        })?;
+        self.current(guard, &handle)
+    }
+}
