@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use tempfile::TempDir;
 
@@ -136,7 +136,9 @@ impl Drop for LossyFs {
             if session.umount_and_join().is_err() {
                 // Still in use (a process that outlived its test): detach it
                 // lazily, so the temporary directory can go.
-                if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+                if let Ok(path) =
+                    std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+                {
                     // SAFETY: `path` is a valid NUL-terminated string for the call's duration.
                     unsafe {
                         libc::umount2(path.as_ptr(), libc::MNT_DETACH);
@@ -148,7 +150,9 @@ impl Drop for LossyFs {
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct State {
@@ -409,7 +413,9 @@ impl State {
         new_name: &OsStr,
         flags: RenameFlags,
     ) -> Result<(), Errno> {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
             return Err(Errno::EINVAL);
         }
         let ino = self.child(parent, name)?;
@@ -424,9 +430,7 @@ impl State {
             match (&self.node(target)?.body, source_is_dir) {
                 (Body::Dir(_), false) => return Err(Errno::EISDIR),
                 (Body::File(_), true) => return Err(Errno::ENOTDIR),
-                (Body::Dir(dir), true) if !dir.entries.is_empty() => {
-                    return Err(Errno::ENOTEMPTY)
-                }
+                (Body::Dir(dir), true) if !dir.entries.is_empty() => return Err(Errno::ENOTEMPTY),
                 _ => {}
             }
         }
@@ -502,9 +506,9 @@ impl State {
             };
             match durable.get(path) {
                 None => lost.push(format!("{path}: {kind} entry not durable (gone)")),
-                Some(&old) if old != ino => {
-                    lost.push(format!("{path}: replaced {kind} not durable (the old one is back)"))
-                }
+                Some(&old) if old != ino => lost.push(format!(
+                    "{path}: replaced {kind} not durable (the old one is back)"
+                )),
                 Some(_) => {}
             }
             if let Body::File(file) = &node.body {
@@ -679,7 +683,12 @@ impl Filesystem for Daemon {
         reply_entry(
             reply,
             self.live(|s| {
-                let ino = s.add(parent.0, name, perm(mode, umask), Body::Dir(DirBody::default()))?;
+                let ino = s.add(
+                    parent.0,
+                    name,
+                    perm(mode, umask),
+                    Body::Dir(DirBody::default()),
+                )?;
                 s.attr(ino)
             }),
         );
@@ -886,7 +895,8 @@ impl Filesystem for Daemon {
         });
         match result {
             Ok(listing) => {
-                for (i, (child, kind, name)) in listing.into_iter().enumerate().skip(offset as usize)
+                for (i, (child, kind, name)) in
+                    listing.into_iter().enumerate().skip(offset as usize)
                 {
                     if reply.add(INodeNo(child), i as u64 + 1, kind, &name) {
                         break;

@@ -89,7 +89,10 @@ fn power_cut_filesystem_keeps_only_what_was_synced() {
     let mut fresh = File::create(d.join("fresh")).unwrap();
     fresh.write_all(b"synced, but not its entry").unwrap();
     fresh.sync_all().unwrap();
-    File::create(root.join("e/new")).unwrap().sync_all().unwrap();
+    File::create(root.join("e/new"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
     std::fs::remove_file(d.join("holes")).unwrap();
 
     let report = fs.cut();
@@ -98,7 +101,11 @@ fn power_cut_filesystem_keeps_only_what_was_synced() {
         assert!(lost.contains(path), "{path} not in the report:\n{lost}");
     }
     let frozen = std::fs::metadata(&d).unwrap_err();
-    assert_eq!(frozen.raw_os_error(), Some(libc::EIO), "frozen after the cut");
+    assert_eq!(
+        frozen.raw_os_error(),
+        Some(libc::EIO),
+        "frozen after the cut"
+    );
     fs.resume();
 
     assert_eq!(std::fs::read(d.join("kept")).unwrap(), b"durable");
@@ -333,9 +340,7 @@ async fn finish_fii(client: &Client, upload: &Upload) -> Result<String, String> 
                 client
                     .chunk(&upload.upload_id, part, Some(offset), chunk)
                     .await
-                    .map_err(|e| {
-                        format!("resending unacknowledged chunk {part}@{offset}: {e}")
-                    })?;
+                    .map_err(|e| format!("resending unacknowledged chunk {part}@{offset}: {e}"))?;
             }
         }
         let acked: Vec<_> = upload.chunks.iter().filter(|c| c.0 == part).collect();
@@ -556,7 +561,13 @@ impl Worker {
     async fn regular(&mut self, cut_off: bool) -> Result<(), String> {
         let part_size = self.rng.gen_range(200 * KIB..900 * KIB);
         let size = part_size * self.rng.gen_range(1..4) + self.rng.gen_range(1..part_size);
-        let upload = Upload::new(Flow::Regular, cut_off, random_bytes(size, self.seed), part_size, 0);
+        let upload = Upload::new(
+            Flow::Regular,
+            cut_off,
+            random_bytes(size, self.seed),
+            part_size,
+            0,
+        );
         let bytes = upload.bytes.clone();
         let index = self.ledger.add(upload);
         let start = self
@@ -606,7 +617,13 @@ impl Worker {
         let part_size = MIB;
         let chunk_size = self.rng.gen_range(64 * KIB..400 * KIB);
         let size = part_size * self.rng.gen_range(0..2) + self.rng.gen_range(KIB..part_size);
-        let upload = Upload::new(Flow::Fii, cut_off, random_bytes(size, self.seed), part_size, chunk_size);
+        let upload = Upload::new(
+            Flow::Fii,
+            cut_off,
+            random_bytes(size, self.seed),
+            part_size,
+            chunk_size,
+        );
         let bytes = upload.bytes.clone();
         let index = self.ledger.add(upload);
         let start = self
@@ -714,13 +731,13 @@ impl Worker {
 
 /// Plain calls to one POP that report failures instead of panicking.
 #[derive(Clone)]
-struct Client {
+pub struct Client {
     base: String,
     http: reqwest::Client,
 }
 
 impl Client {
-    fn new(base: String) -> Client {
+    pub fn new(base: String) -> Client {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -734,14 +751,17 @@ impl Client {
 
     async fn answer(resp: reqwest::Response) -> Result<Value, String> {
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| format!("{status}, body: {e}"))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| format!("{status}, body: {e}"))?;
         if !status.is_success() {
             return Err(format!("{status}: {text}"));
         }
         serde_json::from_str(&text).map_err(|e| format!("{status}, not JSON ({e}): {text}"))
     }
 
-    async fn post_json(&self, path: &str, body: Value) -> Result<Value, String> {
+    pub async fn post_json(&self, path: &str, body: Value) -> Result<Value, String> {
         let resp = self
             .http
             .post(self.url(path))
@@ -749,7 +769,9 @@ impl Client {
             .send()
             .await
             .map_err(|e| format!("POST {path}: {e}"))?;
-        Self::answer(resp).await.map_err(|e| format!("POST {path}: {e}"))
+        Self::answer(resp)
+            .await
+            .map_err(|e| format!("POST {path}: {e}"))
     }
 
     /// `/multipart/upload`: the signed URL and headers for one chunk.
@@ -772,7 +794,7 @@ impl Client {
     }
 
     /// One chunk; returns its ETag once acknowledged.
-    async fn chunk(
+    pub async fn chunk(
         &self,
         upload_id: &str,
         part: u32,
@@ -806,7 +828,7 @@ impl Client {
 
     /// A retry right after a cut-off attempt may find it still being torn down:
     /// try again for a while.
-    async fn chunk_retrying(
+    pub async fn chunk_retrying(
         &self,
         upload_id: &str,
         part: u32,
@@ -826,7 +848,7 @@ impl Client {
 
     /// A chunk PUT whose body stops half-way: the head says `Content-Length: N`,
     /// fewer bytes follow, then the connection closes.
-    async fn cut_off_chunk(
+    pub async fn cut_off_chunk(
         &self,
         upload_id: &str,
         part: u32,
@@ -853,7 +875,7 @@ impl Client {
     }
 
     /// A PATCH whose body stops half-way.
-    async fn cut_off_patch(&self, path: &str, offset: u64, bytes: &[u8]) -> Result<(), String> {
+    pub async fn cut_off_patch(&self, path: &str, offset: u64, bytes: &[u8]) -> Result<(), String> {
         let url = reqwest::Url::parse(&self.url(path)).map_err(|e| format!("tus URL: {e}"))?;
         let head = format!(
             "PATCH {} HTTP/1.1\r\nHost: {}\r\nTus-Resumable: 1.0.0\r\n\
@@ -866,7 +888,7 @@ impl Client {
         send_cut_off(&url, &head, bytes).await
     }
 
-    async fn store(&self, bytes: Vec<u8>) -> Result<Value, String> {
+    pub async fn store(&self, bytes: Vec<u8>) -> Result<Value, String> {
         let resp = self
             .http
             .post(self.url("/api/store/s3?filename=s.bin"))
@@ -880,7 +902,7 @@ impl Client {
     }
 
     /// Creates a tus upload; returns its path (`/files/...`) and handle.
-    async fn tus_create(&self, size: usize) -> Result<(String, String), String> {
+    pub async fn tus_create(&self, size: usize) -> Result<(String, String), String> {
         let resp = self
             .http
             .post(self.url("/files/"))
@@ -908,7 +930,7 @@ impl Client {
     }
 
     /// A PATCH; returns the acknowledged offset.
-    async fn tus_patch(&self, path: &str, offset: u64, bytes: &[u8]) -> Result<u64, String> {
+    pub async fn tus_patch(&self, path: &str, offset: u64, bytes: &[u8]) -> Result<u64, String> {
         let resp = self
             .http
             .patch(self.url(path))
@@ -936,7 +958,7 @@ impl Client {
     /// After a broken PATCH: asks where the upload stands (the POP keeps what
     /// arrived) and sends the rest up to `end` from there, again while the broken
     /// request may still hold the upload.
-    async fn tus_resume(&self, path: &str, bytes: &[u8], end: usize) -> Result<u64, String> {
+    pub async fn tus_resume(&self, path: &str, bytes: &[u8], end: usize) -> Result<u64, String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let from = self.tus_head(path).await? as usize;
@@ -953,7 +975,7 @@ impl Client {
         }
     }
 
-    async fn tus_head(&self, path: &str) -> Result<u64, String> {
+    pub async fn tus_head(&self, path: &str) -> Result<u64, String> {
         let resp = self
             .http
             .head(self.url(path))
@@ -969,7 +991,7 @@ impl Client {
             .ok_or_else(|| format!("{status} without Upload-Offset"))
     }
 
-    async fn download(&self, handle: &str) -> Result<Vec<u8>, String> {
+    pub async fn download(&self, handle: &str) -> Result<Vec<u8>, String> {
         let resp = self
             .http
             .get(self.url(&format!("/{handle}")))
@@ -984,7 +1006,7 @@ impl Client {
         Ok(body.to_vec())
     }
 
-    async fn status(&self, handle: &str) -> Result<String, String> {
+    pub async fn status(&self, handle: &str) -> Result<String, String> {
         let resp = self
             .http
             .get(self.url(&format!("/{handle}/metadata")))

@@ -284,7 +284,11 @@ async fn forward(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let url = format!("{upstream}{target}");
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let mut outgoing = http.request(parts.method.clone(), &url).body(body);
@@ -331,14 +335,16 @@ async fn webhook_receiver() -> (String, Received) {
     let router = Router::new()
         .route(
             "/hook",
-            post(|State(received): State<Received>, body: String| async move {
-                let event: Value = serde_json::from_str(&body).unwrap();
-                received.lock().unwrap().push((
-                    event["event"].as_str().unwrap_or_default().to_owned(),
-                    event["handle"].as_str().unwrap_or_default().to_owned(),
-                ));
-                StatusCode::OK
-            }),
+            post(
+                |State(received): State<Received>, body: String| async move {
+                    let event: Value = serde_json::from_str(&body).unwrap();
+                    received.lock().unwrap().push((
+                        event["event"].as_str().unwrap_or_default().to_owned(),
+                        event["handle"].as_str().unwrap_or_default().to_owned(),
+                    ));
+                    StatusCode::OK
+                },
+            ),
         )
         .with_state(received.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });

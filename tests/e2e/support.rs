@@ -216,6 +216,42 @@ impl Pop {
         }
     }
 
+    /// The sum of every sample of a metric family in `/metrics`.
+    pub async fn metric(&self, family: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Polls `/metrics` until `family` sums to at least `at_least` (or panics after `timeout`).
+    pub async fn wait_metric(&self, family: &str, at_least: f64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let value = self.metric(family).await;
+            if value >= at_least {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{family} stayed at {value}, below {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until replicating `handle` has failed twice; the file must stay
     /// `InTransit` with the error in its metadata. Returns the metadata.
     pub async fn wait_failing_replication(&self, handle: &str, timeout: Duration) -> Value {

@@ -20,16 +20,18 @@ use tokio::sync::{watch, Notify};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::Apps;
-use crate::cache::LocalCache;
+use crate::cache::{EvictionWorker, LocalCache};
 use crate::config::Config;
-use crate::destinations::Destinations;
+use crate::destinations::{Destinations, ProbeWorker};
 use crate::disk::Disk;
 use crate::events::StatusEvents;
 use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
 use crate::signing::UrlSigner;
-use crate::upload::{Lifecycle, Services, UploadLimits, Uploads};
+use crate::server;
+use crate::upload::{Lifecycle, Services, SweepWorker, UploadLimits, Uploads};
+use crate::worker::Workers;
 use crate::webhooks::Webhooks;
 
 /// Everything request handlers share.
@@ -173,61 +175,6 @@ async fn method_override(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-/// How often final stores are asked whether they accept requests.
-const PROBE_INTERVAL: Duration = Duration::from_secs(30);
-
-async fn probe_destinations(destinations: Arc<Destinations>, mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        tokio::select! {
-            _ = stop.changed() => {}
-            _ = tokio::time::sleep(PROBE_INTERVAL) => destinations.probe_all().await,
-        }
-    }
-}
-
-/// Keeps the local cache within budget: periodically, and whenever a file is stored.
-async fn evict_cache(state: SharedState, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_secs(state.config.cache.evict_interval_secs.max(1));
-    let mut changes = state.services.events.subscribe();
-    while !*stop.borrow() {
-        tokio::select! {
-            _ = stop.changed() => continue,
-            _ = tokio::time::sleep(interval) => {}
-            change = changes.recv() => match change {
-                Ok(c) if c.status == cin_domain::FileStatus::Stored => {
-                    if let Err(e) = state.cache.stored(&c.handle) {
-                        tracing::error!(error = %e, "cache bookkeeping failed");
-                        state.cache.reload();
-                    }
-                }
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Missed changes: rebuild the index from the records.
-                    state.cache.reload();
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            }
-        }
-        if let Err(e) = state.cache.evict().await {
-            tracing::error!(error = %e, "cache eviction failed");
-        }
-    }
-}
-
-async fn sweep_expired(state: SharedState, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_secs(state.config.uploads.sweep_interval_secs.max(1));
-    while !*stop.borrow() {
-        tokio::select! {
-            _ = stop.changed() => {}
-            _ = tokio::time::sleep(interval) => {
-                if let Err(e) = state.uploads.sweep_expired().await {
-                    tracing::error!(error = %e, "sweeping expired uploads failed");
-                }
-            }
-        }
-    }
-}
-
 /// The configured secret, or one generated on first start and kept in the data directory
 /// so signed URLs stay valid across restarts.
 fn signing_secret(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
@@ -328,8 +275,35 @@ fn service(
     tower::Layer::layer(&axum::middleware::from_fn(method_override), routed)
 }
 
+/// Starts the background workers, in the order they stop: replication first
+/// (its deliveries journal their progress), then webhooks, then housekeeping.
+fn start_workers(node: &Node) -> Workers {
+    let state = &node.state;
+    let deadline = Duration::from_secs(state.config.server.worker_stop_secs);
+    let mut workers = Workers::default();
+    workers.spawn(node.replicator.clone().worker(), deadline);
+    workers.spawn(node.webhooks.clone().worker(), deadline);
+    workers.spawn(
+        EvictionWorker::new(
+            state.cache.clone(),
+            &state.services.events,
+            Duration::from_secs(state.config.cache.evict_interval_secs),
+        ),
+        deadline,
+    );
+    workers.spawn(
+        SweepWorker {
+            state: state.clone(),
+        },
+        deadline,
+    );
+    workers.spawn(ProbeWorker(state.services.destinations.clone()), deadline);
+    workers
+}
+
 /// Serves on `listener` until `shutdown` resolves; then drains requests (up to the
-/// configured grace period), stops the replicator and flushes the metadata store.
+/// configured grace period, then cancels them), stops the workers and flushes the
+/// metadata store.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -348,40 +322,28 @@ pub async fn run(
         tracing::info!(profile = %d.name, bucket = %d.profile.bucket, store = %d.store.describe(), "storage profile");
     }
 
-    let (stop_workers, workers_stopped) = watch::channel(false);
-    let replicator = tokio::spawn(node.replicator.clone().run(workers_stopped.clone()));
-    tokio::spawn(probe_destinations(
-        node.state.services.destinations.clone(),
-        workers_stopped.clone(),
-    ));
-    tokio::spawn(sweep_expired(node.state.clone(), workers_stopped.clone()));
-    tokio::spawn(evict_cache(node.state.clone(), workers_stopped.clone()));
-    let webhooks = tokio::spawn(node.webhooks.clone().run(workers_stopped));
-
-    let (signal_tx, mut signal_rx) = watch::channel(false);
+    let workers = start_workers(&node);
+    let (signal_tx, draining) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = signal_tx.send(true);
     });
-    let mut drain_started = signal_rx.clone();
-    let app = service(node.state.clone());
-    let server = axum::serve(
-        listener,
-        <_ as axum::ServiceExt<Request>>::into_make_service(app),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = drain_started.wait_for(|s| *s).await;
-        tracing::info!("shutting down: no new connections, draining requests");
-    });
-    let serve = tokio::spawn(async move { server.await });
-    let _ = signal_rx.wait_for(|s| *s).await;
-    match tokio::time::timeout(grace, serve).await {
-        Ok(result) => result??,
-        Err(_) => tracing::warn!("requests still running after {grace:?}; closing them"),
+    let mut signalled = draining.clone();
+    let connections = server::serve(listener, service(node.state.clone()), draining).await;
+
+    // Ordered shutdown: no new connections; requests in flight get the grace
+    // period, then are cancelled; workers stop, each within its deadline; the
+    // metadata store makes everything durable.
+    let _ = signalled.wait_for(|s| *s).await;
+    tracing::info!("shutting down: no new connections, draining requests for up to {grace:?}");
+    let cancelled = connections.drain(grace).await;
+    if cancelled > 0 {
+        tracing::warn!(cancelled, "requests still running after {grace:?} were cancelled");
     }
-    let _ = stop_workers.send(true);
-    let _ = replicator.await;
-    let _ = webhooks.await;
+    let overran = workers.stop().await;
+    if !overran.is_empty() {
+        tracing::warn!(?overran, "background workers cancelled at their deadline");
+    }
     node.meta.flush().await?;
     tracing::info!("stopped");
     Ok(())

@@ -12,7 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cin_domain::{FileRecord, FileStatus, Handle, UploadId};
 use cin_storage::MetadataStore;
 
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::events::{StatusChange, StatusEvents};
 use crate::observability::names;
+use crate::worker::{Worker, WorkerState};
 use crate::upload::{now_ms, Lifecycle, UploadError};
 
 pub struct LocalCache {
@@ -159,5 +165,65 @@ impl LocalCache {
             tracing::info!(%handle, "evicted local copy; final storage serves it");
         }
         Ok(evicted)
+    }
+}
+
+/// Keeps the local cache within budget: periodically, and whenever a file is stored.
+pub struct EvictionWorker {
+    cache: Arc<LocalCache>,
+    changes: broadcast::Receiver<StatusChange>,
+    interval: Duration,
+}
+
+impl EvictionWorker {
+    pub fn new(cache: Arc<LocalCache>, events: &StatusEvents, interval: Duration) -> Self {
+        EvictionWorker {
+            cache,
+            changes: events.subscribe(),
+            interval: interval.max(Duration::from_secs(1)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Worker for EvictionWorker {
+    fn name(&self) -> &'static str {
+        "cache-eviction"
+    }
+
+    async fn work(&mut self) -> WorkerState {
+        if let Err(e) = self.cache.evict().await {
+            tracing::error!(error = %e, "cache eviction failed");
+        }
+        WorkerState::Idle(self.interval)
+    }
+
+    async fn wait_for_work(&mut self, idle: Duration) {
+        let deadline = tokio::time::sleep(idle);
+        tokio::pin!(deadline);
+        loop {
+            let change = tokio::select! {
+                _ = &mut deadline => return,
+                change = self.changes.recv() => change,
+            };
+            match change {
+                Ok(c) if c.status == FileStatus::Stored => {
+                    if let Err(e) = self.cache.stored(&c.handle) {
+                        tracing::error!(error = %e, "cache bookkeeping failed");
+                        self.cache.reload();
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                // Missed changes: rebuild the index from the records.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.cache.reload();
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 }

@@ -116,8 +116,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// This POP's name, reported in metadata so a handle's origin POP is known.
     pub pop_id: String,
-    /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT.
+    /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT; then they are cancelled.
     pub shutdown_grace_secs: u64,
+    /// Seconds each background worker (replication, webhooks, housekeeping) gets to stop after that.
+    pub worker_stop_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -244,6 +246,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             pop_id: "local".into(),
             shutdown_grace_secs: 30,
+            worker_stop_secs: 5,
         }
     }
 }

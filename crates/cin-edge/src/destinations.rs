@@ -11,6 +11,7 @@ use cin_storage::{FinalStore, FinalStoreError, LocalDirStore, S3Settings, S3Stor
 
 use crate::config::{ProfileKind, StorageConfig, StorageProfile};
 use crate::upload::UploadError;
+use crate::worker::{Worker, WorkerState};
 
 /// A profile and the store it opened.
 pub struct Destination {
@@ -169,5 +170,23 @@ impl Destinations {
                 store.object_key(handle, filename)
             ),
         })
+    }
+}
+
+/// How often final stores are asked whether they accept requests.
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Probes every final store periodically.
+pub struct ProbeWorker(pub Arc<Destinations>);
+
+#[async_trait::async_trait]
+impl Worker for ProbeWorker {
+    fn name(&self) -> &'static str {
+        "store-probes"
+    }
+
+    async fn work(&mut self) -> WorkerState {
+        self.0.probe_all().await;
+        WorkerState::Idle(PROBE_INTERVAL)
     }
 }

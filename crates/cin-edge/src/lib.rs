@@ -18,10 +18,12 @@ pub mod input;
 pub mod observability;
 pub mod replicator;
 pub mod routes;
+pub mod server;
 pub mod signing;
 pub mod telemetry;
 pub mod upload;
 pub mod webhooks;
+pub mod worker;
 
 pub use app::run;
 pub use config::Config;

@@ -11,7 +11,9 @@ use cin_domain::{FileRecord, Handle, WebhookDelivery};
 use cin_storage::{MetadataStore, StorageError};
 use rand::Rng;
 use serde_json::json;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+
+use crate::worker::{Worker, WorkerState};
 
 use crate::auth::{sign_policy, Apps};
 use crate::config::WebhooksConfig;
@@ -102,24 +104,6 @@ impl Webhooks {
         Ok(())
     }
 
-    /// Delivers queued webhooks until `shutdown` turns true.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        while !*shutdown.borrow() {
-            let wait = match self.deliver_due().await {
-                Ok(wait) => wait,
-                Err(e) => {
-                    tracing::error!(error = %e, "webhook queue unavailable");
-                    Duration::from_secs(5)
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => {}
-                _ = self.wakeup.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
     /// One pass over the queue; returns how long until the next delivery is due.
     async fn deliver_due(&self) -> Result<Duration, StorageError> {
         let now = now_ms();
@@ -192,7 +176,40 @@ impl Webhooks {
         Duration::from_millis(full / 2 + rand::thread_rng().gen_range(0..=full - full / 2))
     }
 
+    /// The background worker that delivers the queue.
+    pub fn worker(self: Arc<Self>) -> WebhookWorker {
+        WebhookWorker(self)
+    }
+
     pub fn replication_failing_after(&self) -> Duration {
         Duration::from_secs(self.config.replication_failing_after_secs)
+    }
+}
+
+/// Delivers queued webhooks. A stop cancels a pass mid-delivery: the delivery
+/// stays queued and goes out again after a restart (at least once).
+pub struct WebhookWorker(Arc<Webhooks>);
+
+#[async_trait::async_trait]
+impl Worker for WebhookWorker {
+    fn name(&self) -> &'static str {
+        "webhooks"
+    }
+
+    async fn work(&mut self) -> WorkerState {
+        match self.0.deliver_due().await {
+            Ok(wait) => WorkerState::Idle(wait),
+            Err(e) => {
+                tracing::error!(error = %e, "webhook queue unavailable");
+                WorkerState::Idle(Duration::from_secs(5))
+            }
+        }
+    }
+
+    async fn wait_for_work(&mut self, idle: Duration) {
+        tokio::select! {
+            _ = self.0.wakeup.notified() => {}
+            _ = tokio::time::sleep(idle) => {}
+        }
     }
 }

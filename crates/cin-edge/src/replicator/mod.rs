@@ -14,7 +14,7 @@ use cin_storage::{
     StorageError,
 };
 use rand::Rng;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::ReplicatorConfig;
@@ -22,6 +22,7 @@ use crate::destinations::Destinations;
 use crate::observability::names;
 use crate::upload::{now_ms, Lifecycle, UploadError};
 use crate::webhooks::Webhooks;
+use crate::worker::{Worker, WorkerState};
 
 /// Jobs read from the queue at a time.
 const JOB_PAGE: usize = 64;
@@ -68,25 +69,13 @@ impl Replicator {
         }
     }
 
-    /// Runs until `shutdown` turns true, then lets running deliveries finish.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let permits = Arc::new(Semaphore::new(self.config.workers));
-        let mut running = JoinSet::new();
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            let wait = self.dispatch_due(&permits, &mut running);
-            tokio::select! {
-                _ = shutdown.changed() => {}
-                _ = self.wakeup.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-            }
+    /// The background worker that dispatches due jobs to delivery tasks.
+    pub fn worker(self: Arc<Self>) -> ReplicationWorker {
+        ReplicationWorker {
+            permits: Arc::new(Semaphore::new(self.config.workers)),
+            running: JoinSet::new(),
+            replicator: self,
         }
-        self.stopping.store(true, Ordering::SeqCst);
-        while running.join_next().await.is_some() {}
-        tracing::info!("replicator stopped");
     }
 
     /// Starts every due job there is a worker for; returns how long to wait for the next one.
@@ -179,10 +168,13 @@ impl Replicator {
         let started = std::time::Instant::now();
         // An error, and whether it is a definitive mismatch (counted towards giving up).
         let result = match self.destinations.get(&file.profile) {
-            None => Err((format!(
-                "storage profile {:?} is not configured on this POP any more; add it back to deliver this file",
-                file.profile
-            ), false)),
+            None => {
+                let reason = format!(
+                    "storage profile {:?} is not configured on this POP any more; add it back to deliver this file",
+                    file.profile
+                );
+                Err((reason, false))
+            }
             Some(destination) => {
                 let source = LocalObject {
                     parts: self.parts.clone(),
@@ -207,11 +199,10 @@ impl Replicator {
                         .as_deref()
                         .or(Some(destination.profile.acl.as_str()).filter(|a| !a.is_empty())),
                 };
-                destination
-                    .store
-                    .put(&object, &journal)
-                    .await
-                    .map_err(|e| (e.to_string(), matches!(e, FinalStoreError::Mismatch { .. })))
+                destination.store.put(&object, &journal).await.map_err(|e| {
+                    let mismatch = matches!(e, FinalStoreError::Mismatch { .. });
+                    (e.to_string(), mismatch)
+                })
             }
         };
         job.attempts += 1;
@@ -317,6 +308,43 @@ pub fn failure_message(config: &ReplicatorConfig, job: &ReplicationJob) -> Optio
     })
 }
 
+/// Runs deliveries, `replicator.workers` at a time.
+pub struct ReplicationWorker {
+    replicator: Arc<Replicator>,
+    permits: Arc<Semaphore>,
+    running: JoinSet<()>,
+}
+
+#[async_trait]
+impl Worker for ReplicationWorker {
+    fn name(&self) -> &'static str {
+        "replicator"
+    }
+
+    async fn work(&mut self) -> WorkerState {
+        WorkerState::Idle(
+            self.replicator
+                .dispatch_due(&self.permits, &mut self.running),
+        )
+    }
+
+    async fn wait_for_work(&mut self, idle: Duration) {
+        tokio::select! {
+            _ = self.replicator.wakeup.notified() => {}
+            _ = tokio::time::sleep(idle) => {}
+            Some(_) = self.running.join_next(), if !self.running.is_empty() => {}
+        }
+    }
+
+    /// Deliveries stop after their current part (progress is journaled); one
+    /// still running at the deadline is cancelled with the worker.
+    async fn drain(&mut self) {
+        self.replicator.stopping.store(true, Ordering::SeqCst);
+        while self.running.join_next().await.is_some() {}
+        tracing::info!("replicator stopped");
+    }
+}
+
 /// Exponential backoff with equal jitter: the delay for attempt n lies in
 /// `[d/2, d]` where `d = min(cap, base * 2^(n-1))`.
 pub fn backoff(config: &ReplicatorConfig, attempts: u32) -> Duration {
@@ -394,7 +422,10 @@ mod tests {
         assert!(given_up(&config, &job));
         assert!(failure_message(&config, &job).is_some_and(|m| m.contains("given up")));
         config.max_mismatch_attempts += 1;
-        assert!(!given_up(&config, &job), "a raised limit gives it another attempt");
+        assert!(
+            !given_up(&config, &job),
+            "a raised limit gives it another attempt"
+        );
         config.max_mismatch_attempts = 0;
         job.mismatched_attempts = 100;
         assert!(!given_up(&config, &job), "0 never gives up");

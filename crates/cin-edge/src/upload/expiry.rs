@@ -5,7 +5,11 @@
 use cin_domain::{FileRecord, FileStatus, Transition};
 use cin_storage::JobChange;
 
-use super::{UploadError, now_ms, Uploads};
+use std::time::Duration;
+
+use super::{now_ms, UploadError, Uploads};
+use crate::app::SharedState;
+use crate::worker::{Worker, WorkerState};
 use crate::observability::names;
 
 impl Uploads {
@@ -68,5 +72,26 @@ impl Uploads {
             swept += 1;
         }
         Ok(swept)
+    }
+}
+
+/// Sweeps abandoned uploads periodically.
+pub struct SweepWorker {
+    pub state: SharedState,
+}
+
+#[async_trait::async_trait]
+impl Worker for SweepWorker {
+    fn name(&self) -> &'static str {
+        "expiry-sweep"
+    }
+
+    async fn work(&mut self) -> WorkerState {
+        if let Err(e) = self.state.uploads.sweep_expired().await {
+            tracing::error!(error = %e, "sweeping expired uploads failed");
+        }
+        WorkerState::Idle(Duration::from_secs(
+            self.state.config.uploads.sweep_interval_secs.max(1),
+        ))
     }
 }

@@ -31,6 +31,7 @@ use crate::observability::names;
 use crate::webhooks::Webhooks;
 use assessment::Assessment;
 pub use error::UploadError;
+pub use expiry::SweepWorker;
 pub use lifecycle::{Lifecycle, UploadGuard};
 use locks::KeyedLocks;
 pub use reconcile::{reconcile, Reconciled};

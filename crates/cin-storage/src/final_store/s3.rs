@@ -623,7 +623,10 @@ impl MultipartCrc32 {
         let (accepted, form): (Vec<&str>, &str) = match kind {
             Some(ChecksumType::Composite) => (vec![&self.composite], "composite"),
             Some(ChecksumType::FullObject) => (vec![&self.full_object], "full-object"),
-            _ => (vec![&self.composite, &self.full_object], "composite or full-object"),
+            _ => (
+                vec![&self.composite, &self.full_object],
+                "composite or full-object",
+            ),
         };
         if accepted.contains(&value) {
             None
@@ -899,7 +902,9 @@ mod tests {
 
     /// The file the reported forms below describe: three parts, 12 MiB in all.
     fn twelve_mib() -> (MultipartCrc32, Vec<CompletedPart>) {
-        let data: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let data: Vec<u8> = (0..12 * 1024 * 1024u32)
+            .map(|i| (i * 7 + i / 13) as u8)
+            .collect();
         let parts: Vec<CompletedPart> = data
             .chunks(MIN_PART_SIZE as usize)
             .enumerate()
@@ -933,7 +938,10 @@ mod tests {
         // Full-object CRC32, bare, with a count, or typed.
         assert_eq!(crc.contradicts(&full, None), None);
         assert_eq!(crc.contradicts(&format!("{full}-3"), None), None);
-        assert_eq!(crc.contradicts(&full, Some(&ChecksumType::FullObject)), None);
+        assert_eq!(
+            crc.contradicts(&full, Some(&ChecksumType::FullObject)),
+            None
+        );
     }
 
     #[test]
@@ -971,7 +979,9 @@ mod tests {
         assert!(listed(len as i64, last.checksum.as_deref())
             .contradicts(last, len)
             .is_none());
-        assert!(listed(len as i64 - 1, None).contradicts(last, len).is_some());
+        assert!(listed(len as i64 - 1, None)
+            .contradicts(last, len)
+            .is_some());
         assert!(listed(len as i64, Some("AAAAAA=="))
             .contradicts(last, len)
             .is_some());
