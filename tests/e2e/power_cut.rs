@@ -775,7 +775,7 @@ impl Client {
     }
 
     /// `/multipart/upload`: the signed URL and headers for one chunk.
-    async fn chunk_url(
+    pub async fn chunk_url(
         &self,
         upload_id: &str,
         part: u32,
@@ -802,6 +802,11 @@ impl Client {
         bytes: &[u8],
     ) -> Result<String, String> {
         let answer = self.chunk_url(upload_id, part, offset, bytes).await?;
+        self.put_chunk(&answer, bytes).await
+    }
+
+    /// PUTs a chunk's bytes to the URL `/multipart/upload` answered; returns the ETag.
+    pub async fn put_chunk(&self, answer: &Value, bytes: &[u8]) -> Result<String, String> {
         let mut put = self
             .http
             .put(answer["url"].as_str().unwrap_or_default())

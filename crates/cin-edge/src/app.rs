@@ -115,12 +115,12 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         webhooks: webhooks.clone(),
         replication_wakeup: wakeup.clone(),
     });
-    let lifecycle = Arc::new(Lifecycle::new(
+    let lifecycle = Arc::new(Lifecycle::open(
         meta.clone(),
         parts.clone(),
         webhooks.clone(),
         events,
-    ));
+    )?);
     let uploads = Uploads::new(
         services.clone(),
         lifecycle.clone(),

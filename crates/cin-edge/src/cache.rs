@@ -77,7 +77,13 @@ impl LocalCache {
         }
     }
 
-    pub fn touch(&self, handle: &Handle) {
+    /// Notes a read of a stored file's local copy (the only copies it may evict,
+    /// so the map holds no more entries than the cache holds files).
+    pub fn touch(&self, file: &FileRecord) {
+        if self.budget == 0 || !is_evictable(file) {
+            return;
+        }
+        let handle = &file.handle;
         self.last_read
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -113,17 +119,24 @@ impl LocalCache {
         if self.budget == 0 {
             return Ok(0);
         }
+        if self.copies().is_none() {
+            // Loaded once (and after missed updates), off the request threads.
+            let meta = self.meta.clone();
+            let files = tokio::task::spawn_blocking(move || meta.files())
+                .await
+                .map_err(|e| {
+                    cin_storage::StorageError::io("loading the cache index", std::io::Error::other(e))
+                })??;
+            let mut loaded = EvictableCopies::default();
+            for file in &files {
+                loaded.add(file);
+            }
+            *self.copies() = Some(loaded);
+        }
         let candidates = {
             let mut guard = self.copies();
-            let copies = match guard.as_mut() {
-                Some(copies) => copies,
-                None => {
-                    let mut loaded = EvictableCopies::default();
-                    for file in self.meta.files()? {
-                        loaded.add(&file);
-                    }
-                    guard.insert(loaded)
-                }
+            let Some(copies) = guard.as_mut() else {
+                return Ok(0);
             };
             if copies.total <= self.budget {
                 return Ok(0);

@@ -31,8 +31,11 @@ pub trait MetadataStore: Send + Sync {
     /// is never complete without a pending job, a crash in between included.
     fn put_file(&self, file: &FileRecord, job: JobChange) -> Result<(), StorageError>;
     fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError>;
-    /// Every file record; for start-up checks and sweeps.
+    /// Every file record; for start-up checks.
     fn files(&self) -> Result<Vec<FileRecord>, StorageError>;
+    /// The records of uploads in progress (status `Uploading`), read from an
+    /// index: sweeps and reservations never decode the other records.
+    fn uploading_files(&self) -> Result<Vec<FileRecord>, StorageError>;
 
     fn get_part(
         &self,
@@ -86,6 +89,8 @@ pub struct SledMetadataStore {
     /// `flush_async` deadlocks with concurrent writers, spacejam/sled#1308.)
     flusher: GroupCommit<(), ()>,
     files: sled::Tree,
+    /// Handles of the files whose status is `Uploading` (values empty).
+    uploading: sled::Tree,
     uploads: sled::Tree,
     parts: sled::Tree,
     jobs: sled::Tree,
@@ -100,7 +105,8 @@ impl SledMetadataStore {
             .open()?;
         let jobs = db.open_tree("jobs")?;
         let files = db.open_tree("files")?;
-        queue_orphaned_files(&files, &jobs)?;
+        let uploading = db.open_tree("uploading")?;
+        check_indexes(&files, &jobs, &uploading)?;
         let flushed = db.clone();
         let mut durability = SledDurability::open(path)?;
         // One flush and one sync answer every request queued since the last batch.
@@ -115,6 +121,7 @@ impl SledMetadataStore {
         Ok(SledMetadataStore {
             flusher,
             files,
+            uploading,
             uploads: db.open_tree("uploads")?,
             parts: db.open_tree("parts")?,
             jobs,
@@ -124,20 +131,44 @@ impl SledMetadataStore {
     }
 }
 
-/// Queues a replication job for every complete file without one (a crash came
-/// between writing a file's record and its job).
-fn queue_orphaned_files(files: &sled::Tree, jobs: &sled::Tree) -> Result<(), StorageError> {
-    let mut queued = false;
+/// Brings what a crash between two writes may have left out of step back in
+/// step with the file records: a replication job for every complete file
+/// without one, and the index of uploads in progress.
+fn check_indexes(
+    files: &sled::Tree,
+    jobs: &sled::Tree,
+    uploading: &sled::Tree,
+) -> Result<(), StorageError> {
+    let mut changed = false;
     for kv in files.iter() {
         let (key, value) = kv?;
-        let file: FileRecord = decode(&key, &value)?;
-        if file.status == FileStatus::InTransit && !jobs.contains_key(&key)? {
+        let file = decode::<FileRecord>(&key, &value)?.upgrade();
+        if file.status == FileStatus::InTransit
+            && !file.is_tus_partial()
+            && !jobs.contains_key(&key)?
+        {
             tracing::warn!(handle = %file.handle, "queueing replication of a complete file that had no job");
-            jobs.insert(&key, encode(&ReplicationJob::new(file.handle)))?;
-            queued = true;
+            jobs.insert(&key, encode(&ReplicationJob::new(file.handle.clone())))?;
+            changed = true;
+        }
+        let indexed = uploading.contains_key(&key)?;
+        if (file.status == FileStatus::Uploading) != indexed {
+            if indexed {
+                uploading.remove(&key)?;
+            } else {
+                uploading.insert(&key, &[])?;
+            }
+            changed = true;
         }
     }
-    if queued {
+    for key in uploading.iter().keys() {
+        let key = key?;
+        if !files.contains_key(&key)? {
+            uploading.remove(&key)?;
+            changed = true;
+        }
+    }
+    if changed {
         jobs.flush()?;
     }
     Ok(())
@@ -195,6 +226,11 @@ impl MetadataStore for SledMetadataStore {
         self.uploads
             .insert(file.upload_id.as_str().as_bytes(), key)?;
         self.files.insert(key, encode(file))?;
+        if file.status == FileStatus::Uploading {
+            self.uploading.insert(key, &[])?;
+        } else {
+            self.uploading.remove(key)?;
+        }
         match &job {
             JobChange::Upsert(j) => {
                 self.jobs.insert(key, encode(j))?;
@@ -234,6 +270,17 @@ impl MetadataStore for SledMetadataStore {
                 decode(&k, &v).map(FileRecord::upgrade)
             })
             .collect()
+    }
+
+    fn uploading_files(&self) -> Result<Vec<FileRecord>, StorageError> {
+        let mut out = Vec::new();
+        for key in self.uploading.iter().keys() {
+            let key = key?;
+            if let Some(value) = self.files.get(&key)? {
+                out.push(decode::<FileRecord>(&key, &value)?.upgrade());
+            }
+        }
+        Ok(out)
     }
 
     fn get_part(
@@ -289,6 +336,7 @@ impl MetadataStore for SledMetadataStore {
         let key = file.handle.as_str().as_bytes();
         self.jobs.remove(key)?;
         self.uploads.remove(file.upload_id.as_str().as_bytes())?;
+        self.uploading.remove(key)?;
         self.files.remove(key)?;
         Ok(())
     }
@@ -490,6 +538,34 @@ mod tests {
             seen.extend(page.into_iter().map(|j| j.handle));
         }
         assert_eq!(seen, handles);
+    }
+
+    #[tokio::test]
+    async fn uploads_in_progress_are_indexed_and_the_index_is_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let uploading = record();
+        let mut complete = record();
+        complete.status = FileStatus::InTransit;
+        {
+            let store = SledMetadataStore::open(dir.path()).unwrap();
+            store.put_file(&uploading, JobChange::Keep).unwrap();
+            store.put_file(&complete, JobChange::Keep).unwrap();
+            let listed = store.uploading_files().unwrap();
+            assert_eq!(listed, vec![uploading.clone()]);
+            // As a crash before the index write would leave it.
+            store.uploading.remove(uploading.handle.as_str()).unwrap();
+            store
+                .uploading
+                .insert(complete.handle.as_str(), &[])
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledMetadataStore::open(dir.path()).unwrap();
+        assert_eq!(store.uploading_files().unwrap(), vec![uploading.clone()]);
+        let mut done = uploading.clone();
+        done.status = FileStatus::InTransit;
+        store.put_file(&done, JobChange::Keep).unwrap();
+        assert!(store.uploading_files().unwrap().is_empty());
     }
 
     #[test]

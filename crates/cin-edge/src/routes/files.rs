@@ -296,7 +296,7 @@ pub async fn serve(
     if method == Method::HEAD {
         return Ok((status, response_headers).into_response());
     }
-    state.cache.touch(&file.handle);
+    state.cache.touch(&file);
     let local = file.evicted_at_ms.is_none()
         && !file.local_bytes_missing
         && state.services.parts.has_segments(&file.segments).await;

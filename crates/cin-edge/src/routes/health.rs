@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cin_domain::FileStatus;
 use serde_json::{json, Value};
 
 use crate::app::SharedState;
@@ -62,22 +61,10 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         )
             .into_response();
     };
-    // Gauges that are cheaper to compute when scraped than to keep current.
-    if let Ok(files) = state.uploads.all_files() {
-        let now = now_ms();
-        let in_transit: Vec<u64> = files
-            .iter()
-            .filter(|f| f.status == FileStatus::InTransit && !f.is_tus_partial())
-            .map(|f| f.completed_at_ms.unwrap_or(now))
-            .collect();
-        metrics::gauge!(names::REPLICATION_QUEUE).set(in_transit.len() as f64);
-        let oldest = in_transit
-            .iter()
-            .min()
-            .map(|t| now.saturating_sub(*t))
-            .unwrap_or(0);
-        metrics::gauge!(names::REPLICATION_LAG).set(oldest as f64 / 1000.0);
-    }
+    let (waiting, oldest) = state.uploads.lifecycle().replication_backlog();
+    metrics::gauge!(names::REPLICATION_QUEUE).set(waiting as f64);
+    let lag_ms = oldest.map_or(0, |at| now_ms().saturating_sub(at));
+    metrics::gauge!(names::REPLICATION_LAG).set(lag_ms as f64 / 1000.0);
     let disk = state.services.disk.usage();
     metrics::gauge!(names::DISK_USED).set(disk.used as f64);
     metrics::gauge!(names::DISK_FREE).set(disk.free as f64);

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cin_domain::UploadId;
@@ -18,13 +19,30 @@ const MAX_HALVINGS: u32 = 3;
 /// The hint before anything was measured.
 pub const INITIAL_HINT: u64 = 1024 * 1024;
 
-#[derive(Clone, Debug, Default)]
+/// Sessions tracked at once; beyond it the one idle longest is forgotten (its
+/// hint starts over), so ids sent by clients cannot grow the map without end.
+const MAX_SESSIONS: usize = 10_000;
+
+#[derive(Clone, Debug)]
 struct SessionStats {
+    /// When a chunk of the session last ended, in the assessment's own ticks.
+    touched: u64,
     /// Exponentially weighted goodput of successful chunk bodies, bytes per second.
     goodput: Option<f64>,
     /// Recent failures; each halves the hint, two successes in a row forgive one.
     penalty: u32,
     successes_in_row: u32,
+}
+
+impl Default for SessionStats {
+    fn default() -> Self {
+        SessionStats {
+            touched: 0,
+            goodput: None,
+            penalty: 0,
+            successes_in_row: 0,
+        }
+    }
 }
 
 impl SessionStats {
@@ -45,12 +63,24 @@ impl SessionStats {
 #[derive(Default)]
 pub struct Assessment {
     sessions: Mutex<HashMap<UploadId, SessionStats>>,
+    ticks: AtomicU64,
 }
 
 impl Assessment {
     fn with<T>(&self, upload: &UploadId, f: impl FnOnce(&mut SessionStats) -> T) -> T {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        f(sessions.entry(upload.clone()).or_default())
+        if sessions.len() >= MAX_SESSIONS && !sessions.contains_key(upload) {
+            let idlest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.touched)
+                .map(|(id, _)| id.clone());
+            if let Some(idlest) = idlest {
+                sessions.remove(&idlest);
+            }
+        }
+        let stats = sessions.entry(upload.clone()).or_default();
+        stats.touched = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        f(stats)
     }
 
     pub fn record_success(&self, upload: &UploadId, bytes: u64, elapsed: Duration) {
@@ -79,8 +109,12 @@ impl Assessment {
         })
     }
 
+    /// Asking records nothing: only chunks that were written make a session.
     pub fn hint(&self, upload: &UploadId) -> u64 {
-        self.with(upload, |s| s.hint())
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .get(upload)
+            .map_or_else(|| SessionStats::default().hint(), SessionStats::hint)
     }
 
     pub fn forget(&self, upload: &UploadId) {
@@ -94,6 +128,23 @@ impl Assessment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_are_bounded_and_asking_records_nothing() {
+        let a = Assessment::default();
+        for _ in 0..100 {
+            a.hint(&UploadId::generate());
+        }
+        assert_eq!(a.sessions.lock().unwrap().len(), 0);
+        let first = UploadId::generate();
+        a.record_failure(&first);
+        for _ in 0..MAX_SESSIONS {
+            a.record_failure(&UploadId::generate());
+        }
+        let sessions = a.sessions.lock().unwrap();
+        assert_eq!(sessions.len(), MAX_SESSIONS);
+        assert!(!sessions.contains_key(&first), "the idlest session went first");
+    }
 
     #[test]
     fn failures_halve_and_successes_recover() {

@@ -37,10 +37,7 @@ impl Uploads {
     pub async fn sweep_expired(&self) -> Result<usize, UploadError> {
         let now = now_ms();
         let mut swept = 0;
-        for file in self.services.meta.files()? {
-            if file.status != FileStatus::Uploading {
-                continue;
-            }
+        for file in self.services.meta.uploading_files()? {
             let Some(expires) = self.expires_at_ms(&file)? else {
                 continue;
             };
@@ -67,6 +64,7 @@ impl Uploads {
             drop(guard);
             self.lifecycle.release_bytes(&current).await?;
             self.services.disk.release(&current.upload_id);
+            self.assessment.forget(&current.upload_id);
             metrics::counter!(names::UPLOADS_FAILED, "reason" => "expired").increment(1);
             tracing::info!(handle = %current.handle, "expired an abandoned upload");
             swept += 1;

@@ -7,7 +7,8 @@
 //! - one rule for freeing bytes: a part directory goes only when no record needs
 //!   it, neither its own upload nor a tus final upload whose segments point into it.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use cin_domain::{FileRecord, FileStatus, Handle, Transition, UploadId};
 use cin_storage::{JobChange, MetadataStore, PartStore, SegmentOwner};
@@ -23,6 +24,9 @@ pub struct Lifecycle {
     locks: KeyedLocks<UploadId>,
     webhooks: Arc<Webhooks>,
     events: Arc<StatusEvents>,
+    /// Files waiting for final storage, by completion time: the replication
+    /// gauges, kept as transitions happen rather than counted at each scrape.
+    in_transit: Mutex<BTreeSet<(u64, Handle)>>,
 }
 
 /// Holds an upload's lock: the records of that upload may be written.
@@ -37,6 +41,11 @@ impl UploadGuard<'_> {
     }
 }
 
+/// A complete file the replicator has still to deliver (partial uploads never are).
+fn awaits_final_storage(file: &FileRecord) -> bool {
+    file.status == FileStatus::InTransit && !file.is_tus_partial()
+}
+
 /// The webhook event a transition sends, if any.
 fn event_name(transition: Transition) -> Option<&'static str> {
     match transition {
@@ -48,19 +57,34 @@ fn event_name(transition: Transition) -> Option<&'static str> {
 }
 
 impl Lifecycle {
-    pub fn new(
+    /// Builds the lifecycle over the stores, reading once which files wait for
+    /// final storage.
+    pub fn open(
         meta: Arc<dyn MetadataStore>,
         parts: PartStore,
         webhooks: Arc<Webhooks>,
         events: Arc<StatusEvents>,
-    ) -> Self {
-        Lifecycle {
+    ) -> Result<Self, UploadError> {
+        let in_transit = meta
+            .files()?
+            .into_iter()
+            .filter(awaits_final_storage)
+            .map(|f| (f.completed_at_ms.unwrap_or(0), f.handle))
+            .collect();
+        Ok(Lifecycle {
             meta,
             parts,
             locks: KeyedLocks::new(),
             webhooks,
             events,
-        }
+            in_transit: Mutex::new(in_transit),
+        })
+    }
+
+    /// How many files wait for final storage, and since when the oldest has (ms since the epoch).
+    pub fn replication_backlog(&self) -> (usize, Option<u64>) {
+        let waiting = self.in_transit.lock().unwrap_or_else(|p| p.into_inner());
+        (waiting.len(), waiting.first().map(|(at, _)| *at))
     }
 
     pub async fn lock(&self, upload: &UploadId) -> UploadGuard<'_> {
@@ -126,6 +150,15 @@ impl Lifecycle {
         }
         self.meta.put_file(&next, job)?;
         self.meta.flush().await?;
+        {
+            let mut waiting = self.in_transit.lock().unwrap_or_else(|p| p.into_inner());
+            if awaits_final_storage(file) {
+                waiting.remove(&(file.completed_at_ms.unwrap_or(0), file.handle.clone()));
+            }
+            if awaits_final_storage(&next) {
+                waiting.insert((next.completed_at_ms.unwrap_or(0), next.handle.clone()));
+            }
+        }
         *file = next;
         self.events.publish(&file.handle, file.status);
         Ok(())
@@ -252,5 +285,120 @@ impl Lifecycle {
             UploadError::not_found("upload_not_found", format!("no upload has id {}", guard.upload()))
         })?;
         self.current(guard, &handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Apps;
+    use cin_domain::{StoreOptions, UploadMode};
+    use cin_storage::SledMetadataStore;
+
+    fn uploading() -> FileRecord {
+        FileRecord {
+            handle: Handle::generate(),
+            upload_id: UploadId::generate(),
+            filename: "a.bin".into(),
+            mimetype: "application/octet-stream".into(),
+            size: 3,
+            mode: UploadMode::Regular,
+            status: FileStatus::Uploading,
+            created_at_ms: 1,
+            completed_at_ms: None,
+            stored_at_ms: None,
+            store: StoreOptions::default(),
+            profile: "default".into(),
+            container: "default".into(),
+            key: "k".into(),
+            segments: vec![],
+            sha256: None,
+            replication_attempts: 0,
+            last_error: None,
+            length_deferred: false,
+            expired_at_ms: None,
+            tus: None,
+            app: None,
+            evicted_at_ms: None,
+            deleted_at_ms: None,
+            referenced_by: vec![],
+            local_bytes_missing: false,
+        }
+    }
+
+    fn lifecycle(dir: &std::path::Path) -> (Lifecycle, Arc<dyn MetadataStore>) {
+        let meta: Arc<dyn MetadataStore> =
+            Arc::new(SledMetadataStore::open(&dir.join("metadata")).unwrap());
+        let parts = PartStore::open(dir.join("parts")).unwrap();
+        let webhooks = Arc::new(Webhooks::new(
+            meta.clone(),
+            Arc::new(Apps::new(Default::default())),
+            "http://pop".into(),
+            "test".into(),
+            Default::default(),
+        ));
+        let events = Arc::new(StatusEvents::default());
+        let lifecycle = Lifecycle::open(meta.clone(), parts, webhooks, events).unwrap();
+        (lifecycle, meta)
+    }
+
+    /// The sweep read the upload as `Uploading`; `complete` then won the lock.
+    /// The sweep's expiry, based on its stale read, must not overwrite the completion.
+    #[tokio::test]
+    async fn a_transition_based_on_a_stale_read_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lifecycle, meta) = lifecycle(dir.path());
+        let file = uploading();
+        meta.put_file(&file, JobChange::Keep).unwrap();
+        let mut stale = file.clone();
+
+        let guard = lifecycle.lock(&file.upload_id).await;
+        let mut completing = lifecycle.current(&guard, &file.handle).unwrap();
+        lifecycle
+            .transition(&guard, &mut completing, Transition::Complete, JobChange::Keep)
+            .await
+            .unwrap();
+        let refused = lifecycle
+            .transition(&guard, &mut stale, Transition::Expire, JobChange::Remove)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, UploadError::Conflict { status: Some(FileStatus::InTransit), .. }),
+            "{refused}"
+        );
+        let stored = meta.get_file(&file.handle).unwrap().unwrap();
+        assert_eq!(stored.status, FileStatus::InTransit);
+        assert!(stored.expired_at_ms.is_none());
+        assert_eq!(stale.status, FileStatus::Uploading, "a refused transition leaves the caller's copy");
+        assert_eq!(lifecycle.replication_backlog().0, 1);
+
+        let mut done = lifecycle.current(&guard, &file.handle).unwrap();
+        lifecycle
+            .transition(&guard, &mut done, Transition::Store, JobChange::Remove)
+            .await
+            .unwrap();
+        assert_eq!(lifecycle.replication_backlog(), (0, None));
+    }
+
+    #[tokio::test]
+    async fn one_lock_per_upload_serialises_its_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lifecycle, _meta) = lifecycle(dir.path());
+        let lifecycle = Arc::new(lifecycle);
+        let upload = UploadId::generate();
+        let held = lifecycle.lock(&upload).await;
+        let contender = {
+            let lifecycle = lifecycle.clone();
+            let upload = upload.clone();
+            tokio::spawn(async move {
+                let _second = lifecycle.lock(&upload).await;
+            })
+        };
+        // Another upload's lock is free meanwhile.
+        let _other = lifecycle.lock(&UploadId::generate()).await;
+        tokio::task::yield_now().await;
+        assert!(!contender.is_finished(), "the second writer waits");
+        drop(held);
+        contender.await.unwrap();
     }
 }

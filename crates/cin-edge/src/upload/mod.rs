@@ -415,10 +415,7 @@ impl Uploads {
 
     /// Re-reserves disk room for the uploads in progress, after a restart.
     pub fn restore_reservations(&self) -> Result<(), UploadError> {
-        for file in self.services.meta.files()? {
-            if file.status != FileStatus::Uploading {
-                continue;
-            }
+        for file in self.services.meta.uploading_files()? {
             let received: u64 = self
                 .services.meta
                 .parts(&file.upload_id)?

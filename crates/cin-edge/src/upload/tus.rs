@@ -213,6 +213,7 @@ impl Uploads {
                 len: file.size,
             }];
             self.finish_tus(&guard, &mut file).await?;
+            self.assessment.forget(upload);
         } else {
             self.services.meta.flush().await?;
         }
@@ -321,6 +322,7 @@ impl Uploads {
         }
         drop(guard);
         self.services.disk.release(upload);
+        self.assessment.forget(upload);
         metrics::counter!(names::UPLOADS_FAILED, "reason" => "terminated").increment(1);
         self.lifecycle.release_bytes(&file).await?;
         tracing::info!(handle = %file.handle, kept_for = file.referenced_by.len(), "tus upload terminated");
