@@ -14,6 +14,7 @@ mod operations;
 mod power_cut;
 mod reconcile;
 mod restart;
+mod router;
 mod s3;
 mod sdk;
 mod security;

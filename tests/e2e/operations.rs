@@ -294,6 +294,15 @@ async fn the_cache_evicts_least_recently_read_stored_copies() {
     }
     assert_eq!(app.metadata(&handles[0]).await["local_copy"], true);
     assert_eq!(app.metadata(&handles[2]).await["local_copy"], true);
+    // The bytes go once the eviction is durable, a moment after the record says so.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.upload_dirs() > 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the evicted copy's parts were never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         app.upload_dirs(),
         2,

@@ -193,12 +193,13 @@ async fn trial(seed: u64) -> TrialOutcome {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     tokio::time::sleep(Duration::from_millis(rng.gen_range(0..25))).await;
+    // No new requests from here on; answers to those in flight still count.
+    stop.store(true, Ordering::SeqCst);
     let report = fs.cut();
     let fsyncs = summarize_fsyncs(&fs.fsyncs());
     tokio::task::spawn_blocking(move || pop.kill())
         .await
         .expect("kill");
-    stop.store(true, Ordering::SeqCst);
     for worker in workers {
         let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
     }

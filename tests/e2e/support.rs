@@ -336,8 +336,12 @@ impl PopProcess {
     }
 
     /// The command that runs a POP on port 0 (for tests that wrap it in another program).
+    /// `CIN_TEST_POP_BINARY` runs another build instead (an older one, say, to see
+    /// that a test catches what it was written for).
     pub fn command(data_dir: &Path, env: &[(String, String)]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cin-edge"));
+        let binary = std::env::var_os("CIN_TEST_POP_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_cin-edge").into());
+        let mut command = Command::new(binary);
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)

@@ -58,6 +58,14 @@ struct Node {
     webhooks: Arc<Webhooks>,
 }
 
+/// Opens the stores and builds the state request handlers share, without a
+/// listener: router-level tests drive `router(state)` with `oneshot`. Filelinks
+/// use `server.public_url`, or `http://127.0.0.1:80` when it is empty.
+pub async fn open_state(config: Config) -> anyhow::Result<SharedState> {
+    let unbound = SocketAddr::from(([127, 0, 0, 1], 80));
+    Ok(open_node(config, unbound).await?.state)
+}
+
 async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     config.validate().map_err(anyhow::Error::msg)?;
     let data_dir = config.server.data_dir.clone();

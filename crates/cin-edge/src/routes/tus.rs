@@ -41,7 +41,7 @@ pub const EXPOSED_HEADERS: [&str; 11] = [
 ];
 
 /// A tus answer: a status and headers; `Tus-Resumable` is added to every one.
-struct TusResponse {
+pub struct TusResponse {
     status: StatusCode,
     headers: HeaderMap,
 }
@@ -72,7 +72,7 @@ impl IntoResponse for TusResponse {
 
 /// A tus error answer: the JSON error body with tus's status codes (410 for
 /// expired uploads) and `Tus-Resumable`.
-enum TusError {
+pub enum TusError {
     Api(ApiError),
     /// An answer with a status the common error type does not carry (415).
     Raw(Box<Response>),
@@ -109,7 +109,7 @@ impl IntoResponse for TusError {
     }
 }
 
-type TusResult = Result<TusResponse, TusError>;
+pub type TusResult = Result<TusResponse, TusError>;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -118,7 +118,23 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Every request but OPTIONS must speak our tus version; others get 412 and the versions we do speak.
+/// Extracted by every tus handler but OPTIONS: the request speaks our tus
+/// version; others get 412 and the versions we do speak.
+pub struct TusVersion;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TusVersion {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Response> {
+        check_version(&parts.headers)
+            .map(|()| TusVersion)
+            .map_err(|refused| *refused)
+    }
+}
+
 fn check_version(headers: &HeaderMap) -> Result<(), Box<Response>> {
     if header(headers, "tus-resumable") == Some(TUS_VERSION) {
         return Ok(());
@@ -281,14 +297,13 @@ pub async fn options(State(state): State<SharedState>) -> Response {
 }
 
 #[utoipa::path(post, path = "/files/", tag = "tus", responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 412, description = "Unsupported Tus-Resumable"), (status = 413, description = "Above Tus-Max-Size")))]
-pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(refused) = check_version(&headers) {
-        return *refused;
-    }
-    match create_upload(&state, &headers, body).await {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+pub async fn create(
+    _: TusVersion,
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> TusResult {
+    create_upload(&state, &headers, body).await
 }
 
 async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> TusResult {
@@ -427,14 +442,11 @@ fn parse_id(id: &str) -> Result<UploadId, ApiError> {
 
 #[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 200, description = "Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired upload")))]
 pub async fn head(
+    _: TusVersion,
     State(state): State<SharedState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = check_version(&headers) {
-        return *refused;
-    }
-    let result: TusResult = (|| {
+) -> TusResult {
+    {
         let file = state.uploads.file_for_upload(&parse_id(&id)?)?;
         let offset = state.uploads.tus_offset(&file)?;
         let mut response = TusResponse::new(StatusCode::OK)
@@ -460,24 +472,18 @@ pub async fn head(
             }
         }
         Ok(with_file_headers(&state, response, &file)?)
-    })();
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
     }
 }
 
 #[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 409, description = "Offset mismatch"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch")))]
 pub async fn patch(
+    _: TusVersion,
     State(state): State<SharedState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(refused) = check_version(&headers) {
-        return *refused;
-    }
-    let result: TusResult = async {
+) -> TusResult {
+    {
         let upload = parse_id(&id)?;
         let content_type = header(&headers, "content-type").unwrap_or_default();
         if content_type != OFFSET_OCTET_STREAM {
@@ -504,31 +510,16 @@ pub async fn patch(
         let response = TusResponse::new(StatusCode::NO_CONTENT).header("upload-offset", offset);
         Ok(with_file_headers(&state, response, &file)?)
     }
-    .await;
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 #[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 204, description = "Terminated"), (status = 404, description = "Unknown upload")))]
 pub async fn terminate(
+    _: TusVersion,
     State(state): State<SharedState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = check_version(&headers) {
-        return *refused;
-    }
-    let result: TusResult = async {
-        state.uploads.tus_terminate(&parse_id(&id)?).await?;
-        Ok(TusResponse::new(StatusCode::NO_CONTENT))
-    }
-    .await;
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> TusResult {
+    state.uploads.tus_terminate(&parse_id(&id)?).await?;
+    Ok(TusResponse::new(StatusCode::NO_CONTENT))
 }
 
 #[cfg(test)]

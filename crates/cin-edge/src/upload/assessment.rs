@@ -23,7 +23,7 @@ pub const INITIAL_HINT: u64 = 1024 * 1024;
 /// hint starts over), so ids sent by clients cannot grow the map without end.
 const MAX_SESSIONS: usize = 10_000;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct SessionStats {
     /// When a chunk of the session last ended, in the assessment's own ticks.
     touched: u64,
@@ -32,17 +32,6 @@ struct SessionStats {
     /// Recent failures; each halves the hint, two successes in a row forgive one.
     penalty: u32,
     successes_in_row: u32,
-}
-
-impl Default for SessionStats {
-    fn default() -> Self {
-        SessionStats {
-            touched: 0,
-            goodput: None,
-            penalty: 0,
-            successes_in_row: 0,
-        }
-    }
 }
 
 impl SessionStats {
