@@ -176,9 +176,10 @@ async fn evicting_one_final_keeps_a_sibling_that_shares_its_partial() {
         "a terminated partial no local copy references is freed at once"
     );
     assert_eq!(delete(&app, &shared_url).await, 204);
-    assert_eq!(app.upload_dirs(), 1, "the held final still needs these bytes");
     assert_eq!(
-        sha256_hex(&app.download(&held).await),
-        sha256_hex(&shared)
+        app.upload_dirs(),
+        1,
+        "the held final still needs these bytes"
     );
+    assert_eq!(sha256_hex(&app.download(&held).await), sha256_hex(&shared));
 }

@@ -38,7 +38,9 @@ async fn a_body_that_fails_mid_patch_keeps_its_durable_prefix() {
         .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let location = created.headers()["location"].to_str().unwrap().to_owned();
-    let path = location.trim_start_matches("http://127.0.0.1:80").to_owned();
+    let path = location
+        .trim_start_matches("http://127.0.0.1:80")
+        .to_owned();
 
     let failing = futures_util::stream::iter(vec![
         Ok(bytes::Bytes::from_static(b"hello")),
@@ -62,7 +64,11 @@ async fn a_body_that_fails_mid_patch_keeps_its_durable_prefix() {
         .oneshot(tus("HEAD", &path).body(Body::empty()).unwrap())
         .await
         .unwrap();
-    assert_eq!(head.headers()["upload-offset"], "5", "the prefix is durable and recorded");
+    assert_eq!(
+        head.headers()["upload-offset"],
+        "5",
+        "the prefix is durable and recorded"
+    );
 
     // Without the tus version header, every tus call is refused the same way.
     let refused = app

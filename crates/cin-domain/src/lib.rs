@@ -13,8 +13,8 @@ pub use error::DomainError;
 pub use ids::{Handle, PartNumber, UploadId};
 pub use ranges::RangeSet;
 pub use record::{
-    CompletedPart, FileRecord, MultipartCheckpoint, PartRecord, ReplicationJob,
-    Segment, TusConcat, TusState, UploadMode, WebhookDelivery,
+    CompletedPart, FileRecord, MultipartCheckpoint, PartRecord, ReplicationJob, Segment, TusConcat,
+    TusState, UploadMode, WebhookDelivery,
 };
 pub use status::{FileStatus, Transition};
 pub use store::{sanitize_filename, StoreOptions};

@@ -28,11 +28,11 @@ use crate::events::StatusEvents;
 use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
-use crate::signing::UrlSigner;
 use crate::server;
+use crate::signing::UrlSigner;
 use crate::upload::{Lifecycle, Services, SweepWorker, UploadLimits, Uploads};
-use crate::worker::Workers;
 use crate::webhooks::Webhooks;
+use crate::worker::Workers;
 
 /// Everything request handlers share.
 pub struct AppState {
@@ -346,7 +346,10 @@ pub async fn run(
     tracing::info!("shutting down: no new connections, draining requests for up to {grace:?}");
     let cancelled = connections.drain(grace).await;
     if cancelled > 0 {
-        tracing::warn!(cancelled, "requests still running after {grace:?} were cancelled");
+        tracing::warn!(
+            cancelled,
+            "requests still running after {grace:?} were cancelled"
+        );
     }
     let overran = workers.stop().await;
     if !overran.is_empty() {

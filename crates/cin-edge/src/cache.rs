@@ -18,8 +18,8 @@ use tokio::sync::broadcast;
 
 use crate::events::{StatusChange, StatusEvents};
 use crate::observability::names;
-use crate::worker::{Worker, WorkerState};
 use crate::upload::{now_ms, Lifecycle, UploadError};
+use crate::worker::{Worker, WorkerState};
 
 pub struct LocalCache {
     meta: Arc<dyn MetadataStore>,
@@ -125,7 +125,10 @@ impl LocalCache {
             let files = tokio::task::spawn_blocking(move || meta.files())
                 .await
                 .map_err(|e| {
-                    cin_storage::StorageError::io("loading the cache index", std::io::Error::other(e))
+                    cin_storage::StorageError::io(
+                        "loading the cache index",
+                        std::io::Error::other(e),
+                    )
                 })??;
             let mut loaded = EvictableCopies::default();
             for file in &files {

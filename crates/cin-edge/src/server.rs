@@ -23,10 +23,9 @@ impl Connections {
     /// then cancels the rest (a cancelled upload keeps what it made durable).
     /// Returns how many were cancelled.
     pub async fn drain(mut self, grace: Duration) -> usize {
-        let drained = tokio::time::timeout(grace, async {
-            while self.0.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while self.0.join_next().await.is_some() {} })
+                .await;
         if drained.is_ok() {
             return 0;
         }
@@ -79,9 +78,10 @@ async fn serve_connection<S>(
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    let hyper_service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-        tower::ServiceExt::oneshot(service.clone(), request.map(Body::new))
-    });
+    let hyper_service =
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            tower::ServiceExt::oneshot(service.clone(), request.map(Body::new))
+        });
     let connection = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), hyper_service)
         .with_upgrades();

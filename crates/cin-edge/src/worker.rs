@@ -88,7 +88,11 @@ impl Workers {
                 Ok(Ok(())) => tracing::debug!(worker = name, "worker stopped"),
                 Ok(Err(e)) => tracing::error!(worker = name, error = %e, "worker failed"),
                 Err(_) => {
-                    tracing::warn!(worker = name, ?deadline, "worker did not stop in time; cancelled");
+                    tracing::warn!(
+                        worker = name,
+                        ?deadline,
+                        "worker did not stop in time; cancelled"
+                    );
                     task.abort();
                     let _ = task.await;
                     cancelled.push(name);
@@ -153,6 +157,10 @@ mod tests {
         let started = std::time::Instant::now();
         let cancelled = workers.stop().await;
         assert_eq!(cancelled, vec!["stuck"]);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -304,15 +304,19 @@ pub async fn serve(
         Body::from_stream(state.services.parts.read_range(&file.segments, start, end))
     } else {
         // The local copy is gone (evicted after it was stored): read from final storage.
-        let destination = state.services.destinations.get(&file.profile).ok_or_else(|| {
-            ApiError::not_found(
-                "file_unavailable",
-                format!(
-                    "file {} has no local copy and its storage profile is not configured",
-                    file.handle
-                ),
-            )
-        })?;
+        let destination = state
+            .services
+            .destinations
+            .get(&file.profile)
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "file_unavailable",
+                    format!(
+                        "file {} has no local copy and its storage profile is not configured",
+                        file.handle
+                    ),
+                )
+            })?;
         let stream = destination
             .store
             .get(&file.container, &file.key, Some((start, end)))

@@ -3,8 +3,8 @@
 //! that clients use as their starting point and ceiling.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cin_domain::UploadId;
@@ -132,7 +132,10 @@ mod tests {
         }
         let sessions = a.sessions.lock().unwrap();
         assert_eq!(sessions.len(), MAX_SESSIONS);
-        assert!(!sessions.contains_key(&first), "the idlest session went first");
+        assert!(
+            !sessions.contains_key(&first),
+            "the idlest session went first"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::{now_ms, UploadError, Uploads};
 use crate::app::SharedState;
-use crate::worker::{Worker, WorkerState};
 use crate::observability::names;
+use crate::worker::{Worker, WorkerState};
 
 impl Uploads {
     /// When bytes last arrived for an upload (or when it started).

@@ -95,11 +95,14 @@ impl Lifecycle {
     }
 
     /// The stored record of `handle`, read under its upload's lock.
-    pub fn current(&self, guard: &UploadGuard<'_>, handle: &Handle) -> Result<FileRecord, UploadError> {
-        let file = self
-            .meta
-            .get_file(handle)?
-            .ok_or_else(|| UploadError::not_found("file_not_found", format!("no file has handle {handle}")))?;
+    pub fn current(
+        &self,
+        guard: &UploadGuard<'_>,
+        handle: &Handle,
+    ) -> Result<FileRecord, UploadError> {
+        let file = self.meta.get_file(handle)?.ok_or_else(|| {
+            UploadError::not_found("file_not_found", format!("no file has handle {handle}"))
+        })?;
         if file.upload_id != *guard.upload() {
             return Err(UploadError::conflict(
                 "wrong_upload",
@@ -240,7 +243,9 @@ impl Lifecycle {
         if !file.is_tus_partial() || file.status != FileStatus::InTransit {
             return Err(UploadError::invalid(
                 "partial_unavailable",
-                format!("upload {partial} is not a complete partial upload; it cannot be concatenated"),
+                format!(
+                    "upload {partial} is not a complete partial upload; it cannot be concatenated"
+                ),
             ));
         }
         if !file.referenced_by.contains(final_handle) {
@@ -281,9 +286,15 @@ impl Lifecycle {
     }
 
     fn partial_record(&self, guard: &UploadGuard<'_>) -> Result<FileRecord, UploadError> {
-        let handle = self.meta.handle_for_upload(guard.upload())?.ok_or_else(|| {
-            UploadError::not_found("upload_not_found", format!("no upload has id {}", guard.upload()))
-        })?;
+        let handle = self
+            .meta
+            .handle_for_upload(guard.upload())?
+            .ok_or_else(|| {
+                UploadError::not_found(
+                    "upload_not_found",
+                    format!("no upload has id {}", guard.upload()),
+                )
+            })?;
         self.current(guard, &handle)
     }
 }
@@ -355,7 +366,12 @@ mod tests {
         let guard = lifecycle.lock(&file.upload_id).await;
         let mut completing = lifecycle.current(&guard, &file.handle).unwrap();
         lifecycle
-            .transition(&guard, &mut completing, Transition::Complete, JobChange::Keep)
+            .transition(
+                &guard,
+                &mut completing,
+                Transition::Complete,
+                JobChange::Keep,
+            )
             .await
             .unwrap();
         let refused = lifecycle
@@ -363,13 +379,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(refused, UploadError::Conflict { status: Some(FileStatus::InTransit), .. }),
+            matches!(
+                refused,
+                UploadError::Conflict {
+                    status: Some(FileStatus::InTransit),
+                    ..
+                }
+            ),
             "{refused}"
         );
         let stored = meta.get_file(&file.handle).unwrap().unwrap();
         assert_eq!(stored.status, FileStatus::InTransit);
         assert!(stored.expired_at_ms.is_none());
-        assert_eq!(stale.status, FileStatus::Uploading, "a refused transition leaves the caller's copy");
+        assert_eq!(
+            stale.status,
+            FileStatus::Uploading,
+            "a refused transition leaves the caller's copy"
+        );
         assert_eq!(lifecycle.replication_backlog().0, 1);
 
         let mut done = lifecycle.current(&guard, &file.handle).unwrap();

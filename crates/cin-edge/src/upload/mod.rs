@@ -143,11 +143,13 @@ impl Uploads {
     fn new_record(&self, upload: &NewUpload) -> Result<FileRecord, UploadError> {
         let handle = Handle::generate();
         let filename = sanitize_filename(&upload.filename);
-        let placement = self
-            .services.destinations
-            .place(&upload.store, handle.as_str(), &filename)?;
+        let placement =
+            self.services
+                .destinations
+                .place(&upload.store, handle.as_str(), &filename)?;
         if !self
-            .services.apps
+            .services
+            .apps
             .allows_profile(upload.app.as_deref(), &placement.profile)
         {
             return Err(UploadError::forbidden(
@@ -234,12 +236,16 @@ impl Uploads {
     }
 
     pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
-        let handle = self.services.meta.handle_for_upload(upload)?.ok_or_else(|| {
-            UploadError::not_found(
-                "upload_not_found",
-                format!("no upload has id {upload}; start a new upload with /multipart/start"),
-            )
-        })?;
+        let handle = self
+            .services
+            .meta
+            .handle_for_upload(upload)?
+            .ok_or_else(|| {
+                UploadError::not_found(
+                    "upload_not_found",
+                    format!("no upload has id {upload}; start a new upload with /multipart/start"),
+                )
+            })?;
         self.file(&handle)
     }
 
@@ -311,7 +317,8 @@ impl Uploads {
             .lock((chunk.upload_id.clone(), chunk.part.get()))
             .await;
         let mut part = self
-            .services.meta
+            .services
+            .meta
             .get_part(&chunk.upload_id, chunk.part)?
             .unwrap_or_default();
         let whole_part = file.mode != UploadMode::Intelligent;
@@ -329,7 +336,8 @@ impl Uploads {
         }
         let receiving = std::time::Instant::now();
         let written = self
-            .services.parts
+            .services
+            .parts
             .write_chunk(
                 &chunk.upload_id,
                 chunk.part,
@@ -417,12 +425,14 @@ impl Uploads {
     pub fn restore_reservations(&self) -> Result<(), UploadError> {
         for file in self.services.meta.uploading_files()? {
             let received: u64 = self
-                .services.meta
+                .services
+                .meta
                 .parts(&file.upload_id)?
                 .iter()
                 .map(|(_, p)| p.received.total())
                 .sum();
-            self.services.disk
+            self.services
+                .disk
                 .restore(&file.upload_id, file.size.saturating_sub(received));
         }
         Ok(())
@@ -444,14 +454,18 @@ impl Uploads {
             .part_locks
             .lock((upload.clone(), part_number.get()))
             .await;
-        let mut part = self.services.meta.get_part(upload, part_number)?.ok_or_else(|| {
-            UploadError::invalid(
-                "part_missing",
-                format!(
+        let mut part = self
+            .services
+            .meta
+            .get_part(upload, part_number)?
+            .ok_or_else(|| {
+                UploadError::invalid(
+                    "part_missing",
+                    format!(
                     "part {part_number} has no bytes yet; upload its chunks before committing it"
                 ),
-            )
-        })?;
+                )
+            })?;
         if file.status != FileStatus::Uploading {
             return Ok(part
                 .committed_len
@@ -545,7 +559,11 @@ impl Uploads {
     }
 
     /// Marks a file complete at this POP and queues it for final storage, durably.
-    async fn finish(&self, guard: &UploadGuard<'_>, file: &mut FileRecord) -> Result<(), UploadError> {
+    async fn finish(
+        &self,
+        guard: &UploadGuard<'_>,
+        file: &mut FileRecord,
+    ) -> Result<(), UploadError> {
         let job = JobChange::Upsert(ReplicationJob::new(file.handle.clone()));
         self.lifecycle
             .transition(guard, file, Transition::Complete, job)
@@ -573,14 +591,17 @@ impl Uploads {
             self.check_size(size)?;
         }
         let mut file = self.new_record(&upload)?;
-        self.services.disk
+        self.services
+            .disk
             .admit(&file.upload_id, declared_size.unwrap_or(0))?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
         let stored = match declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
             Some(size) => self.store_small(size, body).await,
             None => {
-                let limit =
-                    declared_size.map_or(ChunkSize::AtMost(self.limits.max_file_size), ChunkSize::Exact);
+                let limit = declared_size.map_or(
+                    ChunkSize::AtMost(self.limits.max_file_size),
+                    ChunkSize::Exact,
+                );
                 self.store_in_part_file(&file.upload_id, limit, body).await
             }
         };
@@ -592,12 +613,14 @@ impl Uploads {
                 count_chunk_failure(&e);
                 metrics::counter!(names::UPLOADS_FAILED, "reason" => "body").increment(1);
                 return Err(match e {
-                    ChunkError::TooLong { .. } if declared_size.is_none() => UploadError::TooLarge {
-                        message: format!(
-                            "the body exceeds this POP's limit of {} bytes",
-                            self.limits.max_file_size
-                        ),
-                    },
+                    ChunkError::TooLong { .. } if declared_size.is_none() => {
+                        UploadError::TooLarge {
+                            message: format!(
+                                "the body exceeds this POP's limit of {} bytes",
+                                self.limits.max_file_size
+                            ),
+                        }
+                    }
                     other => other.into(),
                 });
             }
@@ -651,7 +674,8 @@ impl Uploads {
         let part = single_part();
         self.services.parts.create_upload(upload).await?;
         let written = self
-            .services.parts
+            .services
+            .parts
             .write_chunk(upload, part, 0, size, &Default::default(), body)
             .await;
         match written {

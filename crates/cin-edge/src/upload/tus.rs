@@ -68,7 +68,8 @@ impl Uploads {
             return Ok(file.size);
         }
         Ok(self
-            .services.meta
+            .services
+            .meta
             .get_part(&file.upload_id, single_part())?
             .map(|p| p.received.contiguous_prefix())
             .unwrap_or(0))
@@ -103,7 +104,8 @@ impl Uploads {
             ));
         }
         let mut part = self
-            .services.meta
+            .services
+            .meta
             .get_part(upload, single_part())?
             .unwrap_or_default();
         let current = if file.status == FileStatus::Uploading {
@@ -161,7 +163,8 @@ impl Uploads {
             None => (DigestKind::None, OnBreak::KeepPrefix),
         };
         let written = self
-            .services.parts
+            .services
+            .parts
             .write(
                 upload,
                 single_part(),
