@@ -419,6 +419,9 @@ fn check(events: &[Event], data: &Path, probe: &Probe) -> Vec<String> {
             last_write.insert(path, e.end);
         }
     }
+    // The files this answer depends on: what the request wrote, and the metadata store.
+    let mut needed: Vec<String> = last_write.keys().map(|p| p.to_string()).collect();
+    needed.push(db.clone());
     let mut written: Vec<_> = last_write.into_iter().collect();
     written.sort();
     for (path, line) in written {
@@ -445,7 +448,9 @@ fn check(events: &[Event], data: &Path, probe: &Probe) -> Vec<String> {
         Some(_) => {}
     }
 
-    // Directory entries: everything created so far and still there.
+    // Directory entries: everything created during the request, every file and
+    // directory leading to what it depends on, and the metadata store's own, as
+    // long as they are still there.
     let mut created: Vec<Created> = Vec::new();
     fn removed(created: &mut Vec<Created>, path: &str) {
         created.retain(|c| c.path != path);
@@ -490,6 +495,20 @@ fn check(events: &[Event], data: &Path, probe: &Probe) -> Vec<String> {
             _ => {}
         }
     }
+    let metadata_dir = format!("{data}/metadata");
+    let leads_to = |c: &Created| {
+        needed.iter().any(|n| {
+            n == &c.path
+                || n.strip_prefix(&c.path)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    };
+    created.retain(|c| {
+        c.line >= window
+            || c.path == metadata_dir
+            || c.path.starts_with(&format!("{metadata_dir}/"))
+            || leads_to(c)
+    });
     for c in &created {
         let parent = Path::new(&c.path)
             .parent()

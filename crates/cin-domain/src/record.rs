@@ -102,6 +102,44 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
+    /// A new upload of `size` bytes with a fresh handle: nothing received,
+    /// nothing delivered yet; the caller fills in names and placement.
+    pub fn new_upload(
+        upload_id: UploadId,
+        size: u64,
+        mode: UploadMode,
+        created_at_ms: u64,
+    ) -> Self {
+        FileRecord {
+            handle: Handle::generate(),
+            upload_id,
+            filename: String::new(),
+            mimetype: String::new(),
+            size,
+            mode,
+            status: FileStatus::Uploading,
+            created_at_ms,
+            completed_at_ms: None,
+            stored_at_ms: None,
+            store: StoreOptions::default(),
+            profile: String::new(),
+            container: String::new(),
+            key: String::new(),
+            segments: Vec::new(),
+            sha256: None,
+            replication_attempts: 0,
+            last_error: None,
+            length_deferred: false,
+            expired_at_ms: None,
+            tus: None,
+            app: None,
+            evicted_at_ms: None,
+            deleted_at_ms: None,
+            referenced_by: Vec::new(),
+            local_bytes_missing: false,
+        }
+    }
+
     pub fn is_tus_partial(&self) -> bool {
         matches!(
             &self.tus,
@@ -205,32 +243,12 @@ pub(crate) mod tests {
     /// A fresh upload record for rule tests.
     pub(crate) fn record() -> FileRecord {
         FileRecord {
-            handle: Handle::generate(),
-            upload_id: UploadId::generate(),
             filename: "a.txt".into(),
             mimetype: "text/plain".into(),
-            size: 10,
-            mode: UploadMode::Tus,
-            status: FileStatus::Uploading,
-            created_at_ms: 1,
-            completed_at_ms: None,
-            stored_at_ms: None,
-            store: StoreOptions::default(),
             profile: "default".into(),
             container: "default".into(),
             key: "k".into(),
-            segments: vec![],
-            sha256: None,
-            replication_attempts: 0,
-            last_error: None,
-            length_deferred: false,
-            expired_at_ms: None,
-            tus: None,
-            app: None,
-            evicted_at_ms: None,
-            deleted_at_ms: None,
-            referenced_by: vec![],
-            local_bytes_missing: false,
+            ..FileRecord::new_upload(UploadId::generate(), 10, UploadMode::Tus, 1)
         }
     }
 }

@@ -427,36 +427,16 @@ impl MetadataStore for SledMetadataStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cin_domain::{FileStatus, StoreOptions, UploadMode};
+    use cin_domain::{FileStatus, UploadMode};
 
     fn record() -> FileRecord {
         FileRecord {
-            handle: Handle::generate(),
-            upload_id: UploadId::generate(),
             filename: "a.txt".into(),
             mimetype: "text/plain".into(),
-            size: 10,
-            mode: UploadMode::Regular,
-            status: FileStatus::Uploading,
-            created_at_ms: 1,
-            completed_at_ms: None,
-            stored_at_ms: None,
-            store: StoreOptions::default(),
             profile: "default".into(),
             container: "default".into(),
             key: "k".into(),
-            segments: vec![],
-            sha256: None,
-            replication_attempts: 0,
-            last_error: None,
-            length_deferred: false,
-            expired_at_ms: None,
-            tus: None,
-            app: None,
-            evicted_at_ms: None,
-            deleted_at_ms: None,
-            referenced_by: vec![],
-            local_bytes_missing: false,
+            ..FileRecord::new_upload(UploadId::generate(), 10, UploadMode::Regular, 1)
         }
     }
 

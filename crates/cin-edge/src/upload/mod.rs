@@ -163,35 +163,18 @@ impl Uploads {
         let upload_app = upload.app.clone();
         Ok(FileRecord {
             handle,
-            upload_id: UploadId::generate(),
             filename,
             mimetype: upload
                 .mimetype
                 .clone()
                 .filter(|m| !m.trim().is_empty())
                 .unwrap_or_else(|| DEFAULT_MIMETYPE.to_owned()),
-            size: upload.size,
-            mode: upload.mode,
-            status: FileStatus::Uploading,
-            created_at_ms: now_ms(),
-            completed_at_ms: None,
-            stored_at_ms: None,
             store: upload.store.clone(),
             profile: placement.profile,
             container: placement.container,
             key: placement.key,
-            segments: Vec::new(),
-            sha256: None,
-            replication_attempts: 0,
-            last_error: None,
-            length_deferred: false,
-            expired_at_ms: None,
-            tus: None,
             app: upload_app,
-            evicted_at_ms: None,
-            deleted_at_ms: None,
-            referenced_by: Vec::new(),
-            local_bytes_missing: false,
+            ..FileRecord::new_upload(UploadId::generate(), upload.size, upload.mode, now_ms())
         })
     }
 
