@@ -58,15 +58,7 @@ fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 #[tokio::test]
 async fn metrics_count_an_upload() {
     let app = spawn_app().await;
-    let before = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = app.metrics_text().await;
     let bytes = random_bytes(123_456, 90);
     let handle = app.upload_regular("m.bin", &bytes, 100_000).await;
     app.download(&handle).await;

@@ -303,15 +303,7 @@ async fn a_start_collects_orphans_and_reports_files_that_lost_bytes() {
         false
     );
 
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert_eq!(
         sample(&metrics, "cin_files_missing_local_bytes", None),
         2.0,

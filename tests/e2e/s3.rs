@@ -400,15 +400,7 @@ async fn a_store_that_reports_other_bytes_fails_the_replication_after_bounded_at
         "{meta}"
     );
     assert_eq!(app.download(&bad).await, bytes, "still served from the POP");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("cin_replication_given_up_total 1"),
         "{metrics}"

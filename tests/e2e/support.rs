@@ -216,18 +216,23 @@ impl Pop {
         }
     }
 
-    /// The sum of every sample of a metric family in `/metrics`.
-    pub async fn metric(&self, family: &str) -> f64 {
-        let text = self
-            .http
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics text");
-        text.lines()
+            .expect("metrics text")
+    }
+
+    /// The sum of every sample of a metric family in `/metrics`.
+    pub async fn metric(&self, family: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
             .filter(|line| {
                 line.strip_prefix(family)
                     .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
