@@ -6,7 +6,6 @@ mod client;
 mod fault_proxy;
 mod filelink;
 mod final_store;
-mod fsync_trace;
 mod lifecycle;
 mod lossy_fs;
 mod multipart;

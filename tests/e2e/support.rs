@@ -407,11 +407,6 @@ impl PopProcess {
         Err(failure)
     }
 
-    /// The id of the process started (the wrapper, for a wrapped command).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// SIGTERM, then waits for the process to exit; returns whether it exited with 0.
     pub fn terminate(mut self, within: Duration) -> bool {
         let pid = self.child.id().to_string();
