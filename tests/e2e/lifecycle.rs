@@ -3,19 +3,11 @@
 
 use std::time::Duration;
 
-use reqwest::Response;
-
-use crate::support::{random_bytes, sha256_hex, spawn_app_with, TestApp};
+use crate::support::{
+    header_value, random_bytes, sha256_hex, spawn_app_in, spawn_app_with, TestApp,
+};
 
 const TUS: (&str, &str) = ("tus-resumable", "1.0.0");
-
-fn header(resp: &Response, name: &str) -> String {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("no {name} header in {resp:?}"))
-        .to_owned()
-}
 
 /// A complete tus partial upload of `bytes`; returns its URL.
 async fn partial(app: &TestApp, bytes: &[u8]) -> String {
@@ -31,7 +23,7 @@ async fn partial(app: &TestApp, bytes: &[u8]) -> String {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
-    header(&resp, "location")
+    header_value(&resp, "location").to_owned()
 }
 
 /// A final upload over `partials`, delivered to `container` (None: the default profile).
@@ -58,7 +50,7 @@ async fn final_upload(app: &TestApp, partials: &[&String], container: Option<&st
     }
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
-    header(&resp, "cin-handle")
+    header_value(&resp, "cin-handle").to_owned()
 }
 
 async fn delete(app: &TestApp, url: &str) -> u16 {
@@ -182,4 +174,36 @@ async fn evicting_one_final_keeps_a_sibling_that_shares_its_partial() {
         "the held final still needs these bytes"
     );
     assert_eq!(sha256_hex(&app.download(&held).await), sha256_hex(&shared));
+}
+
+/// A complete partial upload is never delivered on its own, not even after a
+/// restart (which queues complete files that lack a replication job).
+#[tokio::test]
+async fn a_restart_does_not_queue_partial_uploads_for_final_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let piece = random_bytes(10_000, 5);
+    let url = partial(&app, &piece).await;
+    let id = url.rsplit('/').next().unwrap().to_owned();
+    app.stop().await;
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    // A whole file stored after the restart: the replicator has run its queue.
+    let handle = app
+        .store_raw("/api/store/s3?filename=after.bin", random_bytes(1000, 6))
+        .await;
+    app.wait_status(&handle, "Stored", Duration::from_secs(20))
+        .await;
+    let head = app
+        .http
+        .head(app.url(&format!("/files/{id}")))
+        .header(TUS.0, TUS.1)
+        .send()
+        .await
+        .unwrap();
+    let partial_handle = header_value(&head, "cin-handle").to_owned();
+    let meta = app.metadata(&partial_handle).await;
+    assert_eq!(meta["status"], "InTransit", "{meta}");
+    assert_eq!(meta["replication"]["attempts"], 0, "{meta}");
+    app.stop().await;
 }

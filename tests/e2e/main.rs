@@ -6,6 +6,7 @@ mod client;
 mod fault_proxy;
 mod filelink;
 mod final_store;
+mod fsync_trace;
 mod lifecycle;
 mod lossy_fs;
 mod multipart;

@@ -159,6 +159,55 @@ async fn accepted_uploads_reserve_their_size() {
 }
 
 #[tokio::test]
+async fn an_events_stream_ends_when_its_client_leaves() {
+    let app = spawn_app().await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "never.bin", "size": 10, "store": {"location": "s3"}}))
+        .await;
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    // The file stays Uploading: only the client's going away can end the stream.
+    let resp = app
+        .http
+        .get(app.url(&format!("/{handle}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    app.wait_metric("cin_event_streams", 1.0, std::time::Duration::from_secs(10))
+        .await;
+    drop(resp);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.metric("cin_event_streams").await > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's task outlived its client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_generated_signing_key_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app().await;
+    // Answering means the POP has started (and written its key).
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mode = std::fs::metadata(app.data_dir.join("url-signing.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+}
+
+#[tokio::test]
 async fn events_stream_shows_uploading_in_transit_stored() {
     use futures_util::StreamExt;
 

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use crate::lossy_fs::LossyFs;
-use crate::support::{md5_b64, random_bytes, sha256_hex, PopProcess, MIB};
+use crate::support::{chunk_request, random_bytes, sha256_hex, PopProcess, MIB};
 
 const TRIALS: u64 = 6;
 const KIB: usize = 1024;
@@ -783,15 +783,11 @@ impl Client {
         offset: Option<u64>,
         bytes: &[u8],
     ) -> Result<Value, String> {
-        let mut req = json!({
-            "apikey": "k", "upload_id": upload_id, "part": part, "size": bytes.len(),
-            "md5": md5_b64(bytes), "store": {"location": "s3"},
-        });
-        if let Some(offset) = offset {
-            req["offset"] = json!(offset);
-            req["fii"] = json!(true);
-        }
-        self.post_json("/multipart/upload", req).await
+        self.post_json(
+            "/multipart/upload",
+            chunk_request(upload_id, part, offset, bytes),
+        )
+        .await
     }
 
     /// One chunk; returns its ETag once acknowledged.

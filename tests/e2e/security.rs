@@ -204,6 +204,29 @@ async fn secure_files_need_a_policy_to_be_read() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // The live status stream tells what metadata tells, so it asks the same.
+    let events = |query: String| {
+        app.http
+            .get(app.url(&format!("/{handle}/events{query}")))
+            .send()
+    };
+    assert_eq!(events(String::new()).await.unwrap().status(), 401);
+    assert_eq!(
+        events(format!("?policy={}&signature={}", read.0, read.1))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let allowed = events(format!("?policy={}&signature={}", stat.0, stat.1))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+    let first = allowed.text().await.unwrap();
+    assert!(
+        first.contains("InTransit") || first.contains("Stored"),
+        "{first}"
+    );
     let other =
         policy(json!({"expiry": in_an_hour(), "call": ["read"], "handle": "AAAAAAAAAAAAAAAAAAAA"}));
     let resp = app

@@ -130,14 +130,7 @@ impl Pop {
         offset: Option<u64>,
         bytes: &[u8],
     ) -> reqwest::Response {
-        let mut req = json!({
-            "apikey": "k", "upload_id": upload_id, "part": part, "size": bytes.len(),
-            "md5": md5_b64(bytes), "store": {"location": "s3"},
-        });
-        if let Some(offset) = offset {
-            req["offset"] = json!(offset);
-            req["fii"] = json!(true);
-        }
+        let req = chunk_request(upload_id, part, offset, bytes);
         let resp = self.post_json("/multipart/upload", req).await;
         assert_eq!(
             resp.status(),
@@ -407,6 +400,11 @@ impl PopProcess {
         Err(failure)
     }
 
+    /// The id of the process started (the wrapper, for a wrapped command).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the process to exit; returns whether it exited with 0.
     pub fn terminate(mut self, within: Duration) -> bool {
         let pid = self.child.id().to_string();
@@ -437,6 +435,27 @@ impl Drop for PopProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `/multipart/upload` body asking where to PUT `bytes` (FII when `offset` is given).
+pub fn chunk_request(upload_id: &str, part: u32, offset: Option<u64>, bytes: &[u8]) -> Value {
+    let mut req = json!({
+        "apikey": "k", "upload_id": upload_id, "part": part, "size": bytes.len(),
+        "md5": md5_b64(bytes), "store": {"location": "s3"},
+    });
+    if let Some(offset) = offset {
+        req["offset"] = json!(offset);
+        req["fii"] = json!(true);
+    }
+    req
+}
+
+/// A response header that must be there, as text.
+pub fn header_value<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no {name} header in {resp:?}"))
 }
 
 /// Deterministic pseudo-random bytes.

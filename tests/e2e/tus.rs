@@ -11,20 +11,15 @@ use reqwest::{Method, Response};
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::support::{random_bytes, sha256_hex, spawn_app, spawn_app_with, TestApp, MIB};
+use crate::support::{
+    header_value as h, random_bytes, sha256_hex, spawn_app, spawn_app_with, TestApp, MIB,
+};
 
 const TUS: (&str, &str) = ("tus-resumable", "1.0.0");
 const OCTETS: (&str, &str) = ("content-type", "application/offset+octet-stream");
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-fn h<'a>(resp: &'a Response, name: &str) -> &'a str {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("no {name} header in {resp:?}"))
 }
 
 async fn create(app: &TestApp, length: usize, metadata: &str) -> String {

@@ -31,24 +31,13 @@ pub enum ApiError {
     },
     #[error("{message}")]
     TooLarge { message: String },
-    #[error("the request body could not be read: {0}")]
-    Body(String),
-    /// The disk is below its free-space watermark.
-    #[error("{message}")]
-    InsufficientStorage {
-        message: String,
-        retry_after_secs: u64,
-    },
-    /// tus: the body's checksum differs from `Upload-Checksum`; nothing of it was kept.
-    #[error("the body does not match Upload-Checksum; nothing of it was kept, send it again")]
-    ChecksumMismatch,
-    /// The file was there and is no more (expired, terminated).
-    #[error("{message}")]
-    Gone { code: &'static str, message: String },
     /// The file exists but this POP cannot serve its bytes (its local copy is
     /// incomplete and final storage does not have it yet).
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    /// What the upload engine refused or failed at.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -89,26 +78,28 @@ impl ApiError {
         }
     }
 
+    /// The file status a conflict was about, when it is known.
+    fn conflict_status(&self) -> Option<FileStatus> {
+        match self {
+            ApiError::Conflict { status, .. }
+            | ApiError::Upload(UploadError::Conflict { status, .. }) => *status,
+            ApiError::Upload(UploadError::Domain(DomainError::IllegalTransition {
+                from, ..
+            })) => FileStatus::ALL.into_iter().find(|s| s.as_str() == *from),
+            _ => None,
+        }
+    }
+
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
-            // Filestack answers 404 for a handle that is gone; tus turns it into 410.
-            ApiError::Gone { code, .. } => (StatusCode::NOT_FOUND, code),
             ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
-            ApiError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
-            ApiError::InsufficientStorage { .. } => {
-                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
-            }
-            // 460 is tus's "Checksum Mismatch".
-            ApiError::ChecksumMismatch => (
-                StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
-                "checksum_mismatch",
-            ),
+            ApiError::Upload(e) => upload_status(e),
             ApiError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             ApiError::FinalStore(FinalStoreError::NotFound { .. }) => {
                 (StatusCode::NOT_FOUND, "not_found")
@@ -118,68 +109,53 @@ impl ApiError {
     }
 }
 
-impl From<DomainError> for ApiError {
-    fn from(e: DomainError) -> Self {
-        if let DomainError::IllegalTransition { from, .. } = &e {
-            let status = FileStatus::ALL.into_iter().find(|s| s.as_str() == *from);
-            return ApiError::conflict("illegal_transition", e.to_string(), status);
+/// Where the engine's errors land: each rule's status and code.
+fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
+    match e {
+        UploadError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
+        UploadError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
+        // Filestack answers 404 for a handle that is gone; tus turns it into 410.
+        UploadError::Gone { code, .. } => (StatusCode::NOT_FOUND, code),
+        UploadError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
+        UploadError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+        UploadError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
+        UploadError::InsufficientStorage { .. } => {
+            (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
         }
-        let code = match &e {
-            DomainError::IllegalTransition { .. } => "illegal_transition",
-            DomainError::InvalidHandle(_) => "invalid_handle",
-            DomainError::InvalidUploadId(_) => "invalid_upload_id",
-            DomainError::PartOutOfRange { .. } => "part_out_of_range",
-            DomainError::InvalidStorePath(_) => "invalid_store_path",
-            DomainError::InvalidContainer(_) => "invalid_container",
-        };
-        ApiError::invalid(code, e.to_string())
+        // 460 is tus's "Checksum Mismatch".
+        UploadError::ChecksumMismatch => (
+            StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
+            "checksum_mismatch",
+        ),
+        UploadError::Chunk(e) => match e {
+            ChunkError::TooLong { .. } => (StatusCode::BAD_REQUEST, "chunk_too_long"),
+            ChunkError::Truncated { .. } => (StatusCode::BAD_REQUEST, "chunk_truncated"),
+            ChunkError::Md5Mismatch { .. } => (StatusCode::BAD_REQUEST, "md5_mismatch"),
+            ChunkError::Conflict { .. } => (StatusCode::CONFLICT, "chunk_conflict"),
+            ChunkError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            ChunkError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+        },
+        UploadError::Domain(e) => match e {
+            DomainError::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal_transition"),
+            DomainError::InvalidHandle(_) => (StatusCode::BAD_REQUEST, "invalid_handle"),
+            DomainError::InvalidUploadId(_) => (StatusCode::BAD_REQUEST, "invalid_upload_id"),
+            DomainError::PartOutOfRange { .. } => (StatusCode::BAD_REQUEST, "part_out_of_range"),
+            DomainError::InvalidStorePath(_) => (StatusCode::BAD_REQUEST, "invalid_store_path"),
+            DomainError::InvalidContainer(_) => (StatusCode::BAD_REQUEST, "invalid_container"),
+        },
+        UploadError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
     }
 }
 
-impl From<UploadError> for ApiError {
-    fn from(e: UploadError) -> Self {
-        match e {
-            UploadError::Invalid { code, message } => ApiError::Invalid { code, message },
-            UploadError::NotFound { code, message } => ApiError::NotFound { code, message },
-            UploadError::Gone { code, message } => ApiError::Gone { code, message },
-            UploadError::Forbidden { code, message } => ApiError::Forbidden { code, message },
-            UploadError::Conflict {
-                code,
-                message,
-                status,
-            } => ApiError::Conflict {
-                code,
-                message,
-                status,
-            },
-            UploadError::TooLarge { message } => ApiError::TooLarge { message },
-            UploadError::InsufficientStorage {
-                message,
-                retry_after_secs,
-            } => ApiError::InsufficientStorage {
-                message,
-                retry_after_secs,
-            },
-            UploadError::ChecksumMismatch => ApiError::ChecksumMismatch,
-            UploadError::Chunk(e) => e.into(),
-            UploadError::Domain(e) => e.into(),
-            UploadError::Storage(e) => ApiError::Storage(e),
-        }
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        ApiError::Upload(e.into())
     }
 }
 
 impl From<ChunkError> for ApiError {
     fn from(e: ChunkError) -> Self {
-        match e {
-            ChunkError::TooLong { .. } => ApiError::invalid("chunk_too_long", e.to_string()),
-            ChunkError::Truncated { .. } => ApiError::invalid("chunk_truncated", e.to_string()),
-            ChunkError::Md5Mismatch { .. } => ApiError::invalid("md5_mismatch", e.to_string()),
-            ChunkError::Conflict { .. } => {
-                ApiError::conflict("chunk_conflict", e.to_string(), None)
-            }
-            ChunkError::Body(_) => ApiError::Body(e.to_string()),
-            ChunkError::Storage(s) => ApiError::Storage(s),
-        }
+        ApiError::Upload(e.into())
     }
 }
 
@@ -192,16 +168,13 @@ impl IntoResponse for ApiError {
             tracing::debug!(error = %self, code, "request refused");
         }
         let mut error = json!({ "code": code, "message": self.to_string() });
-        if let ApiError::Conflict {
-            status: Some(s), ..
-        } = &self
-        {
+        if let Some(s) = self.conflict_status() {
             error["status"] = json!(s.as_str());
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if let ApiError::InsufficientStorage {
+        if let ApiError::Upload(UploadError::InsufficientStorage {
             retry_after_secs, ..
-        } = &self
+        }) = &self
         {
             if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
                 response

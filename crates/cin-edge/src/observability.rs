@@ -39,6 +39,8 @@ pub mod names {
     /// Files whose local copy was found incomplete at the last start; they are not
     /// served from it (final storage serves them once `Stored`).
     pub const FILES_MISSING_LOCAL_BYTES: &str = "cin_files_missing_local_bytes";
+    /// `/events` streams open now (each ends with its client or its file's last status).
+    pub const EVENT_STREAMS: &str = "cin_event_streams";
     pub const HTTP_REQUESTS: &str = "cin_http_requests_total";
     pub const HTTP_SECONDS: &str = "cin_http_request_duration_seconds";
 }

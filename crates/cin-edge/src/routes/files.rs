@@ -17,12 +17,26 @@ use std::convert::Infallible;
 use crate::app::SharedState;
 use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
+use crate::observability::names;
 
-fn find(state: &SharedState, handle: &str) -> Result<FileRecord, ApiError> {
+/// The file behind `handle`, if the request's credentials allow `call` on it.
+fn find(
+    state: &SharedState,
+    handle: &str,
+    q: &PolicyQuery,
+    call: Call,
+) -> Result<FileRecord, ApiError> {
     let handle = Handle::parse(handle).map_err(|_| {
         ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
     })?;
-    Ok(state.uploads.file(&handle)?)
+    let file = state.uploads.file(&handle)?;
+    state.services.apps.authorize_access(
+        file.app.as_deref(),
+        &q.credentials(),
+        call,
+        file.handle.as_str(),
+    )?;
+    Ok(file)
 }
 
 /// Query parameters that carry a security policy.
@@ -52,13 +66,7 @@ pub async fn metadata(
     Path(handle): Path<String>,
     Query(q): Query<PolicyQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let file = find(&state, &handle)?;
-    state.services.apps.authorize_access(
-        file.app.as_deref(),
-        &q.credentials(),
-        Call::Stat,
-        file.handle.as_str(),
-    )?;
+    let file = find(&state, &handle, &q, Call::Stat)?;
     Ok(Json(metadata_json(&state, &file)))
 }
 
@@ -216,13 +224,7 @@ pub async fn serve(
     headers: HeaderMap,
     Query(q): Query<PolicyQuery>,
 ) -> Result<Response, ApiError> {
-    let file = find(&state, &handle)?;
-    state.services.apps.authorize_access(
-        file.app.as_deref(),
-        &q.credentials(),
-        Call::Read,
-        file.handle.as_str(),
-    )?;
+    let file = find(&state, &handle, &q, Call::Read)?;
     if file.status == FileStatus::Uploading {
         return Err(ApiError::conflict(
             "upload_incomplete",
@@ -335,16 +337,11 @@ pub async fn events(
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading the record, so no change falls in between.
     let mut changes = state.services.events.subscribe();
-    let file = find(&state, &handle)?;
     // The stream tells what metadata tells: the same authorization.
-    state.services.apps.authorize_access(
-        file.app.as_deref(),
-        &q.credentials(),
-        Call::Stat,
-        file.handle.as_str(),
-    )?;
+    let file = find(&state, &handle, &q, Call::Stat)?;
     let handle = file.handle.clone();
     let stream = async_stream_of(move |tx| async move {
+        let _open = OpenStream::count();
         let mut last = file.status;
         let event = |status: FileStatus| {
             Event::default()
@@ -384,6 +381,22 @@ pub async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Counts an open `/events` stream for as long as its task lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn count() -> Self {
+        metrics::gauge!(names::EVENT_STREAMS).increment(1.0);
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(names::EVENT_STREAMS).decrement(1.0);
+    }
 }
 
 /// A stream fed by a task through a small channel.

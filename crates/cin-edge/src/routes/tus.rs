@@ -97,7 +97,7 @@ impl IntoResponse for TusError {
             TusError::Api(error) => error,
         };
         // tus answers 410 for an upload that is gone.
-        let expired = matches!(&error, ApiError::Gone { .. });
+        let expired = matches!(&error, ApiError::Upload(UploadError::Gone { .. }));
         let mut response = error.into_response();
         if expired {
             *response.status_mut() = StatusCode::GONE;

@@ -41,6 +41,9 @@ impl UploadGuard<'_> {
     }
 }
 
+/// Final uploads one partial upload may be part of: its record lists them all.
+const MAX_REFERENCES: usize = 1000;
+
 /// A complete file the replicator has still to deliver (partial uploads never are).
 fn awaits_final_storage(file: &FileRecord) -> bool {
     file.status == FileStatus::InTransit && !file.is_tus_partial()
@@ -249,6 +252,13 @@ impl Lifecycle {
             ));
         }
         if !file.referenced_by.contains(final_handle) {
+            if file.referenced_by.len() >= MAX_REFERENCES {
+                return Err(UploadError::conflict(
+                    "too_many_references",
+                    format!("partial upload {partial} is already part of {MAX_REFERENCES} final uploads; upload its bytes again for more"),
+                    Some(file.status),
+                ));
+            }
             file.referenced_by.push(final_handle.clone());
             self.update(&guard, &file, JobChange::Keep).await?;
         }
