@@ -1040,3 +1040,48 @@ async fn send_cut_off(url: &reqwest::Url, head: &str, body: &[u8]) -> Result<(),
         .map_err(|e| format!("sending a cut-off request: {e}"))?;
     Ok(())
 }
+
+/// The local final store is the only copy once the cache evicted the POP's own:
+/// every directory it made for the object must survive a power cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_file_whose_local_copy_was_evicted_survives_a_power_cut() {
+    let fs = LossyFs::mount();
+    let env = [
+        ("CIN__CACHE__MAX_BYTES".to_owned(), "1".to_owned()),
+        ("CIN__CACHE__EVICT_INTERVAL_SECS".to_owned(), "1".to_owned()),
+    ];
+    let pop = PopProcess::start_with_env(fs.path(), &env);
+    let bytes = random_bytes(300_000, 77);
+    // Two directories deep inside the store's container: three new directories.
+    let handle = pop
+        .store_raw("/api/store/s3?filename=deep.bin&path=a/b/", bytes.clone())
+        .await;
+    pop.wait_metadata(&handle, Duration::from_secs(20), "eviction", |m| {
+        m["status"] == "Stored" && m["local_copy"] == false
+    })
+    .await;
+    let report = fs.cut();
+    tokio::task::spawn_blocking(move || pop.kill())
+        .await
+        .expect("kill");
+    fs.resume();
+
+    let pop = PopProcess::start_with_env(fs.path(), &env);
+    let resp = pop
+        .http
+        .get(pop.url(&format!("/{handle}")))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let served = resp.bytes().await.unwrap();
+    assert!(
+        status == 200 && sha256_hex(&served) == sha256_hex(&bytes),
+        "the stored file answered {status} with {} bytes after the cut; lost:\n  {}",
+        served.len(),
+        report.lost.join("\n  ")
+    );
+    tokio::task::spawn_blocking(move || pop.kill())
+        .await
+        .expect("kill");
+}
