@@ -327,3 +327,44 @@ async fn a_start_collects_orphans_and_reports_files_that_lost_bytes() {
     );
     app.stop().await;
 }
+
+/// An upload in progress whose acknowledged part file was lost while the POP was
+/// down: completing it must not succeed over the missing bytes; the client is
+/// asked for them again and the file comes out whole.
+#[tokio::test]
+async fn acknowledged_parts_lost_while_stopped_are_asked_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = random_bytes(200_000, 31);
+    let (first, second) = bytes.split_at(100_000);
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "p.bin", "size": bytes.len(), "store": {"location": "s3"}}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap().to_owned();
+    for (part, piece) in [(1, first), (2, second)] {
+        assert_eq!(
+            app.send_chunk(&upload_id, part, None, piece).await.status(),
+            200
+        );
+    }
+    app.stop().await;
+    std::fs::remove_file(dir.path().join("parts").join(&upload_id).join("00002")).unwrap();
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let refused = app.complete(&upload_id, json!({})).await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_parts", "{body}");
+    assert_eq!(
+        app.send_chunk(&upload_id, 2, None, second).await.status(),
+        200
+    );
+    let done = app.complete(&upload_id, json!({})).await;
+    assert_eq!(done.status(), 200);
+    let handle = done.json::<Value>().await.unwrap()["handle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sha256_hex(&app.download(&handle).await), sha256_hex(&bytes));
+    app.stop().await;
+}

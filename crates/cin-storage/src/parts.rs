@@ -128,6 +128,13 @@ impl PartStore {
         format!("{}/{:05}", upload, part.get())
     }
 
+    /// How many bytes a part's file holds on disk (0 when it does not exist).
+    pub async fn part_len(&self, upload: &UploadId, part: PartNumber) -> u64 {
+        tokio::fs::metadata(self.resolve(&Self::part_file(upload, part)))
+            .await
+            .map_or(0, |m| m.len())
+    }
+
     fn resolve(&self, relative: &str) -> PathBuf {
         self.root.join(relative)
     }

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use cin_domain::{FileRecord, FileStatus};
+use cin_domain::{FileRecord, FileStatus, RangeSet};
 use cin_storage::orphans::{self, Collected, References};
 use cin_storage::{JobChange, MetadataStore, PartStore, StorageError};
 
@@ -28,7 +28,8 @@ use crate::observability::names;
 #[derive(Clone, Debug, Default)]
 pub struct Reconciled {
     pub collected: Collected,
-    /// Files with a local copy whose bytes are not all on disk.
+    /// Files with a local copy whose bytes are not all on disk (for an upload in
+    /// progress: whose acknowledged ranges were forgotten).
     pub missing_local_bytes: u64,
 }
 
@@ -45,6 +46,10 @@ pub async fn reconcile(
     for mut file in meta.files()? {
         if file.status == FileStatus::Uploading {
             references.keep_upload(&file.upload_id);
+            if forget_missing_ranges(meta, parts, &file).await? {
+                missing_local_bytes += 1;
+                changed = true;
+            }
         }
         if !file.has_local_copy() {
             continue;
@@ -97,6 +102,42 @@ pub async fn reconcile(
     };
     report(&reconciled);
     Ok(reconciled)
+}
+
+/// Forgets the recorded ranges of an upload in progress that its part files no
+/// longer hold, so that the client is asked for them again instead of the
+/// upload completing over missing bytes. Returns whether any were forgotten.
+async fn forget_missing_ranges(
+    meta: &dyn MetadataStore,
+    parts: &PartStore,
+    file: &FileRecord,
+) -> Result<bool, StorageError> {
+    let mut forgot = false;
+    for (number, mut part) in meta.parts(&file.upload_id)? {
+        let on_disk = parts.part_len(&file.upload_id, number).await;
+        if part.received.end() <= on_disk {
+            continue;
+        }
+        tracing::warn!(
+            handle = %file.handle,
+            part = number.get(),
+            recorded = part.received.end(),
+            on_disk,
+            "acknowledged bytes of an upload in progress are missing; the client will be asked for them again"
+        );
+        let mut kept = RangeSet::new();
+        for (start, end) in part.received.intersect(0, on_disk) {
+            kept.insert(start, end);
+        }
+        part.received = kept;
+        if part.committed_len.is_some_and(|len| len > on_disk) {
+            part.committed_len = None;
+            part.etag = None;
+        }
+        meta.put_part(&file.upload_id, number, &part)?;
+        forgot = true;
+    }
+    Ok(forgot)
 }
 
 /// The first segment of a complete file that is absent or shorter than it names.
