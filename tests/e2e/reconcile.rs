@@ -368,3 +368,51 @@ async fn acknowledged_parts_lost_while_stopped_are_asked_for_again() {
     assert_eq!(sha256_hex(&app.download(&handle).await), sha256_hex(&bytes));
     app.stop().await;
 }
+
+/// A crash between a partial upload's new reference and the final upload's
+/// record leaves a reference to nothing; at start it is dropped, so terminating
+/// the partial frees its bytes.
+#[tokio::test]
+async fn references_to_final_uploads_that_were_never_written_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let resp = app
+        .http
+        .post(app.url("/files/"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-concat", "partial")
+        .header("upload-length", "5")
+        .header("content-type", "application/offset+octet-stream")
+        .body("abcde")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let url = crate::support::header_value(&resp, "location").to_owned();
+    let upload_id = UploadId::parse(url.rsplit('/').next().unwrap()).unwrap();
+    app.stop().await;
+    {
+        let meta = open_metadata(dir.path()).await;
+        let handle = meta.handle_for_upload(&upload_id).unwrap().unwrap();
+        let mut partial = meta.get_file(&handle).unwrap().unwrap();
+        partial.referenced_by.push(Handle::generate());
+        meta.put_file(&partial, JobChange::Keep).unwrap();
+        meta.flush().await.unwrap();
+    }
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/files/{upload_id}")))
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(
+        app.upload_dirs(),
+        0,
+        "nothing needs the partial's bytes any more"
+    );
+    app.stop().await;
+}

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use cin_domain::{FileRecord, FileStatus, RangeSet};
+use cin_domain::{FileRecord, FileStatus, Handle, RangeSet};
 use cin_storage::orphans::{self, Collected, References};
 use cin_storage::{JobChange, MetadataStore, PartStore, StorageError};
 
@@ -43,7 +43,21 @@ pub async fn reconcile(
     let mut references = References::default();
     let mut missing_local_bytes = 0;
     let mut changed = false;
-    for mut file in meta.files()? {
+    let files = meta.files()?;
+    let handles: BTreeSet<Handle> = files.iter().map(|f| f.handle.clone()).collect();
+    for mut file in files {
+        if file.referenced_by.iter().any(|h| !handles.contains(h)) {
+            // A crash came between adding the reference and writing the final.
+            file.referenced_by.retain(|h| handles.contains(h));
+            if file.referenced_by.is_empty() && file.status == FileStatus::Deleted {
+                tracing::info!(handle = %file.handle, "forgetting a terminated partial upload no final upload needs");
+                meta.delete_file(&file)?;
+                changed = true;
+                continue;
+            }
+            meta.put_file(&file, JobChange::Keep)?;
+            changed = true;
+        }
         if file.status == FileStatus::Uploading {
             references.keep_upload(&file.upload_id);
             if forget_missing_ranges(meta, parts, &file).await? {
