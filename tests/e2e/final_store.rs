@@ -23,8 +23,9 @@ async fn local_object(dir: &std::path::Path, bytes: &[u8], part_len: usize) -> L
     let mut segments = Vec::new();
     for (i, piece) in bytes.chunks(part_len).enumerate() {
         let number = PartNumber::new(i as i64 + 1).unwrap();
-        let body =
-            futures_util::stream::iter([Ok::<_, String>(bytes::Bytes::copy_from_slice(piece))]);
+        let body = futures_util::stream::iter([Ok::<_, cin_storage::BodyError>(
+            bytes::Bytes::copy_from_slice(piece),
+        )]);
         parts
             .write_chunk(
                 &upload,

@@ -3,10 +3,13 @@
 
 mod bad_input;
 mod client;
+mod disk_full;
+mod error_shape;
 mod fault_proxy;
 mod filelink;
 mod final_store;
 mod fsync_trace;
+mod hostile_clients;
 mod lifecycle;
 mod lossy_fs;
 mod multipart;

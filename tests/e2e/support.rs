@@ -49,6 +49,8 @@ pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> T
     config.replicator.retry_cap_ms = 500;
     // Test machines may have little disk; the watermark test sets its own.
     config.disk.min_free_bytes = 0;
+    // No space set aside for the metadata store (the disk tests set their own).
+    config.disk.metadata_reserve_bytes = 0;
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -347,6 +349,7 @@ impl PopProcess {
             .env("CIN__REPLICATOR__RETRY_BASE_MS", "50")
             .env("CIN__REPLICATOR__RETRY_CAP_MS", "500")
             .env("CIN__DISK__MIN_FREE_BYTES", "0")
+            .env("CIN__DISK__METADATA_RESERVE_BYTES", "0")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         command
     }

@@ -7,6 +7,7 @@
 //! target/release/cin-bench single small --size-mib 64 --count 1000 --json
 //! ```
 
+mod connections;
 mod pop;
 mod report;
 mod s3;
@@ -22,7 +23,7 @@ use serde_json::json;
 use report::Row;
 use scenarios::Ctx;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "limit",
     "single",
     "complete-latency",
@@ -30,6 +31,7 @@ const SCENARIOS: [&str; 7] = [
     "memory",
     "small",
     "replicate",
+    "connections",
 ];
 
 /// Benchmarks a CIN edge POP (started in-process on a temporary data directory
@@ -38,7 +40,7 @@ const SCENARIOS: [&str; 7] = [
 #[command(version, about)]
 pub struct Args {
     /// Scenarios to run, in order: limit, single, complete-latency, concurrent,
-    /// memory, small, replicate, or all.
+    /// memory, small, replicate, connections, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
 
@@ -187,6 +189,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "memory" => scenarios::memory(&mut ctx).await,
                 "small" => scenarios::small(&mut ctx).await,
                 "replicate" => scenarios::replicate(&mut ctx).await,
+                "connections" => connections::connections(&mut ctx).await,
                 _ => unreachable!("checked above"),
             }
         };

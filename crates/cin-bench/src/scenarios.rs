@@ -68,7 +68,11 @@ fn size_label(bytes: u64) -> String {
 impl Ctx {
     /// The POP for a scenario: `--target`, else a child process when asked or when
     /// the scenario reports the POP's memory, else in this process.
-    async fn pop(&self, reports_rss: bool, profile: Option<&S3Profile>) -> anyhow::Result<Pop> {
+    pub(crate) async fn pop(
+        &self,
+        reports_rss: bool,
+        profile: Option<&S3Profile>,
+    ) -> anyhow::Result<Pop> {
         if let Some(url) = &self.args.target {
             return Ok(Pop::external(url, self.args.target_pid));
         }

@@ -59,7 +59,9 @@ impl TransportError {
             | TransportError::Protocol(_) => Failure::Shrink,
             TransportError::Status { status, code, .. } => match *status {
                 500..=599 => Failure::Shrink,
-                408 | 429 => Failure::Retry,
+                // 423: another request is writing the part (this client's own stalled one, most likely).
+                408 | 423 | 429 => Failure::Retry,
+                409 if code == "superseded" => Failure::Retry,
                 403 if code == "url_expired" => Failure::Retry,
                 _ => Failure::Fatal,
             },

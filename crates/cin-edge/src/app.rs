@@ -12,7 +12,7 @@ use anyhow::Context;
 use axum::extract::Request;
 use axum::http::{HeaderName, Method};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use cin_storage::{MetadataStore, PartStore, SegmentLog, SledMetadataStore};
 use tokio::net::TcpListener;
@@ -23,7 +23,7 @@ use crate::auth::Apps;
 use crate::cache::{EvictionWorker, LocalCache};
 use crate::config::Config;
 use crate::destinations::{Destinations, ProbeWorker};
-use crate::disk::Disk;
+use crate::disk::{Disk, DiskWatch};
 use crate::events::StatusEvents;
 use crate::observability;
 use crate::replicator::Replicator;
@@ -71,6 +71,9 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // Before the metadata store opens: on a full disk, the space set aside for it
+    // is given back so it can open, and the POP serves what it holds.
+    let disk = Arc::new(Disk::open(data_dir.clone(), &config.disk));
     let meta: Arc<dyn MetadataStore> = Arc::new(
         SledMetadataStore::open(&data_dir.join("metadata"))
             .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?,
@@ -107,11 +110,6 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         config.server.pop_id.clone(),
         config.webhooks.clone(),
     ));
-    let disk = Arc::new(Disk::new(
-        data_dir.clone(),
-        config.disk.min_free_bytes,
-        config.disk.retry_after_secs,
-    ));
     let services = Arc::new(Services {
         meta: meta.clone(),
         parts: parts.clone(),
@@ -135,6 +133,8 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         UploadLimits {
             max_file_size: config.uploads.max_file_size,
             expire_after: Duration::from_secs(config.uploads.expire_after_secs),
+            lock_wait: Duration::from_secs(config.server.body_idle_secs),
+            max_body_writers: config.server.max_body_writers,
         },
     );
     uploads.restore_reservations()?;
@@ -170,14 +170,24 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
 }
 
 /// `X-HTTP-Method-Override` on a POST (for clients that cannot send PATCH or DELETE).
+/// A value that is not a method token is refused rather than ignored: the client
+/// asked for something other than a POST.
 async fn method_override(mut request: Request, next: Next) -> Response {
     if request.method() == Method::POST {
-        let wanted = request
-            .headers()
-            .get("x-http-method-override")
-            .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
-        if let Some(method) = wanted {
-            *request.method_mut() = method;
+        if let Some(value) = request.headers().get("x-http-method-override") {
+            match Method::from_bytes(value.as_bytes()) {
+                Ok(method) => *request.method_mut() = method,
+                Err(_) => {
+                    let shown = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    return crate::error::ApiError::invalid(
+                        "invalid_method_override",
+                        format!(
+                            "X-HTTP-Method-Override is {shown:?}, not an HTTP method; send e.g. PATCH or DELETE"
+                        ),
+                    )
+                    .into_response();
+                }
+            }
         }
     }
     next.run(request).await
@@ -252,9 +262,30 @@ fn cors() -> CorsLayer {
 }
 
 pub fn router(state: SharedState) -> Router {
+    let disk = state.services.disk.clone();
     routes::router()
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |request, next| {
+            retry_after_when_full(disk.clone(), request, next)
+        }))
         .layer(axum::middleware::from_fn(observability::track_request))
+}
+
+/// Every 507 tells the client when to try again, whichever write ran out of
+/// space (the error mapping cannot see the configured delay).
+async fn retry_after_when_full(disk: Arc<Disk>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if response.status() == axum::http::StatusCode::INSUFFICIENT_STORAGE
+        && !response
+            .headers()
+            .contains_key(axum::http::header::RETRY_AFTER)
+    {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(disk.retry_after_secs()),
+        );
+    }
+    response
 }
 
 /// The whole HTTP service: `X-HTTP-Method-Override`, CORS, then the routes.
@@ -306,6 +337,7 @@ fn start_workers(node: &Node) -> Workers {
         deadline,
     );
     workers.spawn(ProbeWorker(state.services.destinations.clone()), deadline);
+    workers.spawn(DiskWatch(state.services.disk.clone()), deadline);
     workers
 }
 
@@ -337,7 +369,15 @@ pub async fn run(
         let _ = signal_tx.send(true);
     });
     let mut signalled = draining.clone();
-    let connections = server::serve(listener, service(node.state.clone()), draining).await;
+    let server_config = &node.state.config.server;
+    let limits = server::ServerLimits {
+        head_timeout: Duration::from_secs(server_config.head_timeout_secs),
+        body_idle: Duration::from_secs(server_config.body_idle_secs),
+        keep_alive: Duration::from_secs(server_config.keep_alive_secs),
+        max_connections: server_config.max_connections,
+    }
+    .fitted_to_descriptors();
+    let connections = server::serve(listener, service(node.state.clone()), limits, draining).await;
 
     // Ordered shutdown: no new connections; requests in flight get the grace
     // period, then are cancelled; workers stop, each within its deadline; the

@@ -93,6 +93,15 @@ pub struct DiskConfig {
     pub min_free_bytes: u64,
     /// Seconds clients are told to wait (`Retry-After`) when refused for lack of disk.
     pub retry_after_secs: u64,
+    /// Seconds an unfinished upload may receive nothing before the room reserved for
+    /// its declared size is given back to others; it is taken again (or refused
+    /// with 507 when there is no room) when the upload continues.
+    pub reservation_idle_secs: u64,
+    /// Bytes set aside for the metadata store (`{data_dir}/space-reserve`). When the
+    /// disk fills they are given back, so records can still be written and the POP
+    /// starts on a full disk; uploads are refused until they can be set aside again.
+    /// 0 sets nothing aside.
+    pub metadata_reserve_bytes: u64,
 }
 
 impl Default for DiskConfig {
@@ -100,6 +109,8 @@ impl Default for DiskConfig {
         DiskConfig {
             min_free_bytes: 1024 * 1024 * 1024,
             retry_after_secs: 60,
+            reservation_idle_secs: 600,
+            metadata_reserve_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -120,6 +131,20 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Seconds each background worker (replication, webhooks, housekeeping) gets to stop after that.
     pub worker_stop_secs: u64,
+    /// Seconds a request head may take to arrive, from its first byte (or from
+    /// the connection's opening); slower connections are closed.
+    pub head_timeout_secs: u64,
+    /// Seconds a body read may wait for bytes; then the request ends (what was
+    /// made durable stays) and a response the client does not read is dropped.
+    pub body_idle_secs: u64,
+    /// Seconds a keep-alive connection may sit idle between requests.
+    pub keep_alive_secs: u64,
+    /// Connections served at once (lowered to fit the open-file limit). At the
+    /// limit the longest-idle connection is closed for a new one; when none is
+    /// idle, new connections get 503 except for /healthz, /readyz and /metrics.
+    pub max_connections: usize,
+    /// Requests that may write upload bodies at once; more get 503 with Retry-After.
+    pub max_body_writers: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -247,6 +272,11 @@ impl Default for ServerConfig {
             pop_id: "local".into(),
             shutdown_grace_secs: 30,
             worker_stop_secs: 5,
+            head_timeout_secs: 10,
+            body_idle_secs: 30,
+            keep_alive_secs: 60,
+            max_connections: 10_000,
+            max_body_writers: 256,
         }
     }
 }
@@ -309,6 +339,18 @@ impl Config {
 
     /// Checks what the types cannot: every name that must resolve does.
     pub fn validate(&self) -> Result<(), String> {
+        let server = &self.server;
+        for (name, value) in [
+            ("head_timeout_secs", server.head_timeout_secs),
+            ("body_idle_secs", server.body_idle_secs),
+            ("keep_alive_secs", server.keep_alive_secs),
+            ("max_connections", server.max_connections as u64),
+            ("max_body_writers", server.max_body_writers as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("server.{name} must be at least 1"));
+            }
+        }
         if !self
             .storage
             .profiles

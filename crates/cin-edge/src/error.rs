@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cin_domain::{DomainError, FileStatus};
-use cin_storage::{ChunkError, FinalStoreError, StorageError};
+use cin_storage::{BodyError, ChunkError, FinalStoreError, StorageError};
 use serde_json::json;
 
 use crate::upload::UploadError;
@@ -31,6 +31,15 @@ pub enum ApiError {
     },
     #[error("{message}")]
     TooLarge { message: String },
+    /// A request body past what the call accepts (not a file: control calls' fields).
+    #[error("{message}")]
+    BodyTooLarge { message: String },
+    /// A `Range` that starts past the end of the file.
+    #[error("{message}")]
+    RangeNotSatisfiable { message: String },
+    /// The path exists, but not for this method.
+    #[error("{message}")]
+    MethodNotAllowed { message: String },
     /// The file exists but this POP cannot serve its bytes (its local copy is
     /// incomplete and final storage does not have it yet).
     #[error("{message}")]
@@ -99,7 +108,18 @@ impl ApiError {
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
+            ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ApiError::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable")
+            }
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             ApiError::Upload(e) => upload_status(e),
+            // A full disk is not a fault: the client tries again later.
+            ApiError::Storage(e) if e.is_no_space() => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             ApiError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             ApiError::FinalStore(FinalStoreError::NotFound { .. }) => {
                 (StatusCode::NOT_FOUND, "not_found")
@@ -112,6 +132,11 @@ impl ApiError {
 /// Where the engine's errors land: each rule's status and code.
 fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
     match e {
+        // Whichever write ran out of space (part file, small-file log, metadata):
+        // a full disk is not a fault, and what was acknowledged stays.
+        UploadError::Storage(e) | UploadError::Chunk(ChunkError::Storage(e)) if e.is_no_space() => {
+            (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+        }
         UploadError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
         UploadError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
         // Filestack answers 404 for a handle that is gone; tus turns it into 410.
@@ -122,6 +147,8 @@ fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
         UploadError::InsufficientStorage { .. } => {
             (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
         }
+        UploadError::Locked { .. } => (StatusCode::LOCKED, "upload_busy"),
+        UploadError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         // 460 is tus's "Checksum Mismatch".
         UploadError::ChecksumMismatch => (
             StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
@@ -132,7 +159,12 @@ fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
             ChunkError::Truncated { .. } => (StatusCode::BAD_REQUEST, "chunk_truncated"),
             ChunkError::Md5Mismatch { .. } => (StatusCode::BAD_REQUEST, "md5_mismatch"),
             ChunkError::Conflict { .. } => (StatusCode::CONFLICT, "chunk_conflict"),
-            ChunkError::Body(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            ChunkError::Body(e) => match e {
+                BodyError::Stalled { .. } => (StatusCode::REQUEST_TIMEOUT, "body_stalled"),
+                BodyError::Superseded => (StatusCode::CONFLICT, "superseded"),
+                BodyError::Malformed(_) => (StatusCode::BAD_REQUEST, "body_malformed"),
+                BodyError::Interrupted(_) => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            },
             ChunkError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
         },
         UploadError::Domain(e) => match e {
@@ -172,9 +204,17 @@ impl IntoResponse for ApiError {
             error["status"] = json!(s.as_str());
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if let ApiError::Upload(UploadError::InsufficientStorage {
-            retry_after_secs, ..
-        }) = &self
+        if let ApiError::Upload(
+            UploadError::InsufficientStorage {
+                retry_after_secs, ..
+            }
+            | UploadError::Locked {
+                retry_after_secs, ..
+            }
+            | UploadError::Overloaded {
+                retry_after_secs, ..
+            },
+        ) = &self
         {
             if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
                 response

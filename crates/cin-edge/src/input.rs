@@ -1,9 +1,13 @@
-//! Request bodies of the Filestack-style calls arrive as JSON or as form fields;
-//! [`JsonOrForm`] accepts both and hands handlers one typed value.
+//! What handlers read from requests, as typed values whose every refusal is our
+//! JSON error (never axum's plain-text rejections): bodies of the Filestack-style
+//! calls, which arrive as JSON or as form fields ([`JsonOrForm`]), query strings
+//! ([`Query`]) and path segments ([`Path`]).
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::header::CONTENT_TYPE;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::request::Parts;
+use cin_storage::ChunkError;
 use serde::de::{DeserializeOwned, Deserializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -12,6 +16,120 @@ use crate::error::ApiError;
 
 /// Largest accepted body for control calls (start, upload, commit, complete).
 const MAX_CONTROL_BODY: usize = 1 << 20;
+
+/// The query string as `T`. Values arrive as strings (numbers go through the
+/// `lenient_*` helpers, as in forms). A key repeated with different values is
+/// refused, naming the key: which one was meant is anyone's guess.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        query_value(query)
+            .and_then(|value| {
+                deserialize_fields(value).map_err(|detail| {
+                    ApiError::invalid(
+                        "invalid_query",
+                        format!("the query string is invalid: {detail}"),
+                    )
+                })
+            })
+            .map(Query)
+    }
+}
+
+/// The query's pairs as a JSON object of strings.
+fn query_value(query: &str) -> Result<Value, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|e| {
+        ApiError::invalid(
+            "invalid_query",
+            format!("the query string is malformed: {e}"),
+        )
+    })?;
+    let mut fields = Map::new();
+    for (key, value) in pairs {
+        match fields.get(&key) {
+            Some(Value::String(earlier)) if *earlier != value => {
+                return Err(ApiError::invalid(
+                    "invalid_query",
+                    format!(
+                        "the query string gives `{key}` twice ({earlier:?} and {value:?}); give it once"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                fields.insert(key, Value::String(value));
+            }
+        }
+    }
+    Ok(Value::Object(fields))
+}
+
+/// `value` as `T`; an error names the field it is about (`size: "lots" is not ...`).
+fn deserialize_fields<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+/// A path segment (or several) as `T`; one that cannot be read (invalid UTF-8
+/// after percent-decoding, say) is a 400 `invalid_path`.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => {
+                let detail = rejection.body_text();
+                Err(ApiError::invalid(
+                    "invalid_path",
+                    format!(
+                        "the URL path cannot be read ({}); check its percent-encoding",
+                        detail.trim_start_matches("Invalid URL: ")
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Why a control call's body could not be read: past the limit (413), or a body
+/// that broke (bad chunked encoding: 400 `body_malformed`; stalled, cut off).
+fn control_body_error(error: axum::Error) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return control_body_too_large();
+        }
+        source = e.source();
+    }
+    ChunkError::Body(crate::body::classify(error)).into()
+}
+
+fn control_body_too_large() -> ApiError {
+    ApiError::BodyTooLarge {
+        message: format!(
+            "control request bodies are limited to {} KiB; send file bytes to the upload URL, /api/store or tus instead",
+            MAX_CONTROL_BODY / 1024
+        ),
+    }
+}
 
 pub struct JsonOrForm<T>(pub T);
 
@@ -25,14 +143,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonOrForm<T> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
+        // An announced length past the limit is refused before reading a byte.
+        let announced = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|len| len > MAX_CONTROL_BODY as u64) {
+            return Err(control_body_too_large());
+        }
         let body = axum::body::to_bytes(req.into_body(), MAX_CONTROL_BODY)
             .await
-            .map_err(|e| {
-                ApiError::invalid(
-                    "body_too_large",
-                    format!("control request bodies are limited to 1 MiB: {e}"),
-                )
-            })?;
+            .map_err(control_body_error)?;
         let _ = state;
         let value = if content_type.starts_with("application/x-www-form-urlencoded") {
             form_to_value(&body)?
@@ -45,10 +167,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonOrForm<T> {
         } else {
             form_to_value(&body)?
         };
-        serde_json::from_value(value).map(JsonOrForm).map_err(|e| {
+        deserialize_fields(value).map(JsonOrForm).map_err(|detail| {
             ApiError::invalid(
                 "invalid_request",
-                format!("the request fields are invalid: {e}"),
+                format!("the request fields are invalid: {detail}"),
             )
         })
     }
@@ -147,5 +269,25 @@ mod tests {
         assert_eq!(v["store"]["location"], "s3");
         assert_eq!(v["store"]["container"], "b");
         assert_eq!(v["size"], "3");
+    }
+
+    #[test]
+    fn repeated_query_keys_are_taken_once_or_refused_by_name() {
+        let v = query_value("offset=0&size=3&offset=0").unwrap();
+        assert_eq!(v["offset"], "0");
+        let e = query_value("offset=0&offset=5").unwrap_err();
+        assert!(e.to_string().contains("`offset` twice"), "{e}");
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        #[derive(Debug, Deserialize)]
+        struct Q {
+            #[serde(deserialize_with = "lenient_u64")]
+            #[allow(dead_code)]
+            offset: u64,
+        }
+        let e = deserialize_fields::<Q>(query_value("offset=abc").unwrap()).unwrap_err();
+        assert!(e.starts_with("offset: "), "{e}");
     }
 }

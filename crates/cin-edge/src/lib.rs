@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod body;
 pub mod cache;
 pub mod config;
 pub mod destinations;

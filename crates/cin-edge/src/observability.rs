@@ -41,6 +41,14 @@ pub mod names {
     pub const FILES_MISSING_LOCAL_BYTES: &str = "cin_files_missing_local_bytes";
     /// `/events` streams open now (each ends with its client or its file's last status).
     pub const EVENT_STREAMS: &str = "cin_event_streams";
+    /// Requests receiving an upload body now (at most `server.max_body_writers`).
+    pub const BODIES_RECEIVING: &str = "cin_bodies_receiving";
+    /// Requests answered 503 because a limit was reached, by `reason`.
+    pub const REQUESTS_SHED: &str = "cin_requests_shed_total";
+    /// Connections closed by the POP, by `reason` (head_timeout, idle, write_stalled, evicted, over_limit).
+    pub const CONNECTIONS_CLOSED: &str = "cin_connections_closed_total";
+    /// Connections open now.
+    pub const CONNECTIONS_OPEN: &str = "cin_connections_open";
     pub const HTTP_REQUESTS: &str = "cin_http_requests_total";
     pub const HTTP_SECONDS: &str = "cin_http_request_duration_seconds";
 }

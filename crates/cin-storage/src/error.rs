@@ -11,8 +11,16 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// The filesystem is full (ENOSPC) or the POP's quota is used up (EDQUOT).
+    /// Nothing is wrong with what is stored; writes succeed again once space is freed.
+    #[error("{context}: the disk is full ({source})")]
+    NoSpace {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("metadata store error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     #[error("making writes durable failed: {0}")]
     Commit(String),
     #[error("the {0} thread has stopped; the POP is shutting down")]
@@ -22,12 +30,39 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// An I/O failure; running out of space is told apart, as it passes once space is freed.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        StorageError::Io {
-            context: context.into(),
-            source,
+        let context = context.into();
+        if is_no_space(&source) {
+            StorageError::NoSpace { context, source }
+        } else {
+            StorageError::Io { context, source }
         }
     }
+
+    /// The disk is full (or over quota): the answer is 507, not a server fault.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StorageError::NoSpace { .. })
+    }
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(source) if is_no_space(&source) => StorageError::NoSpace {
+                context: "writing the metadata store".into(),
+                source,
+            },
+            other => StorageError::Sled(other),
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT, whichever way the error was built.
+pub fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// Why a chunk was not accepted. Nothing of a refused chunk is acknowledged.
@@ -41,8 +76,34 @@ pub enum ChunkError {
     Conflict { offset: u64 },
     #[error("the body's MD5 is {actual}, not the declared {declared}; the chunk was corrupted in transit, send it again")]
     Md5Mismatch { declared: String, actual: String },
-    #[error("reading the request body failed: {0}")]
-    Body(String),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+impl ChunkError {
+    /// The chunk failed because the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, ChunkError::Storage(e) if e.is_no_space())
+    }
+}
+
+/// Why a request body stopped before its end.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum BodyError {
+    /// No bytes arrived for the configured idle time; the request was ended.
+    #[error(
+        "no body bytes arrived for {idle_secs} s, so the request was ended; send the rest again"
+    )]
+    Stalled { idle_secs: u64 },
+    /// A newer request for the same bytes took the upload over.
+    #[error("a newer request for the same bytes took over this upload; this request was ended")]
+    Superseded,
+    /// The body's framing is broken (e.g. bad chunked encoding).
+    #[error("the request body is malformed: {0}")]
+    Malformed(String),
+    /// The connection broke (closed or reset) before the body's end.
+    #[error("the request body broke off: {0}")]
+    Interrupted(String),
 }

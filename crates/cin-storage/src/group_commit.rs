@@ -11,7 +11,37 @@ use tokio::sync::oneshot;
 
 use crate::StorageError;
 
-type Answer<Resp> = oneshot::Sender<Result<Resp, String>>;
+type Answer<Resp> = oneshot::Sender<Result<Resp, BatchError>>;
+
+/// Why a batch (or one request of it) failed, as each of its callers is told.
+#[derive(Clone, Debug)]
+pub struct BatchError {
+    message: String,
+    /// The disk was full: callers answer 507 rather than report a fault.
+    no_space: bool,
+}
+
+impl From<StorageError> for BatchError {
+    fn from(e: StorageError) -> Self {
+        BatchError {
+            no_space: e.is_no_space(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<BatchError> for StorageError {
+    fn from(e: BatchError) -> Self {
+        if e.no_space {
+            StorageError::NoSpace {
+                context: "making writes durable failed".into(),
+                source: std::io::Error::new(std::io::ErrorKind::StorageFull, e.message),
+            }
+        } else {
+            StorageError::Commit(e.message)
+        }
+    }
+}
 
 pub struct GroupCommit<Req, Resp> {
     name: &'static str,
@@ -24,7 +54,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> GroupCommit<Req, Resp> {
     /// returns one answer per request, in order, once they are durable.
     pub fn start<F>(name: &'static str, mut commit: F) -> Result<Self, StorageError>
     where
-        F: FnMut(Vec<Req>) -> Vec<Result<Resp, String>> + Send + 'static,
+        F: FnMut(Vec<Req>) -> Vec<Result<Resp, BatchError>> + Send + 'static,
     {
         let (queue, waiting) = mpsc::channel::<(Req, Answer<Resp>)>();
         let thread = std::thread::Builder::new()
@@ -59,7 +89,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> GroupCommit<Req, Resp> {
         answered
             .await
             .map_err(|_| stopped())?
-            .map_err(StorageError::Commit)
+            .map_err(StorageError::from)
     }
 }
 
@@ -112,7 +142,9 @@ mod tests {
         let counted = calls.clone();
         let commit = GroupCommit::start("test", move |batch: Vec<()>| {
             let result = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err("syncing: disk gone".to_owned())
+                Err(BatchError::from(StorageError::Commit(
+                    "syncing: disk gone".into(),
+                )))
             } else {
                 Ok(())
             };
@@ -121,6 +153,22 @@ mod tests {
         .unwrap();
         let err = commit.submit(()).await.unwrap_err();
         assert!(err.to_string().contains("disk gone"), "{err}");
+        assert!(!err.is_no_space());
         commit.submit(()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_reaches_callers_as_no_space() {
+        let commit = GroupCommit::start("test", |batch: Vec<()>| {
+            let full = StorageError::io(
+                "syncing the log",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            );
+            vec![Err::<(), _>(BatchError::from(full)); batch.len()]
+        })
+        .unwrap();
+        let err = commit.submit(()).await.unwrap_err();
+        assert!(err.is_no_space(), "{err}");
+        assert!(err.to_string().contains("syncing the log"), "{err}");
     }
 }

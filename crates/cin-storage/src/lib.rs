@@ -14,7 +14,7 @@ pub mod parts;
 pub mod segment_log;
 mod sled_durability;
 
-pub use error::{ChunkError, StorageError};
+pub use error::{BodyError, ChunkError, StorageError};
 pub use final_store::{
     FinalStore, FinalStoreError, LocalDirStore, NoJournal, ObjectInfo, ObjectToStore, PutJournal,
     PutOutcome, S3Settings, S3Store,

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{BatchError, GroupCommit};
 use crate::sled_durability::SledDurability;
 use crate::StorageError;
 
@@ -115,7 +115,7 @@ impl SledMetadataStore {
                 .flush()
                 .map_err(StorageError::from)
                 .and_then(|_| durability.sync())
-                .map_err(|e| e.to_string());
+                .map_err(BatchError::from);
             vec![flushed; batch.len()]
         })?;
         Ok(SledMetadataStore {

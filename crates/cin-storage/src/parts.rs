@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use crate::{ChunkError, StorageError};
+use crate::{BodyError, ChunkError, StorageError};
 
 /// A stream of file bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -74,7 +74,7 @@ pub struct ChunkWritten {
     /// Raw digest of those bytes (empty for `DigestKind::None`).
     pub digest: Vec<u8>,
     /// Set when the body broke off and `OnBreak::KeepPrefix` kept what arrived.
-    pub broken_off: Option<String>,
+    pub broken_off: Option<BodyError>,
 }
 
 enum Hasher {
@@ -183,7 +183,7 @@ impl PartStore {
     ) -> Result<ChunkWritten, ChunkError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         self.write(
             upload,
@@ -214,7 +214,7 @@ impl PartStore {
     ) -> Result<ChunkWritten, ChunkError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         let path = self.resolve(&Self::part_file(upload, part));
         let expected_len = size.limit();
@@ -234,10 +234,10 @@ impl PartStore {
             let frame = match frame {
                 Ok(frame) => frame,
                 Err(e) if on_break == OnBreak::KeepPrefix => {
-                    broken_off = Some(e.to_string());
+                    broken_off = Some(e.into());
                     break;
                 }
-                Err(e) => return Err(ChunkError::Body(e.to_string())),
+                Err(e) => return Err(ChunkError::Body(e.into())),
             };
             received += frame.len() as u64;
             if received > expected_len {
@@ -543,8 +543,12 @@ async fn run_batch(
     writer: Option<ChunkWriter>,
     batch: Vec<Bytes>,
 ) -> Result<ChunkWriter, ChunkError> {
-    let mut w = writer
-        .ok_or_else(|| ChunkError::Body("chunk writer lost after an earlier failure".into()))?;
+    let mut w = writer.ok_or_else(|| {
+        StorageError::io(
+            "writing a chunk",
+            io::Error::other("the chunk writer was lost after an earlier failure"),
+        )
+    })?;
     if batch.is_empty() {
         return Ok(w);
     }
@@ -581,7 +585,7 @@ impl From<tokio::task::JoinError> for ChunkError {
 mod tests {
     use super::*;
 
-    fn body(chunks: Vec<&'static [u8]>) -> impl Stream<Item = Result<Bytes, String>> + Send {
+    fn body(chunks: Vec<&'static [u8]>) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
         futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from_static(c))))
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use cin_domain::Segment;
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{BatchError, GroupCommit};
 use crate::parts::sync_dir;
 use crate::StorageError;
 
@@ -77,15 +77,18 @@ impl LogWriter {
     }
 
     /// Writes every append of a batch, then makes them durable with one `fdatasync`.
-    fn write_batch(&mut self, batch: Vec<Vec<Bytes>>) -> Vec<Result<Segment, String>> {
+    fn write_batch(&mut self, batch: Vec<Vec<Bytes>>) -> Vec<Result<Segment, BatchError>> {
         let written: Vec<_> = batch
             .iter()
-            .map(|frames| self.write(frames).map_err(|e| e.to_string()))
+            .map(|frames| self.write(frames).map_err(BatchError::from))
             .collect();
         let synced = match &self.file {
-            Some(file) => file
-                .sync_data()
-                .map_err(|e| format!("syncing {}: {e}", self.path(self.seq).display())),
+            Some(file) => file.sync_data().map_err(|e| {
+                BatchError::from(StorageError::io(
+                    format!("syncing {}", self.path(self.seq).display()),
+                    e,
+                ))
+            }),
             None => Ok(()),
         };
         written

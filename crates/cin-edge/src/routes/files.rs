@@ -1,7 +1,7 @@
 //! The filelink (`GET`/`HEAD /{handle}`) and metadata queries.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header::{
     ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
     IF_NONE_MATCH, IF_RANGE, RANGE,
@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use crate::app::SharedState;
 use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
+use crate::input::{Path, Query};
 use crate::observability::names;
 
 /// The file behind `handle`, if the request's credentials allow `call` on it.
@@ -273,18 +274,25 @@ pub async fn serve(
         RangeRequest::Full => (StatusCode::OK, 0, file.size),
         RangeRequest::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
         RangeRequest::Unsatisfiable => {
-            response_headers.insert(
-                CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{}", file.size))
-                    .unwrap_or(HeaderValue::from_static("*")),
-            );
-            let body = json!({"error": {"code": "range_not_satisfiable", "message": format!("the file has {} bytes", file.size)}});
-            return Ok((
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                response_headers,
-                Json(body),
-            )
-                .into_response());
+            // The error's own JSON, with the range headers; not the file's Content-Type.
+            let asked = header_str(&headers, RANGE).unwrap_or_default();
+            let message = match file.size {
+                0 => format!("the range {asked:?} selects no byte: the file is empty (0 bytes); send no Range"),
+                size => format!(
+                    "the range {asked:?} selects no byte of the file, which has {size} bytes; ask within bytes=0-{}",
+                    size - 1
+                ),
+            };
+            let mut response = ApiError::RangeNotSatisfiable { message }.into_response();
+            let answer_headers = response.headers_mut();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{}", file.size)) {
+                answer_headers.insert(CONTENT_RANGE, value);
+            }
+            answer_headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            if let Some(etag) = response_headers.remove(ETAG) {
+                answer_headers.insert(ETAG, etag);
+            }
+            return Ok(response);
         }
     };
     if status == StatusCode::PARTIAL_CONTENT {

@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::app::SharedState;
+use crate::error::ApiError;
 use crate::observability::{metrics_handle, names};
 use crate::upload::now_ms;
 
@@ -43,9 +44,11 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     if failures.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
+        // The error shape every failure has, beside the fields probes read.
+        let error = json!({ "code": "not_ready", "message": format!("not ready for uploads: {}", failures.join("; ")) });
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reasons": failures })),
+            Json(json!({ "status": "not_ready", "reasons": failures, "error": error })),
         )
             .into_response()
     }
@@ -55,11 +58,13 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let Some(handle) = metrics_handle() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "metrics recorder unavailable",
-        )
-            .into_response();
+        return ApiError::Unavailable {
+            code: "metrics_unavailable",
+            message:
+                "the metrics recorder could not be installed in this process; see the POP's log"
+                    .into(),
+        }
+        .into_response();
     };
     let (waiting, oldest) = state.uploads.lifecycle().replication_backlog();
     metrics::gauge!(names::REPLICATION_QUEUE).set(waiting as f64);

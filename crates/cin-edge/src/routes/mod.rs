@@ -7,10 +7,13 @@ mod openapi;
 mod store_api;
 pub mod tus;
 
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
 use axum::routing::{get, head, options, post, put};
 use axum::Router;
 
 use crate::app::SharedState;
+use crate::error::ApiError;
 
 pub fn router() -> Router<SharedState> {
     Router::new()
@@ -22,7 +25,11 @@ pub fn router() -> Router<SharedState> {
         .route("/multipart/commit", post(multipart::commit))
         .route("/multipart/complete", post(multipart::complete))
         .route("/upload/{upload_id}/{part}", put(multipart::put_chunk))
-        .route("/api/store/{location}", post(store_api::store))
+        // The handler limits the body to the file size allowed (axum's default is 2 MiB).
+        .route(
+            "/api/store/{location}",
+            post(store_api::store).layer(DefaultBodyLimit::disable()),
+        )
         .route("/files", options(tus::options).post(tus::create))
         .route("/files/", options(tus::options).post(tus::create))
         .route(
@@ -37,4 +44,28 @@ pub fn router() -> Router<SharedState> {
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}/events", get(files::events))
         .route("/{handle}", get(files::serve))
+        // After every route: it applies to the routes added before it.
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(no_route)
+}
+
+/// No route has this path.
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::not_found(
+        "route_not_found",
+        format!(
+            "this POP serves nothing at {}; /openapi.json lists its API",
+            uri.path()
+        ),
+    )
+}
+
+/// The path has routes, but not for this method (the `Allow` header lists those).
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        message: format!(
+            "{method} is not allowed on {}; the Allow header lists the methods that are",
+            uri.path()
+        ),
+    }
 }

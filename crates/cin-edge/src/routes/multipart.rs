@@ -2,7 +2,7 @@
 //! URL), the PUT itself, commit (intelligent ingestion) and complete.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header::{CONTENT_LENGTH, ETAG};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
-use crate::input::{lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm};
+use crate::input::{
+    lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm, Path, Query,
+};
 use crate::signing::{now_unix, ChunkGrant};
 use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
 
@@ -169,10 +171,17 @@ pub struct ChunkQuery {
 pub async fn put_chunk(
     State(state): State<SharedState>,
     Path((upload_id, part)): Path<(String, String)>,
-    Query(q): Query<ChunkQuery>,
+    query: Result<Query<ChunkQuery>, ApiError>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Only this POP writes these queries: one that does not parse was altered or cut.
+    let Query(q) = query.map_err(|e| {
+        ApiError::invalid(
+            "invalid_query",
+            format!("{e}; use the url /multipart/upload returned, unchanged"),
+        )
+    })?;
     let refused = || {
         ApiError::forbidden(
             "invalid_signature",
@@ -226,7 +235,7 @@ pub async fn put_chunk(
             offset: q.offset,
             size: q.size,
             md5: grant.md5.or_else(|| header_md5.map(str::to_owned)),
-            body: body.into_data_stream(),
+            body: crate::body::data_stream(body),
         })
         .await;
     // Success or not, the answer carries the size this network seems to handle.

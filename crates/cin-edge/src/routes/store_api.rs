@@ -1,11 +1,17 @@
 //! `POST /api/store/{location}`: a whole file in one request, raw or as the
 //! multipart field `fileUpload`.
 
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use std::sync::OnceLock;
+
+use axum::body::{Body, Bytes};
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::StatusCode;
 use axum::Json;
 use cin_domain::{StoreOptions, UploadMode};
-use futures_util::TryStreamExt;
+use cin_storage::{BodyError, ChunkError};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -13,6 +19,7 @@ use super::multipart::filelink;
 use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
+use crate::input::{Path, Query};
 use crate::upload::NewUpload;
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +46,106 @@ pub struct StoreQuery {
 }
 
 const FILE_FIELD: &str = "fileUpload";
+
+/// Room a form gets beyond its file: boundaries, part headers, small other fields.
+const FORM_OVERHEAD: u64 = 1 << 20;
+
+/// The file size a request may not pass, enforced on the bytes as they stream
+/// (a form, or a raw body without Content-Length, says its size only by ending).
+/// Once passed, the stream ends with an error and the handler answers 413 with
+/// the refusal kept here, not the body error the engine saw.
+struct SizeCap {
+    limit: u64,
+    /// Whose limit it is, for the message: "this POP" or "this app".
+    whose: &'static str,
+    refusal: OnceLock<String>,
+}
+
+impl SizeCap {
+    /// The POP's `uploads.max_file_size`, or the app's own `max_file_size` when lower.
+    fn for_request(state: &SharedState, app: Option<&str>) -> SizeCap {
+        let pop = state.config.uploads.max_file_size;
+        let own = app
+            .and_then(|name| state.services.apps.get(name))
+            .map_or(0, |a| a.max_file_size);
+        let (limit, whose) = if own > 0 && own < pop {
+            (own, "this app")
+        } else {
+            (pop, "this POP")
+        };
+        SizeCap {
+            limit,
+            whose,
+            refusal: OnceLock::new(),
+        }
+    }
+
+    /// The most a whole form may carry: the file's limit plus [`FORM_OVERHEAD`].
+    fn form_limit(&self) -> usize {
+        usize::try_from(self.limit.saturating_add(FORM_OVERHEAD)).unwrap_or(usize::MAX)
+    }
+
+    fn refuse(&self, message: String) -> BodyError {
+        let _ = self.refusal.set(message.clone());
+        BodyError::Interrupted(message)
+    }
+
+    fn refuse_file(&self) -> BodyError {
+        self.refuse(format!(
+            "the file is larger than {} bytes, the most {} accepts",
+            self.limit, self.whose
+        ))
+    }
+
+    fn refuse_form(&self) -> BodyError {
+        self.refuse(format!(
+            "the form is larger than {} bytes: its file may have up to {} bytes (the most {} accepts), its other fields {} bytes",
+            self.form_limit(),
+            self.limit,
+            self.whose,
+            FORM_OVERHEAD
+        ))
+    }
+
+    /// 413 if the cap ended the body.
+    fn refusal(&self) -> Option<ApiError> {
+        self.refusal.get().map(|message| ApiError::TooLarge {
+            message: message.clone(),
+        })
+    }
+
+    /// `body`, ended with an error once it passes the limit.
+    fn guard<'a, S>(&'a self, body: S) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + 'a
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + 'a,
+    {
+        let mut seen = 0u64;
+        body.map(move |frame| {
+            let frame = frame?;
+            seen = seen.saturating_add(frame.len() as u64);
+            if seen > self.limit {
+                return Err(self.refuse_file());
+            }
+            Ok(frame)
+        })
+    }
+
+    /// What a multipart error means: the form past its limit (413), a body that
+    /// broke or stalled (as for raw bodies), or a malformed form (400).
+    fn form_error(&self, e: &MultipartError) -> BodyError {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            self.refuse_form()
+        } else if e.status().is_server_error() {
+            // Reading the request failed under the form parser.
+            crate::body::classify_error(e)
+        } else {
+            BodyError::Malformed(format!(
+                "the multipart form is malformed: {}",
+                e.body_text()
+            ))
+        }
+    }
+}
 
 #[utoipa::path(post, path = "/api/store/{location}", tag = "uploads", params(("location" = String, Path, description = "Storage kind, e.g. s3"), ("key" = Option<String>, Query, description = "API key"), ("filename" = Option<String>, Query), ("mimetype" = Option<String>, Query), ("path" = Option<String>, Query), ("container" = Option<String>, Query), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), request_body(content = Vec<u8>, description = "Raw bytes, or multipart/form-data with the field fileUpload"), responses((status = 200, description = "url, handle, size, type, filename, key, container, status"), (status = 413, description = "Too large"), (status = 507, description = "Disk below its watermark")))]
 pub async fn store(
@@ -80,7 +187,11 @@ pub async fn store(
     let is_form = content_type
         .as_deref()
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/form-data"));
-    let file = if is_form {
+    let cap = SizeCap::for_request(&state, app.as_deref());
+    let stored = if is_form {
+        // The route has axum's own body limit off: this one is the file's.
+        let request =
+            request.map(|body| Body::new(http_body_util::Limited::new(body, cap.form_limit())));
         let mut form = Multipart::from_request(request, &state)
             .await
             .map_err(|e| ApiError::invalid("malformed_multipart", e.body_text()))?;
@@ -88,7 +199,14 @@ pub async fn store(
             let field = form
                 .next_field()
                 .await
-                .map_err(|e| ApiError::invalid("malformed_multipart", e.body_text()))?
+                .map_err(|e| match cap.form_error(&e) {
+                    BodyError::Malformed(message) => {
+                        ApiError::invalid("malformed_multipart", message)
+                    }
+                    other => cap
+                        .refusal()
+                        .unwrap_or_else(|| ChunkError::Body(other).into()),
+                })?
                 .ok_or_else(|| {
                     ApiError::invalid(
                         "file_missing",
@@ -113,8 +231,9 @@ pub async fn store(
                 mode: UploadMode::Direct,
                 app: app.clone(),
             };
-            let body = field.map_err(|e| e.body_text());
-            break state.uploads.store_whole(upload, None, body).await?;
+            // The field streams to disk as it arrives, like a raw body.
+            let body = cap.guard(field.map_err(|e| cap.form_error(&e)));
+            break state.uploads.store_whole(upload, None, body).await;
         }
     } else {
         let upload = NewUpload {
@@ -125,8 +244,12 @@ pub async fn store(
             mode: UploadMode::Direct,
             app: app.clone(),
         };
-        let body = request.into_body().into_data_stream();
-        state.uploads.store_whole(upload, declared, body).await?
+        let body = cap.guard(crate::body::data_stream(request.into_body()));
+        state.uploads.store_whole(upload, declared, body).await
+    };
+    let file = match stored {
+        Ok(file) => file,
+        Err(e) => return Err(cap.refusal().unwrap_or_else(|| e.into())),
     };
     Ok(Json(json!({
         "url": filelink(&state, &file),

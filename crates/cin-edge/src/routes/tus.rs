@@ -6,7 +6,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -17,6 +17,7 @@ use cin_storage::DigestKind;
 use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
+use crate::input::Path;
 use crate::upload::{Appended, DeclaredChecksum, NewUpload, UploadError};
 
 pub const TUS_VERSION: &str = "1.0.0";
@@ -423,7 +424,7 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
                 0,
                 None,
                 parse_checksum(headers)?,
-                body.into_data_stream(),
+                crate::body::data_stream(body),
             )
             .await?;
         let offset = match appended {
@@ -448,7 +449,7 @@ pub async fn head(
 ) -> TusResult {
     {
         let file = state.uploads.file_for_upload(&parse_id(&id)?)?;
-        let offset = state.uploads.tus_offset(&file)?;
+        let offset = state.uploads.tus_resume_offset(&file).await?;
         let mut response = TusResponse::new(StatusCode::OK)
             .header("upload-offset", offset)
             .header("cache-control", "no-store");
@@ -501,7 +502,13 @@ pub async fn patch(
         let length = parse_u64(&headers, "upload-length")?;
         let appended = state
             .uploads
-            .tus_append(&upload, offset, length, checksum, body.into_data_stream())
+            .tus_append(
+                &upload,
+                offset,
+                length,
+                checksum,
+                crate::body::data_stream(body),
+            )
             .await?;
         let offset = match appended {
             Appended::Complete(o) | Appended::BrokenOff(o) => o,

@@ -32,6 +32,18 @@ pub enum UploadError {
         message: String,
         retry_after_secs: u64,
     },
+    /// Another request is writing the same part and did not give way in time.
+    #[error("{message}")]
+    Locked {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// The POP is at its limit of requests writing bodies.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// tus: the body's checksum differs from `Upload-Checksum`; nothing of it was kept.
     #[error("the body does not match Upload-Checksum; nothing of it was kept, send it again")]
     ChecksumMismatch,

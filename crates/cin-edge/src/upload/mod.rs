@@ -19,13 +19,15 @@ use cin_domain::{
     sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob,
     Segment, StoreOptions, Transition, UploadId, UploadMode,
 };
-use cin_storage::{ChunkError, ChunkSize, JobChange, MetadataStore, PartStore, SegmentLog};
+use cin_storage::{
+    BodyError, ChunkError, ChunkSize, JobChange, MetadataStore, PartStore, SegmentLog,
+};
 use futures_util::{Stream, StreamExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Apps;
 use crate::destinations::Destinations;
-use crate::disk::Disk;
+use crate::disk::{Charge, Disk};
 use crate::events::StatusEvents;
 use crate::observability::names;
 use crate::webhooks::Webhooks;
@@ -33,7 +35,7 @@ use assessment::Assessment;
 pub use error::UploadError;
 pub use expiry::SweepWorker;
 pub use lifecycle::{Lifecycle, UploadGuard};
-use locks::KeyedLocks;
+use locks::{KeyedLocks, Takeover};
 pub use reconcile::{reconcile, Reconciled};
 pub use tus::{Appended, DeclaredChecksum};
 
@@ -95,6 +97,11 @@ pub struct UploadLimits {
     pub max_file_size: u64,
     /// Unfinished uploads idle this long expire.
     pub expire_after: std::time::Duration,
+    /// Longest wait for a part that another request is writing. Its holder
+    /// finishes or stalls out within the body idle time, so that bounds it.
+    pub lock_wait: std::time::Duration,
+    /// Requests that may write bodies at the same time; more get 503.
+    pub max_body_writers: usize,
 }
 
 pub struct Uploads {
@@ -104,6 +111,8 @@ pub struct Uploads {
     /// Serialises the bodies written into one part (its record is written under
     /// the upload's lock, taken only briefly).
     part_locks: KeyedLocks<(UploadId, u32)>,
+    /// One permit per request writing a body.
+    body_writers: Arc<Semaphore>,
     assessment: Assessment,
 }
 
@@ -118,14 +127,50 @@ impl Uploads {
         Uploads {
             services,
             lifecycle,
+            body_writers: Arc::new(Semaphore::new(limits.max_body_writers)),
             limits,
             part_locks: KeyedLocks::new(),
+
             assessment: Assessment::default(),
         }
     }
 
     pub fn lifecycle(&self) -> &Arc<Lifecycle> {
         &self.lifecycle
+    }
+
+    /// A place among the requests writing bodies, or 503 when all are taken.
+    fn body_writer(&self) -> Result<BodyWriter, UploadError> {
+        let permit = self.body_writers.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!(names::REQUESTS_SHED, "reason" => "body_writers").increment(1);
+            UploadError::Overloaded {
+                message: format!(
+                    "this POP is already receiving {} request bodies; send this one again in a moment",
+                    self.limits.max_body_writers
+                ),
+                retry_after_secs: 1,
+            }
+        })?;
+        metrics::gauge!(names::BODIES_RECEIVING).increment(1.0);
+        Ok(BodyWriter { _permit: permit })
+    }
+
+    /// Takes the lock of the part a body is written into (see [`Takeover`]).
+    async fn part_lock(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+        takeover: Takeover,
+    ) -> Result<locks::KeyedGuard<'_, (UploadId, u32)>, UploadError> {
+        self.part_locks
+            .acquire((upload.clone(), part.get()), takeover, self.limits.lock_wait)
+            .await
+            .map_err(|_| UploadError::Locked {
+                message: format!(
+                    "part {part} of upload {upload} is being written by another request; try again in a moment"
+                ),
+                retry_after_secs: 1,
+            })
     }
 
     fn check_size(&self, size: u64) -> Result<(), UploadError> {
@@ -273,7 +318,7 @@ impl Uploads {
     pub async fn write_chunk<S, E>(&self, chunk: IncomingChunk<S>) -> Result<String, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         let file = self.check_chunk(&chunk.upload_id, chunk.offset, chunk.size)?;
         let declared_md5 = chunk
@@ -295,10 +340,17 @@ impl Uploads {
             })
             .transpose()?;
 
-        let _guard = self
-            .part_locks
-            .lock((chunk.upload_id.clone(), chunk.part.get()))
-            .await;
+        let _writing = self.body_writer()?;
+        // A newer request for the same chunk is a retry: the older one, most
+        // likely stalled on a dead connection, gives way to it.
+        let guard = self
+            .part_lock(
+                &chunk.upload_id,
+                chunk.part,
+                Takeover::SameClaim(chunk.offset),
+            )
+            .await?;
+        let body = guard.until_taken_over(Box::pin(chunk.body));
         let mut part = self
             .services
             .meta
@@ -317,6 +369,23 @@ impl Uploads {
                 ));
             }
         }
+        // Only bytes not acknowledged yet are new; with every other part's they
+        // may not pass the declared size.
+        let new_bytes = chunk.size - acknowledged_within(&part.received, chunk.offset, chunk.size);
+        let mut disk_write = self
+            .services
+            .disk
+            .begin_write(&chunk.upload_id, || self.remaining(&file))?;
+        disk_write.claim(new_bytes).map_err(|room| {
+            UploadError::invalid(
+                "over_declared_size",
+                format!(
+                    "this chunk brings {new_bytes} new bytes, but only {room} of the declared {} bytes are neither uploaded nor being uploaded; an upload holds no more than its declared size",
+                    file.size
+                ),
+            )
+        })?;
+        let (body, no_room) = self.services.disk.meter(body, Charge::Reserved);
         let receiving = std::time::Instant::now();
         let written = self
             .services
@@ -327,11 +396,15 @@ impl Uploads {
                 chunk.offset,
                 ChunkSize::Exact(chunk.size),
                 &part.received,
-                chunk.body,
+                body,
             )
             .await;
         let written = match written {
             Ok(w) => w,
+            Err(_) if no_room.hit() => {
+                metrics::counter!(names::CHUNK_FAILURES, "reason" => "no_space").increment(1);
+                return Err(self.services.disk.no_room());
+            }
             Err(e) => {
                 if matches!(e, ChunkError::Truncated { .. } | ChunkError::Body(_)) {
                     self.assessment.record_failure(&chunk.upload_id);
@@ -340,7 +413,6 @@ impl Uploads {
                 return Err(e.into());
             }
         };
-        self.services.disk.consumed(&chunk.upload_id, written.len);
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
@@ -366,7 +438,20 @@ impl Uploads {
         self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
             .await?;
         self.services.meta.flush().await?;
+        disk_write.landed();
         Ok(etag)
+    }
+
+    /// Bytes an upload may still write: its declared size less what it holds.
+    fn remaining(&self, file: &FileRecord) -> Result<u64, UploadError> {
+        let held: u64 = self
+            .services
+            .meta
+            .parts(&file.upload_id)?
+            .iter()
+            .map(|(_, p)| p.received.total())
+            .sum();
+        Ok(file.size.saturating_sub(held))
     }
 
     /// Records a part's bytes if the upload is still taking them (it may have
@@ -407,16 +492,8 @@ impl Uploads {
     /// Re-reserves disk room for the uploads in progress, after a restart.
     pub fn restore_reservations(&self) -> Result<(), UploadError> {
         for file in self.services.meta.uploading_files()? {
-            let received: u64 = self
-                .services
-                .meta
-                .parts(&file.upload_id)?
-                .iter()
-                .map(|(_, p)| p.received.total())
-                .sum();
-            self.services
-                .disk
-                .restore(&file.upload_id, file.size.saturating_sub(received));
+            let remaining = self.remaining(&file)?;
+            self.services.disk.restore(&file.upload_id, remaining);
         }
         Ok(())
     }
@@ -433,10 +510,7 @@ impl Uploads {
         part_number: PartNumber,
     ) -> Result<u64, UploadError> {
         let file = self.file_for_upload(upload)?;
-        let _guard = self
-            .part_locks
-            .lock((upload.clone(), part_number.get()))
-            .await;
+        let _guard = self.part_lock(upload, part_number, Takeover::Never).await?;
         let mut part = self
             .services
             .meta
@@ -568,16 +642,23 @@ impl Uploads {
     ) -> Result<FileRecord, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         if let Some(size) = declared_size {
             self.check_size(size)?;
         }
+        let _writing = self.body_writer()?;
         let mut file = self.new_record(&upload)?;
         self.services
             .disk
             .admit(&file.upload_id, declared_size.unwrap_or(0))?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => mode_label(file.mode)).increment(1);
+        // A body of unknown length reserved nothing: it is charged as it grows.
+        let charge = match declared_size {
+            Some(_) => Charge::Reserved,
+            None => Charge::Growing,
+        };
+        let (body, no_room) = self.services.disk.meter(body, charge);
         let stored = match declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
             Some(size) => self.store_small(size, body).await,
             None => {
@@ -588,6 +669,15 @@ impl Uploads {
                 self.store_in_part_file(&file.upload_id, limit, body).await
             }
         };
+        if no_room.hit() {
+            // The body was cut where the disk had no more room: none of it counts.
+            if stored.is_ok() {
+                let _ = self.services.parts.remove_upload(&file.upload_id).await;
+            }
+            self.services.disk.release(&file.upload_id);
+            metrics::counter!(names::UPLOADS_FAILED, "reason" => "no_space").increment(1);
+            return Err(self.services.disk.no_room());
+        }
         let segment = match stored {
             Ok(segment) => segment,
             Err(e) => {
@@ -621,13 +711,13 @@ impl Uploads {
     async fn store_small<S, E>(&self, size: u64, body: S) -> Result<Segment, ChunkError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         let mut frames = Vec::new();
         let mut received = 0u64;
         let mut body = std::pin::pin!(body);
         while let Some(frame) = body.next().await {
-            let frame = frame.map_err(|e| ChunkError::Body(e.to_string()))?;
+            let frame = frame.map_err(|e| ChunkError::Body(e.into()))?;
             received += frame.len() as u64;
             if received > size {
                 return Err(ChunkError::TooLong { expected: size });
@@ -652,7 +742,7 @@ impl Uploads {
     ) -> Result<Segment, ChunkError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         let part = single_part();
         self.services.parts.create_upload(upload).await?;
@@ -672,6 +762,17 @@ impl Uploads {
                 Err(e)
             }
         }
+    }
+}
+
+/// A request's place among those writing bodies.
+struct BodyWriter {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        metrics::gauge!(names::BODIES_RECEIVING).decrement(1.0);
     }
 }
 
@@ -699,6 +800,15 @@ fn count_chunk_failure(e: &ChunkError) {
         ChunkError::Storage(_) => "storage",
     };
     metrics::counter!(names::CHUNK_FAILURES, "reason" => reason).increment(1);
+}
+
+/// How many of the bytes `[offset, offset + size)` were acknowledged already.
+fn acknowledged_within(received: &cin_domain::RangeSet, offset: u64, size: u64) -> u64 {
+    received
+        .intersect(offset, offset.saturating_add(size))
+        .iter()
+        .map(|(start, end)| end - start)
+        .sum()
 }
 
 /// The part's length when its received bytes are one run from byte 0.

@@ -4,10 +4,12 @@
 
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
-use cin_storage::{ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
+use cin_storage::{BodyError, ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
 use futures_util::Stream;
 
+use super::locks::Takeover;
 use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads};
+use crate::disk::Charge;
 use crate::observability::names;
 
 /// A checksum the client declared for a PATCH body (`Upload-Checksum`).
@@ -62,6 +64,19 @@ impl Uploads {
         Ok(record)
     }
 
+    /// The offset a client resuming the upload continues from: a PATCH still
+    /// holding the upload (its client has given up on it, or it would not ask)
+    /// is stopped first, and what it received is counted.
+    pub async fn tus_resume_offset(&self, file: &FileRecord) -> Result<u64, UploadError> {
+        if file.status != FileStatus::Uploading {
+            return Ok(file.size);
+        }
+        let _guard = self
+            .part_lock(&file.upload_id, single_part(), Takeover::Always)
+            .await?;
+        self.tus_offset(&self.file_for_upload(&file.upload_id)?)
+    }
+
     /// The number of bytes received from offset 0 (the tus `Upload-Offset`).
     pub fn tus_offset(&self, file: &FileRecord) -> Result<u64, UploadError> {
         if file.status != FileStatus::Uploading {
@@ -87,9 +102,15 @@ impl Uploads {
     ) -> Result<Appended, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
-        let _guard = self.part_locks.lock((upload.clone(), 1)).await;
+        let _writing = self.body_writer()?;
+        // tus has one request at a time per upload: a newer one means the client
+        // gave up on the older (most likely stalled on a dead connection).
+        let guard = self
+            .part_lock(upload, single_part(), Takeover::Always)
+            .await?;
+        let body = guard.until_taken_over(Box::pin(body));
         let mut file = self.file_for_upload(upload)?;
         if matches!(
             &file.tus,
@@ -140,6 +161,8 @@ impl Uploads {
                         ),
                     ));
                 }
+                // Known now: the rest is reserved like any upload's, or refused.
+                self.services.disk.admit(upload, length - current)?;
                 file.size = length;
                 file.length_deferred = false;
                 self.lifecycle
@@ -162,6 +185,17 @@ impl Uploads {
             Some(c) => (c.kind, OnBreak::Refuse),
             None => (DigestKind::None, OnBreak::KeepPrefix),
         };
+        let mut disk_write = self
+            .services
+            .disk
+            .begin_write(upload, || self.remaining(&file))?;
+        // A deferred length reserved nothing: its bytes are charged as they come.
+        let charge = if file.length_deferred {
+            Charge::Growing
+        } else {
+            Charge::Reserved
+        };
+        let (body, no_room) = self.services.disk.meter(body, charge);
         let written = self
             .services
             .parts
@@ -187,6 +221,10 @@ impl Uploads {
             }
             Err(e) => return Err(e.into()),
         };
+        if no_room.hit() && checksum.is_some() {
+            // A checksummed body counts only whole.
+            return Err(self.services.disk.no_room());
+        }
         if let Some(declared) = checksum {
             if declared.digest != written.digest {
                 metrics::counter!(names::CHUNK_FAILURES, "reason" => "checksum_mismatch")
@@ -195,7 +233,7 @@ impl Uploads {
             }
         }
         let end = offset + written.len;
-        self.services.disk.consumed(upload, written.len);
+        disk_write.consumed(written.len);
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         if written.broken_off.is_some() {
             self.assessment.record_failure(upload);
@@ -219,6 +257,12 @@ impl Uploads {
             self.assessment.forget(upload);
         } else {
             self.services.meta.flush().await?;
+        }
+        if no_room.hit() {
+            // The body stopped where the disk had no more room; what arrived is
+            // durable and counted, and the client resumes from it later.
+            tracing::info!(%upload, kept = written.len, "PATCH body stopped: no disk room for more");
+            return Err(self.services.disk.no_room());
         }
         Ok(match written.broken_off {
             Some(reason) => {
