@@ -397,18 +397,6 @@ async fn past_the_body_writer_limit_uploads_get_503() {
     assert_eq!(body["error"]["code"], "overloaded");
 }
 
-fn raise_own_open_file_limit(to: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max.min(to.max(limit.rlim_cur));
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-}
-
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -422,7 +410,8 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 /// health checks or uploads: the longest-idle connections give way.
 #[tokio::test]
 async fn idle_connections_cannot_exhaust_the_pop() {
-    raise_own_open_file_limit(4096);
+    // This process holds 1,100 connections too.
+    cin_edge::server::raise_open_file_limit();
     let dir = tempfile::tempdir().unwrap();
     let mut command = PopProcess::command(dir.path(), &[]);
     {

@@ -108,6 +108,27 @@ async fn open_metadata(data_dir: &Path) -> SledMetadataStore {
     }
 }
 
+/// Waits until the store opened by [`open_metadata`] has let go of its lock:
+/// a dropped sled instance releases it from a background thread, and a POP
+/// started before then would find the store taken.
+async fn wait_until_released(data_dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let db = std::fs::File::open(data_dir.join("metadata").join("db")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the metadata store stayed locked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_start_collects_orphans_and_reports_files_that_lost_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,6 +233,7 @@ async fn a_start_collects_orphans_and_reports_files_that_lost_bytes() {
         meta.put_file(&file, JobChange::Keep).unwrap();
         meta.flush().await.unwrap();
     }
+    wait_until_released(data).await;
     // Local bytes lost: a part of a file in transit and of a stored one.
     std::fs::remove_file(parts.join(format!("{transit_upload}/00002"))).unwrap();
     std::fs::remove_file(parts.join(format!("{stored_upload}/00002"))).unwrap();
@@ -399,6 +421,7 @@ async fn references_to_final_uploads_that_were_never_written_are_dropped() {
         meta.put_file(&partial, JobChange::Keep).unwrap();
         meta.flush().await.unwrap();
     }
+    wait_until_released(dir.path()).await;
 
     let app = spawn_app_in(dir.path(), |_| {}).await;
     let deleted = app

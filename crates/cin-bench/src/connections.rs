@@ -22,7 +22,7 @@ const LEVELS: [usize; 3] = [1_000, 5_000, 10_000];
 const PROBES: usize = 200;
 
 pub async fn connections(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
-    let own_limit = raise_open_file_limit();
+    let own_limit = cin_edge::server::raise_open_file_limit();
     let pop = ctx.pop(true, None).await?;
     let address = pop.base.trim_start_matches("http://").to_owned();
     let mut rows = Vec::new();
@@ -98,27 +98,6 @@ pub async fn connections(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn raise_open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return raised.rlim_cur;
-        }
-    }
-    limit.rlim_cur
-}
-
 /// A connection that made one request and now sits idle, as a browser's or an
 /// SDK's pooled connection does.
 async fn idle_keep_alive(address: &str) -> anyhow::Result<TcpStream> {
@@ -175,26 +154,17 @@ async fn probe_health(base: &str) -> anyhow::Result<f64> {
 async fn stalled_retry(http: &reqwest::Client, base: &str) -> anyhow::Result<Duration> {
     let chunk = vec![0x5au8; 1 << 20];
     let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&chunk));
-    let start: Value = http
-        .post(format!("{base}/multipart/start"))
-        .json(&json!({"apikey": "bench", "filename": "stall.bin", "size": chunk.len(), "store": {"location": "s3"}}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let start = post_json(
+        http,
+        &format!("{base}/multipart/start"),
+        &json!({"apikey": "bench", "filename": "stall.bin", "size": chunk.len(), "store": {"location": "s3"}}),
+    )
+    .await?;
     let upload_id = start["upload_id"]
         .as_str()
         .context("start gave no upload_id")?;
     let ask = json!({"apikey": "bench", "upload_id": upload_id, "part": 1, "size": chunk.len(), "md5": md5, "store": {"location": "s3"}});
-    let answer: Value = http
-        .post(format!("{base}/multipart/upload"))
-        .json(&ask)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let answer = post_json(http, &format!("{base}/multipart/upload"), &ask).await?;
     let url = reqwest::Url::parse(answer["url"].as_str().context("no upload url")?)?;
     let mut stalled = TcpStream::connect((
         url.host_str().context("no host")?,
@@ -217,14 +187,7 @@ async fn stalled_retry(http: &reqwest::Client, base: &str) -> anyhow::Result<Dur
     wait_receiving(http, base).await?;
 
     let began = Instant::now();
-    let answer: Value = http
-        .post(format!("{base}/multipart/upload"))
-        .json(&ask)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let answer = post_json(http, &format!("{base}/multipart/upload"), &ask).await?;
     let mut put = http
         .put(answer["url"].as_str().context("no upload url")?)
         .body(chunk);
@@ -235,6 +198,17 @@ async fn stalled_retry(http: &reqwest::Client, base: &str) -> anyhow::Result<Dur
     let took = began.elapsed();
     drop(stalled);
     Ok(took)
+}
+
+async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Value> {
+    Ok(http
+        .post(url)
+        .json(body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
 /// Waits until the POP is reading the stalled body.

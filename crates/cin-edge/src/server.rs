@@ -75,7 +75,7 @@ impl ServerLimits {
 }
 
 /// Raises the soft open-file limit to the hard one; returns the soft limit now in force.
-fn raise_open_file_limit() -> u64 {
+pub fn raise_open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

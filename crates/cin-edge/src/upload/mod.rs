@@ -130,7 +130,6 @@ impl Uploads {
             body_writers: Arc::new(Semaphore::new(limits.max_body_writers)),
             limits,
             part_locks: KeyedLocks::new(),
-
             assessment: Assessment::default(),
         }
     }
