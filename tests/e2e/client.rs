@@ -368,3 +368,110 @@ async fn a_failed_start_fails_over_to_the_next_pop() {
         sha256_hex(&bytes)
     );
 }
+
+/// Records every failed exchange the uploader retried.
+#[derive(Default)]
+struct Failures(std::sync::Mutex<Vec<cin_client::TransportError>>);
+
+impl cin_client::Observer for Failures {
+    fn retrying(
+        &self,
+        _part: u32,
+        error: &cin_client::TransportError,
+        _next_chunk: u64,
+        _delay: Duration,
+    ) {
+        self.0.lock().unwrap().push(error.clone());
+    }
+}
+
+/// Deadlines short enough for a test: a chunk's whole exchange may take a
+/// minute, but a body that stops moving is abandoned after a second.
+fn impatient_options() -> UploadOptions {
+    let mut options = UploadOptions {
+        seed: Some(3),
+        ..UploadOptions::default()
+    };
+    options.timeouts.min = Duration::from_secs(60);
+    options.timeouts.stall_min = Duration::from_secs(1);
+    options.timeouts.stall_max = Duration::from_secs(1);
+    options.timeouts.answer = Duration::from_secs(2);
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_chunks_are_abandoned_and_retried_on_a_fresh_connection() {
+    let (app, proxy) = pop_behind(Faults {
+        // The first chunk of each of the first two parts, and a later one.
+        stall_nth: vec![0, 1, 5],
+        seed: 31,
+        ..Faults::default()
+    })
+    .await;
+    let bytes = random_bytes(12 * MIB, 31);
+    let failures = Arc::new(Failures::default());
+    let uploader = Uploader::new(
+        Arc::new(HttpTransport::new("k").expect("http client")),
+        Arc::new(TokioClock::new()),
+        impatient_options(),
+        failures.clone(),
+    );
+    let report = uploader
+        .upload(job(&bytes, vec![proxy.url()]))
+        .await
+        .expect("upload through a link that stalls");
+    assert_eq!(
+        sha256_hex(&app.download(&report.handle).await),
+        sha256_hex(&bytes)
+    );
+    let stalls = proxy.stalls();
+    assert_eq!(stalls, 3, "the proxy must actually have stalled requests");
+    let failures = failures.0.lock().unwrap();
+    let abandoned = failures
+        .iter()
+        .filter(|e| matches!(e, cin_client::TransportError::Stalled(_)))
+        .count();
+    // Each stall was noticed by its lack of progress, not by the chunk's whole deadline.
+    assert_eq!(abandoned as u64, stalls, "{failures:?}");
+    assert!(
+        !failures
+            .iter()
+            .any(|e| matches!(e, cin_client::TransportError::Timeout(_))),
+        "{failures:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_survives_a_blackout() {
+    let (app, proxy) = pop_behind(Faults {
+        // Slow enough that the blackout falls in the middle of the upload.
+        bandwidth: Some(16 * MIB as u64),
+        seed: 32,
+        ..Faults::default()
+    })
+    .await;
+    let bytes = random_bytes(32 * MIB, 32);
+    let job = job(&bytes, vec![proxy.url()]);
+    let upload = tokio::spawn(async move { uploader(impatient_options()).upload(job).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while proxy.put_body_bytes() < 4 * MIB as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.black_out(Duration::from_secs(3));
+    let report = upload
+        .await
+        .expect("join")
+        .expect("upload through a blackout");
+    assert!(
+        proxy.resets() >= 1,
+        "the blackout must have cut connections"
+    );
+    assert_eq!(
+        sha256_hex(&app.download(&report.handle).await),
+        sha256_hex(&bytes)
+    );
+}

@@ -1,6 +1,7 @@
 //! A fault-injecting TCP proxy for tests and the client benchmark: added latency,
-//! a bandwidth cap shared by all connections (one link), and connection resets in
-//! the middle of HTTP request bodies. It reads just enough HTTP/1.1 framing to
+//! a bandwidth cap shared by all connections (one link), connection resets and
+//! stalls (no more bytes either way, the sockets left open) in the middle of HTTP
+//! request bodies, and blackouts (every connection reset, new ones refused). It reads just enough HTTP/1.1 framing to
 //! cut a *request*, and counts the request-body bytes it let through, so tests can
 //! measure what a client re-sent.
 //!
@@ -36,6 +37,13 @@ pub struct Faults {
     pub reset_every: Option<u64>,
     /// Requests whose path starts with one of these are reset before reaching the server.
     pub reset_paths: Vec<String>,
+    /// Share (0..=1) of PUT requests that stall after a random number of body
+    /// bytes: nothing more is forwarded either way and both sockets stay open.
+    pub stall_share: f64,
+    /// PUT requests (by arrival, from 0) that stall halfway through their body.
+    pub stall_nth: Vec<usize>,
+    /// Until then the link is down: connections are reset, new ones refused.
+    pub blackout_until: Option<Instant>,
     pub seed: u64,
 }
 
@@ -85,6 +93,7 @@ struct Shared {
     puts: Mutex<Vec<PutRecord>>,
     /// PUT-body bytes parsed so far, and where the next `reset_every` break falls.
     body_parsed: Mutex<(u64, u64)>,
+    stalls: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,6 +103,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     fn faults(&self) -> Faults {
         lock(&self.faults).clone()
+    }
+
+    fn in_blackout(&self) -> bool {
+        lock(&self.faults)
+            .blackout_until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// Waits until `n` more bytes fit through the capped link.
@@ -135,6 +150,7 @@ impl FaultProxy {
             counters: Counters::default(),
             puts: Mutex::new(Vec::new()),
             body_parsed: Mutex::new((0, 0)),
+            stalls: AtomicU64::new(0),
         });
         shared.reset_break();
         let task = tokio::spawn(accept(listener, shared.clone()));
@@ -171,6 +187,16 @@ impl FaultProxy {
 
     pub fn resets(&self) -> u64 {
         self.shared.counters.resets.load(Ordering::SeqCst)
+    }
+
+    /// Requests stalled so far.
+    pub fn stalls(&self) -> u64 {
+        self.shared.stalls.load(Ordering::SeqCst)
+    }
+
+    /// Takes the link down for `duration` from now.
+    pub fn black_out(&self, duration: Duration) {
+        lock(&self.shared.faults).blackout_until = Some(Instant::now() + duration);
     }
 
     pub fn connections(&self) -> u64 {
@@ -230,6 +256,7 @@ enum End {
     Eof,
     Closed,
     Reset,
+    Stall,
 }
 
 enum Piece {
@@ -237,6 +264,7 @@ enum Piece {
     Data(Vec<u8>, Option<usize>),
     Eof,
     Reset,
+    Stall,
 }
 
 struct OpenGuard(Arc<Shared>);
@@ -253,6 +281,10 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
     let Some(addr) = *lock(&shared.upstream) else {
         return;
     };
+    if shared.in_blackout() {
+        let _ = client.set_zero_linger();
+        return;
+    }
     let Ok(upstream) = TcpStream::connect(addr).await else {
         return;
     };
@@ -269,6 +301,10 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
         tokio::select! {
             end = &mut up, if !up_done => {
                 if end == End::Reset { return; }
+                if end == End::Stall {
+                    // Nothing more either way; the sockets stay open until the proxy goes.
+                    std::future::pending::<()>().await;
+                }
                 up_done = true;
             }
             end = &mut down, if !down_done => {
@@ -307,7 +343,7 @@ async fn pump(
                     Dir::Down => vec![Piece::Data(buf[..n].to_vec(), None)],
                 };
                 for piece in pieces {
-                    let reset = matches!(piece, Piece::Reset);
+                    let reset = matches!(piece, Piece::Reset | Piece::Stall);
                     if reset {
                         let _ = from.as_ref().set_zero_linger();
                     }
@@ -321,7 +357,16 @@ async fn pump(
     let writer = async move {
         while let Some((at, piece)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
+            if shared.in_blackout() {
+                let _ = to.as_ref().set_zero_linger();
+                shared.counters.resets.fetch_add(1, Ordering::SeqCst);
+                return End::Reset;
+            }
             match piece {
+                Piece::Stall => {
+                    shared.stalls.fetch_add(1, Ordering::SeqCst);
+                    return End::Stall;
+                }
                 Piece::Data(bytes, put) => {
                     for slice in bytes.chunks(16 * 1024) {
                         if dir == Dir::Up {
@@ -368,8 +413,10 @@ enum Parser {
     Head(Vec<u8>),
     Body {
         remaining: u64,
-        /// Body bytes still to forward before the reset, for a request chosen to fail.
+        /// Body bytes still to forward before the reset (or stall), for a request chosen to fail.
         cut_after: Option<u64>,
+        /// The chosen failure is a stall, not a reset.
+        stall: bool,
         put: Option<usize>,
     },
     /// Framing this parser does not follow (chunked bodies): pass everything through.
@@ -412,6 +459,7 @@ impl Parser {
                 Parser::Body {
                     remaining,
                     cut_after,
+                    stall,
                     put,
                 } => {
                     let mut n = (*remaining).min(data.len() as u64);
@@ -419,6 +467,11 @@ impl Parser {
                     if let Some(cut) = cut_after {
                         if *cut < n {
                             n = *cut;
+                            if *stall {
+                                out.push(Piece::Data(data[..n as usize].to_vec(), *put));
+                                out.push(Piece::Stall);
+                                return out;
+                            }
                             reset = true;
                         }
                         *cut -= n;
@@ -494,6 +547,7 @@ impl Parser {
         }
         let mut put = None;
         let mut cut_after = None;
+        let mut stall = false;
         if method == "PUT" {
             let mut puts = lock(&shared.puts);
             puts.push(PutRecord {
@@ -504,13 +558,20 @@ impl Parser {
             });
             put = Some(puts.len() - 1);
             let mut rng = lock(&shared.rng);
-            if faults.reset_share > 0.0 && rng.gen_bool(faults.reset_share.min(1.0)) {
+            if faults.stall_nth.contains(&(puts.len() - 1)) {
+                cut_after = Some(content_length / 2);
+                stall = true;
+            } else if faults.reset_share > 0.0 && rng.gen_bool(faults.reset_share.min(1.0)) {
                 cut_after = Some(rng.gen_range(0..content_length));
+            } else if faults.stall_share > 0.0 && rng.gen_bool(faults.stall_share.min(1.0)) {
+                cut_after = Some(rng.gen_range(0..content_length));
+                stall = true;
             }
         }
         Some(Parser::Body {
             remaining: content_length,
             cut_after,
+            stall,
             put,
         })
     }

@@ -414,7 +414,9 @@ async fn timed_complete(
                     md5,
                     body,
                 },
-                Duration::from_secs(120),
+                cin_client::upload::UploadOptions::default()
+                    .timeouts
+                    .deadlines(8 * MIB, None),
             )
             .await?;
         transport

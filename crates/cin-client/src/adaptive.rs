@@ -208,9 +208,12 @@ impl BackoffPolicy {
     }
 }
 
-/// Per-request deadlines from measured throughput: a chunk gets `factor` times the
-/// time it should take, never less than `min` (so a short stall or a slow fsync is
-/// not a failure) and never more than `max`.
+/// Per-request deadlines from measured throughput. A chunk's whole exchange gets
+/// `factor` times the time it should take, never less than `min` (so a short
+/// stall or a slow fsync is not a failure) and never more than `max`. Within it,
+/// a body that makes no progress for the stall time is abandoned at once: that
+/// is how a dead connection (no reset, no answer) shows, and waiting for the
+/// whole deadline would stop the upload for minutes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimeoutPolicy {
     pub min: Duration,
@@ -219,7 +222,20 @@ pub struct TimeoutPolicy {
     /// Bytes per second assumed before anything was measured: pessimistic, so
     /// the first chunks on a slow link are not cut short.
     pub assumed_rate: f64,
+    /// The stall time is `stall_factor` times what one body piece
+    /// ([`PROGRESS_PIECE`] bytes) should take, within these bounds.
+    pub stall_min: Duration,
+    pub stall_max: Duration,
+    pub stall_factor: f64,
+    /// How long an answer may take once the request is sent (the POP makes the
+    /// chunk durable before it answers). Once a body is handed to the connection,
+    /// up to all of it may still sit in socket buffers: the time to send it at
+    /// the measured rate is allowed on top.
+    pub answer: Duration,
 }
+
+/// Bytes handed to the connection at a time; each one taken is progress.
+pub const PROGRESS_PIECE: u64 = 64 * KIB;
 
 impl Default for TimeoutPolicy {
     fn default() -> Self {
@@ -228,8 +244,23 @@ impl Default for TimeoutPolicy {
             max: Duration::from_secs(600),
             factor: 4.0,
             assumed_rate: (128 * KIB) as f64,
+            stall_min: Duration::from_secs(3),
+            stall_max: Duration::from_secs(30),
+            stall_factor: 8.0,
+            answer: Duration::from_secs(5),
         }
     }
+}
+
+/// The deadlines of one chunk exchange; see [`TimeoutPolicy`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChunkDeadlines {
+    /// The whole exchange.
+    pub total: Duration,
+    /// Longest time the body may go without progress.
+    pub stall: Duration,
+    /// Longest wait for an answer once a request's body is handed over.
+    pub answer: Duration,
 }
 
 impl TimeoutPolicy {
@@ -237,6 +268,25 @@ impl TimeoutPolicy {
         let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
         let secs = self.factor * bytes as f64 / rate;
         Duration::from_secs_f64(secs.min(self.max.as_secs_f64())).clamp(self.min, self.max)
+    }
+
+    /// How long a body may go without progress at `measured_rate`.
+    pub fn stall(&self, measured_rate: Option<f64>) -> Duration {
+        let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
+        let secs = self.stall_factor * PROGRESS_PIECE as f64 / rate;
+        Duration::from_secs_f64(secs.min(self.stall_max.as_secs_f64()))
+            .clamp(self.stall_min, self.stall_max)
+    }
+
+    pub fn deadlines(&self, bytes: u64, measured_rate: Option<f64>) -> ChunkDeadlines {
+        let total = self.for_chunk(bytes, measured_rate);
+        let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
+        let drain = Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()));
+        ChunkDeadlines {
+            total,
+            stall: self.stall(measured_rate).min(total),
+            answer: (self.answer + drain).min(total),
+        }
     }
 }
 
@@ -492,6 +542,20 @@ mod tests {
         assert_eq!(t.for_chunk(8 * MIB, Some(1.0)), t.max);
         // Unmeasured: the pessimistic assumption (1 MiB at 128 KiB/s = 8 s, x4).
         assert_eq!(t.for_chunk(MIB, None), Duration::from_secs(32));
+    }
+
+    #[test]
+    fn stalls_are_detected_in_seconds_whatever_the_chunk() {
+        let t = TimeoutPolicy::default();
+        // A fast link: the floor.
+        assert_eq!(t.stall(Some(40.0 * MIB as f64)), t.stall_min);
+        // 64 KiB at 64 KiB/s takes 1 s; eight times that.
+        assert_eq!(t.stall(Some(64.0 * KIB as f64)), Duration::from_secs(8));
+        assert_eq!(t.stall(Some(1.0)), t.stall_max);
+        // However big the chunk, a stall is found long before its whole deadline.
+        let d = t.deadlines(8 * MIB, Some(64.0 * KIB as f64));
+        assert_eq!(d.total, Duration::from_secs(512));
+        assert_eq!(d.stall, Duration::from_secs(8));
     }
 
     #[test]

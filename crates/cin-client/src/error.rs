@@ -10,6 +10,10 @@ pub enum TransportError {
     /// No complete answer within the request's deadline.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The request made no progress for this long (a dead connection that
+    /// neither resets nor answers); it was abandoned.
+    #[error("no progress for {0:?}; the connection was abandoned")]
+    Stalled(Duration),
     /// The connection could not be made, or broke (reset, closed early).
     #[error("network error: {0}")]
     Network(String),
@@ -55,6 +59,7 @@ impl TransportError {
         match self {
             // A garbled 2xx body is far more likely a cut connection than a broken POP.
             TransportError::Timeout(_)
+            | TransportError::Stalled(_)
             | TransportError::Network(_)
             | TransportError::Protocol(_) => Failure::Shrink,
             TransportError::Status { status, code, .. } => match *status {

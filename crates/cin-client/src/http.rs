@@ -1,14 +1,21 @@
 //! [`Transport`] over HTTP, speaking the POP's Filestack-compatible multipart API.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::adaptive::PROGRESS_PIECE;
 use crate::error::{ClientError, TransportError};
 use crate::transport::{
-    ChunkAck, ChunkRequest, CompleteRequest, Completed, StartRequest, Started, Transport,
+    ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
+    Transport,
 };
 
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
@@ -121,6 +128,68 @@ fn hint_header(headers: &reqwest::header::HeaderMap) -> Option<u64> {
         .filter(|&n: &u64| n > 0)
 }
 
+/// When a request body last made progress, and when it was all handed over.
+#[derive(Clone)]
+struct Progress(Arc<Mutex<(Instant, Option<Instant>)>>);
+
+impl Progress {
+    fn new() -> Self {
+        Progress(Arc::new(Mutex::new((Instant::now(), None))))
+    }
+
+    fn get(&self) -> (Instant, Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn moved(&self, finished: bool) {
+        let mut p = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        p.0 = now;
+        if finished {
+            p.1 = Some(now);
+        }
+    }
+
+    /// Resolves once the body has made no progress for `deadlines.stall`, or no
+    /// answer came `deadlines.answer` after the whole body was sent; gives how
+    /// long it waited.
+    async fn stalled(&self, deadlines: ChunkDeadlines) -> Duration {
+        loop {
+            let (last, finished) = self.get();
+            let (since, allowed) = match finished {
+                Some(at) => (at, deadlines.answer),
+                None => (last, deadlines.stall),
+            };
+            if since.elapsed() >= allowed {
+                return allowed;
+            }
+            tokio::time::sleep_until((since + allowed).into()).await;
+        }
+    }
+}
+
+/// A chunk's bytes in [`PROGRESS_PIECE`]s; the connection taking one is progress.
+struct Pieces {
+    rest: Bytes,
+    progress: Progress,
+}
+
+impl Stream for Pieces {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.rest.len().min(PROGRESS_PIECE as usize);
+        let piece = self.rest.split_to(n);
+        // The last piece handed over: from now on the answer is awaited.
+        let finished = self.rest.is_empty();
+        self.progress.moved(finished);
+        Poll::Ready(Some(Ok(piece)))
+    }
+}
+
 #[async_trait]
 impl Transport for HttpTransport {
     async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError> {
@@ -142,8 +211,9 @@ impl Transport for HttpTransport {
         &self,
         pop: &str,
         chunk: &ChunkRequest,
-        timeout: Duration,
+        deadlines: ChunkDeadlines,
     ) -> Result<ChunkAck, TransportError> {
+        let timeout = deadlines.total;
         let began = Instant::now();
         let body = json!({
             "apikey": self.apikey,
@@ -156,12 +226,22 @@ impl Transport for HttpTransport {
             "store": {"location": "s3"},
         });
         let (grant, _): (Value, _) = self
-            .post(url(pop, "/multipart/upload"), body, timeout)
+            .post(url(pop, "/multipart/upload"), body, deadlines.answer)
             .await?;
         let put_url = grant["url"]
             .as_str()
             .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?;
-        let mut put = self.http.put(put_url).body(chunk.body.clone());
+        let progress = Progress::new();
+        let mut put = self
+            .http
+            .put(put_url)
+            // The body streams in pieces so that its progress shows; the length
+            // is declared so it is not sent chunked.
+            .header(reqwest::header::CONTENT_LENGTH, chunk.body.len())
+            .body(reqwest::Body::wrap_stream(Pieces {
+                rest: chunk.body.clone(),
+                progress: progress.clone(),
+            }));
         if let Some(headers) = grant["headers"].as_object() {
             for (name, value) in headers {
                 if let Some(value) = value.as_str() {
@@ -173,11 +253,11 @@ impl Transport for HttpTransport {
         let left = timeout
             .saturating_sub(began.elapsed())
             .max(Duration::from_millis(1));
-        let resp = put
-            .timeout(left)
-            .send()
-            .await
-            .map_err(|e| from_reqwest(e, timeout))?;
+        let resp = tokio::select! {
+            sent = put.timeout(left).send() => sent.map_err(|e| from_reqwest(e, timeout))?,
+            // Dropping the request drops its connection: the retry gets a fresh one.
+            stalled = progress.stalled(deadlines) => return Err(TransportError::Stalled(stalled)),
+        };
         let resp = check(resp, timeout).await?;
         let hint = hint_header(resp.headers())
             .or_else(|| grant["chunk_size_hint"].as_u64().filter(|&n| n > 0));

@@ -17,8 +17,8 @@ use crate::ranges::RangeSet;
 use crate::source::MemorySource;
 use crate::state::{FileIdentity, StateDir};
 use crate::transport::{
-    ChunkAck, ChunkRequest, CompleteRequest, Completed, StartRequest, Started, StoreOptions,
-    Transport,
+    ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
+    StoreOptions, Transport,
 };
 use crate::upload::{Quiet, ResumePlan, UploadJob, UploadOptions, Uploader};
 
@@ -53,6 +53,8 @@ pub enum Fault {
     Reset,
     /// No answer until the request's deadline.
     Timeout,
+    /// The connection stops moving bytes halfway through the body, without a reset.
+    Stall,
     Status(u16, &'static str),
 }
 
@@ -62,6 +64,7 @@ pub struct Call {
     pub offset: u64,
     pub size: u64,
     pub timeout: Duration,
+    pub stall: Duration,
     pub fault: Option<Fault>,
 }
 
@@ -155,8 +158,9 @@ impl Transport for SimPop {
         &self,
         _pop: &str,
         chunk: &ChunkRequest,
-        timeout: Duration,
+        deadlines: ChunkDeadlines,
     ) -> Result<ChunkAck, TransportError> {
+        let timeout = deadlines.total;
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         // Let other part tasks run, as a real request would.
@@ -168,6 +172,7 @@ impl Transport for SimPop {
             offset: chunk.offset,
             size,
             timeout,
+            stall: deadlines.stall,
             fault: None,
         };
         let index = self.calls.lock().unwrap().len();
@@ -196,6 +201,11 @@ impl Transport for SimPop {
             Some(Fault::Timeout) => {
                 self.clock.advance(timeout);
                 Err(TransportError::Timeout(timeout))
+            }
+            Some(Fault::Stall) => {
+                self.clock
+                    .advance(self.latency + transfer / 2 + deadlines.stall);
+                Err(TransportError::Stalled(deadlines.stall))
             }
             Some(Fault::Status(status, code)) => {
                 self.clock.advance(self.latency);
@@ -492,6 +502,59 @@ async fn server_errors_are_retried_and_shrink() {
         .await
         .unwrap();
     assert_eq!(sizes(&pop.calls(), 1)[..2], [MIB, 512 * KIB]);
+}
+
+#[tokio::test]
+async fn a_stalled_chunk_is_abandoned_in_seconds_and_the_upload_goes_on() {
+    let clock = Arc::new(FakeClock::default());
+    // A slow link (64 KiB/s) where every fourth chunk stalls.
+    let mut sim = SimPop::new(clock.clone()).script(|_, i| (i % 4 == 3).then_some(Fault::Stall));
+    sim.bandwidth = (64 * KIB) as f64;
+    sim.latency = Duration::from_millis(1);
+    let pop = Arc::new(sim);
+    let bytes = data(4 * MIB as usize);
+    let mut opts = options();
+    opts.concurrency.initial = 1;
+    opts.concurrency.adaptive = false;
+    opts.chunks.initial = 512 * KIB;
+    let began = clock.now();
+    uploader(&pop, &clock, opts)
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls = pop.calls();
+    let stalled: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.fault == Some(Fault::Stall))
+        .collect();
+    assert!(stalled.len() >= 2, "{calls:?}");
+    for call in &stalled {
+        // 64 KiB at 64 KiB/s takes 1 s: abandoned after 8 s, not after the
+        // chunk's whole deadline (4x its transfer time, 32 s for 512 KiB).
+        let stall = call.stall.as_secs_f64();
+        assert!((7.9..=8.2).contains(&stall), "{call:?}");
+        assert!(call.timeout > call.stall * 3, "{call:?}");
+    }
+    // A stall shrinks the next chunk, as a reset does.
+    let first = calls
+        .iter()
+        .position(|c| c.fault == Some(Fault::Stall))
+        .unwrap();
+    assert_eq!(calls[first + 1].size, calls[first].size / 2);
+    // The file's 64 s at 64 KiB/s, and per stall the stall time, the half chunk
+    // lost and a backoff: not the 64 s whole deadline of a 1 MiB chunk.
+    let took = clock.now() - began;
+    let bound = Duration::from_secs(64)
+        + stalled
+            .iter()
+            .map(|c| {
+                c.stall
+                    + Duration::from_secs_f64(c.size as f64 / 2.0 / (64 * KIB) as f64)
+                    + Duration::from_secs(2)
+            })
+            .sum::<Duration>();
+    assert!(took < bound, "{took:?} >= {bound:?}");
 }
 
 #[tokio::test]

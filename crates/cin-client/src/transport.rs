@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::adaptive::ChunkDeadlines;
 use crate::error::TransportError;
 
 /// Where the POP delivers the finished file (Filestack's `store` options).
@@ -88,13 +89,12 @@ pub struct Completed {
 pub trait Transport: Send + Sync {
     async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError>;
 
-    /// Sends one chunk (ask for its upload URL, then PUT the bytes), all of it
-    /// within `timeout`.
+    /// Sends one chunk (ask for its upload URL, then PUT the bytes) within `deadlines`.
     async fn send_chunk(
         &self,
         pop: &str,
         chunk: &ChunkRequest,
-        timeout: Duration,
+        deadlines: ChunkDeadlines,
     ) -> Result<ChunkAck, TransportError>;
 
     /// Declares a part whole; `total_size` is the file's size.

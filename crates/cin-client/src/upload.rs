@@ -553,12 +553,12 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
             md5,
             body,
         };
-        let timeout = options.timeouts.for_chunk(size, throughput.rate());
+        let deadlines = options.timeouts.deadlines(size, throughput.rate());
         let sent_at = shared.clock.now();
         shared.counters.sent.fetch_add(size, Ordering::Relaxed);
         match shared
             .transport
-            .send_chunk(&shared.session.pop, &request, timeout)
+            .send_chunk(&shared.session.pop, &request, deadlines)
             .await
         {
             Ok(ack) => {
@@ -601,7 +601,10 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                     }
                     Failure::Retry => {}
                 }
-                if matches!(error, TransportError::Timeout(_)) {
+                if matches!(
+                    error,
+                    TransportError::Timeout(_) | TransportError::Stalled(_)
+                ) {
                     shared.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 }
                 shared.counters.failures.fetch_add(1, Ordering::Relaxed);
