@@ -259,3 +259,81 @@ async fn chunk_size_hints_shrink_when_bodies_break_off() {
         .unwrap();
     assert!(header >= 32 * 1024 && header <= 8 * MIB as u64, "{header}");
 }
+
+/// PUTs `body` to an upload URL granted for a chunk that declared `crc32c`.
+async fn put_with_crc32c(
+    app: &crate::support::TestApp,
+    upload_id: &str,
+    offset: usize,
+    declared_for: &[u8],
+    body: &[u8],
+) -> reqwest::Response {
+    use base64::Engine;
+    let crc = base64::engine::general_purpose::STANDARD
+        .encode(crc32c::crc32c(declared_for).to_be_bytes());
+    let grant: Value = app
+        .post_json(
+            "/multipart/upload",
+            json!({"apikey": "k", "upload_id": upload_id, "part": 1, "size": body.len(), "offset": offset, "crc32c": crc, "fii": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.http
+        .put(grant["url"].as_str().unwrap())
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_declared_crc32c_is_verified_instead_of_an_md5() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(MIB + 4321, 8);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "c.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+    let (first, second) = bytes.split_at(MIB);
+
+    // Bytes that do not match their declared CRC32C are refused, and nothing of
+    // them counts.
+    let mut corrupted = first.to_vec();
+    corrupted[1000] ^= 0x40;
+    let refused = put_with_crc32c(&app, upload_id, 0, first, &corrupted).await;
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "crc32c_mismatch");
+
+    for (offset, piece) in [(0, first), (MIB, second)] {
+        let resp = put_with_crc32c(&app, upload_id, offset, piece, piece).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    let commit = app
+        .post_json(
+            "/multipart/commit",
+            json!({"apikey": "k", "upload_id": upload_id, "part": 1, "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(commit.status(), 200);
+    let done = app
+        .complete(
+            upload_id,
+            json!({"fii": true, "filename": "c.bin", "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(done.status(), 200);
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+
+    // A CRC32C that is not one is refused before any byte is read.
+    let malformed = app
+        .post_json(
+            "/multipart/upload",
+            json!({"apikey": "k", "upload_id": upload_id, "part": 1, "size": 10, "crc32c": "not-base64!", "fii": true}),
+        )
+        .await;
+    assert!(malformed.status().is_client_error());
+}

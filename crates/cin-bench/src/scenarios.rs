@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use base64::Engine;
 use bytes::Bytes;
 use cin_client::transport::{ChunkRequest, CompleteRequest, StartRequest};
 use cin_client::{
@@ -13,7 +12,6 @@ use cin_client::{
     UploadOptions, UploadReport, Uploader,
 };
 use futures_util::StreamExt;
-use md5::Digest;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -403,17 +401,10 @@ async fn timed_complete(
         let part = u32::try_from(index + 1)?;
         let start = index * part_size;
         let body = pattern.bytes(start, part_size.min(size - start));
-        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
         transport
             .send_chunk(
                 &pop.base,
-                &ChunkRequest {
-                    upload_id: started.upload_id.clone(),
-                    part,
-                    offset: 0,
-                    md5,
-                    body,
-                },
+                &ChunkRequest::new(started.upload_id.clone(), part, 0, body),
                 cin_client::upload::UploadOptions::default()
                     .timeouts
                     .deadlines(8 * MIB, None),

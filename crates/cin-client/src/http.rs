@@ -220,7 +220,7 @@ impl Transport for HttpTransport {
             "upload_id": chunk.upload_id,
             "part": chunk.part,
             "size": chunk.body.len(),
-            "md5": chunk.md5,
+            "crc32c": chunk.crc32c,
             "offset": chunk.offset,
             "fii": true,
             "store": {"location": "s3"},

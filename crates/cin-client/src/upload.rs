@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
-use md5::Digest;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -545,14 +543,12 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
     while let Some((gap_start, gap_end)) = job.acked.first_gap(job.len) {
         let size = sizer.current().min(gap_end - gap_start);
         let body = shared.source.read_at(job.start + gap_start, size).await?;
-        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
-        let request = ChunkRequest {
-            upload_id: shared.session.upload_id.clone(),
-            part: job.number,
-            offset: gap_start,
-            md5,
+        let request = ChunkRequest::new(
+            shared.session.upload_id.clone(),
+            job.number,
+            gap_start,
             body,
-        };
+        );
         let deadlines = options.timeouts.deadlines(size, throughput.rate());
         let sent_at = shared.clock.now();
         shared.counters.sent.fetch_add(size, Ordering::Relaxed);

@@ -24,13 +24,15 @@ pub struct ChunkGrant {
     pub size: u64,
     /// Base64 MD5 the body must have, when the client declared one.
     pub md5: Option<String>,
+    /// Base64 CRC32C the body must have, when the client declared one.
+    pub crc32c: Option<String>,
     /// Unix seconds after which the URL is refused.
     pub expires: u64,
 }
 
 impl ChunkGrant {
     fn canonical(&self) -> String {
-        format!(
+        let mut canonical = format!(
             "{}\n{}\n{}\n{}\n{}\n{}",
             self.upload_id,
             self.part,
@@ -38,7 +40,13 @@ impl ChunkGrant {
             self.size,
             self.md5.as_deref().unwrap_or(""),
             self.expires
-        )
+        );
+        // Appended only when present, so URLs signed without it stay valid.
+        if let Some(crc32c) = &self.crc32c {
+            canonical.push_str("\ncrc32c:");
+            canonical.push_str(crc32c);
+        }
+        canonical
     }
 }
 
@@ -85,6 +93,7 @@ mod tests {
             offset: 0,
             size: 10,
             md5: None,
+            crc32c: None,
             expires: 99,
         };
         let sig = signer.sign(&grant);
@@ -94,6 +103,19 @@ mod tests {
             ..grant.clone()
         };
         assert!(!signer.verify(&bigger, &sig));
+        // A declared checksum is part of what is signed.
+        let with_crc = ChunkGrant {
+            crc32c: Some("AAAAAA==".into()),
+            ..grant.clone()
+        };
+        let crc_sig = signer.sign(&with_crc);
+        assert!(signer.verify(&with_crc, &crc_sig));
+        assert!(!signer.verify(&grant, &crc_sig));
+        let other_crc = ChunkGrant {
+            crc32c: Some("AAAAAQ==".into()),
+            ..grant.clone()
+        };
+        assert!(!signer.verify(&other_crc, &crc_sig));
         assert!(!UrlSigner::new(b"other".to_vec()).verify(&grant, &sig));
     }
 }

@@ -76,6 +76,8 @@ pub enum ChunkError {
     Conflict { offset: u64 },
     #[error("the body's MD5 is {actual}, not the declared {declared}; the chunk was corrupted in transit, send it again")]
     Md5Mismatch { declared: String, actual: String },
+    #[error("the body's CRC32C is {actual}, not the declared {declared}; the chunk was corrupted in transit, send it again")]
+    Crc32cMismatch { declared: String, actual: String },
     #[error(transparent)]
     Body(#[from] BodyError),
     #[error(transparent)]

@@ -52,6 +52,8 @@ impl ChunkSize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestKind {
     None,
+    /// Castagnoli CRC, hardware-accelerated: what the `cin` client declares per chunk.
+    Crc32c,
     Md5,
     Sha1,
     Sha256,
@@ -79,6 +81,7 @@ pub struct ChunkWritten {
 
 enum Hasher {
     None,
+    Crc32c(u32),
     Md5(Md5),
     Sha1(sha1::Sha1),
     Sha256(sha2::Sha256),
@@ -88,6 +91,7 @@ impl Hasher {
     fn new(kind: DigestKind) -> Self {
         match kind {
             DigestKind::None => Hasher::None,
+            DigestKind::Crc32c => Hasher::Crc32c(0),
             DigestKind::Md5 => Hasher::Md5(Md5::new()),
             DigestKind::Sha1 => Hasher::Sha1(sha1::Sha1::new()),
             DigestKind::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
@@ -97,6 +101,7 @@ impl Hasher {
     fn update(&mut self, bytes: &[u8]) {
         match self {
             Hasher::None => {}
+            Hasher::Crc32c(crc) => *crc = crc32c::crc32c_append(*crc, bytes),
             Hasher::Md5(h) => h.update(bytes),
             Hasher::Sha1(h) => h.update(bytes),
             Hasher::Sha256(h) => h.update(bytes),
@@ -106,6 +111,7 @@ impl Hasher {
     fn finish(self) -> Vec<u8> {
         match self {
             Hasher::None => Vec::new(),
+            Hasher::Crc32c(crc) => crc.to_be_bytes().to_vec(),
             Hasher::Md5(h) => h.finalize().to_vec(),
             Hasher::Sha1(h) => h.finalize().to_vec(),
             Hasher::Sha256(h) => h.finalize().to_vec(),

@@ -104,6 +104,9 @@ pub struct UploadRequest {
     pub size: u64,
     #[serde(default)]
     pub md5: Option<String>,
+    /// Base64 big-endian CRC32C of the chunk, verified instead of an MD5.
+    #[serde(default)]
+    pub crc32c: Option<String>,
     #[serde(default, deserialize_with = "lenient_opt_u64")]
     pub offset: Option<u64>,
 }
@@ -125,23 +128,29 @@ pub async fn upload(
         .uploads
         .check_chunk(&req.upload_id, offset, req.size)?;
     let md5 = req.md5.filter(|m| !m.is_empty());
+    let crc32c = req.crc32c.filter(|c| !c.is_empty());
     let grant = ChunkGrant {
         upload_id: req.upload_id.to_string(),
         part: part.get(),
         offset,
         size: req.size,
         md5: md5.clone(),
+        crc32c: crc32c.clone(),
         expires: now_unix() + state.config.uploads.upload_url_ttl_secs,
     };
     let signature = state.signer.sign(&grant);
-    let query = serde_urlencoded::to_string([
+    let mut query = vec![
         ("offset", grant.offset.to_string()),
         ("size", grant.size.to_string()),
         ("md5", md5.clone().unwrap_or_default()),
-        ("expires", grant.expires.to_string()),
-        ("signature", signature),
-    ])
-    .map_err(|e| ApiError::invalid("invalid_request", e.to_string()))?;
+    ];
+    if let Some(crc32c) = crc32c {
+        query.push(("crc32c", crc32c));
+    }
+    query.push(("expires", grant.expires.to_string()));
+    query.push(("signature", signature));
+    let query = serde_urlencoded::to_string(query)
+        .map_err(|e| ApiError::invalid("invalid_request", e.to_string()))?;
     let mut headers = Map::new();
     if let Some(md5) = md5 {
         headers.insert("Content-MD5".into(), json!(md5));
@@ -162,6 +171,8 @@ pub struct ChunkQuery {
     size: u64,
     #[serde(default)]
     md5: String,
+    #[serde(default)]
+    crc32c: String,
     #[serde(deserialize_with = "lenient_u64")]
     expires: u64,
     signature: String,
@@ -196,6 +207,7 @@ pub async fn put_chunk(
         offset: q.offset,
         size: q.size,
         md5: Some(q.md5.clone()).filter(|m| !m.is_empty()),
+        crc32c: Some(q.crc32c.clone()).filter(|c| !c.is_empty()),
         expires: q.expires,
     };
     if !state.signer.verify(&grant, &q.signature) {
@@ -235,6 +247,7 @@ pub async fn put_chunk(
             offset: q.offset,
             size: q.size,
             md5: grant.md5.or_else(|| header_md5.map(str::to_owned)),
+            crc32c: grant.crc32c,
             body: crate::body::data_stream(body),
         })
         .await;

@@ -20,7 +20,8 @@ use cin_domain::{
     Segment, StoreOptions, Transition, UploadId, UploadMode,
 };
 use cin_storage::{
-    BodyError, ChunkError, ChunkSize, JobChange, MetadataStore, PartStore, SegmentLog,
+    BodyError, ChunkError, ChunkSize, DigestKind, JobChange, MetadataStore, OnBreak, PartStore,
+    SegmentLog,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -67,6 +68,9 @@ pub struct IncomingChunk<S> {
     pub size: u64,
     /// Base64 MD5 the client declared for the bytes.
     pub md5: Option<String>,
+    /// Base64 big-endian CRC32C the client declared instead (cheaper to compute
+    /// on both ends); when present, no MD5 is computed.
+    pub crc32c: Option<String>,
     pub body: S,
 }
 
@@ -320,24 +324,16 @@ impl Uploads {
         E: Into<BodyError>,
     {
         let file = self.check_chunk(&chunk.upload_id, chunk.offset, chunk.size)?;
-        let declared_md5 = chunk
-            .md5
-            .as_deref()
-            .filter(|m| !m.is_empty())
-            .map(|m| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(m.trim())
-                    .ok()
-                    .filter(|d| d.len() == 16)
-                    .map(hex::encode)
-                    .ok_or_else(|| {
-                        UploadError::invalid(
-                            "invalid_md5",
-                            format!("md5 {m:?} is not a base64 MD5 digest"),
-                        )
-                    })
-            })
-            .transpose()?;
+        let declared_md5 = declared_digest(chunk.md5.as_deref(), 16, "invalid_md5", "md5")?;
+        let declared_crc32c =
+            declared_digest(chunk.crc32c.as_deref(), 4, "invalid_crc32c", "crc32c")?;
+        // One checksum is computed while writing: the declared CRC32C when there
+        // is one, else the MD5 (Filestack clients send it, and it is the ETag).
+        let digest = if declared_crc32c.is_some() {
+            DigestKind::Crc32c
+        } else {
+            DigestKind::Md5
+        };
 
         let _writing = self.body_writer()?;
         // A newer request for the same chunk is a retry: the older one, most
@@ -389,13 +385,15 @@ impl Uploads {
         let written = self
             .services
             .parts
-            .write_chunk(
+            .write(
                 &chunk.upload_id,
                 chunk.part,
                 chunk.offset,
                 ChunkSize::Exact(chunk.size),
                 &part.received,
                 body,
+                digest,
+                OnBreak::Refuse,
             )
             .await;
         let written = match written {
@@ -415,18 +413,23 @@ impl Uploads {
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
-        let md5_hex = hex::encode(&written.digest);
-        if let Some(declared) = declared_md5 {
-            if declared != md5_hex {
-                metrics::counter!(names::CHUNK_FAILURES, "reason" => "md5_mismatch").increment(1);
-                return Err(ChunkError::Md5Mismatch {
-                    declared,
-                    actual: md5_hex,
-                }
-                .into());
-            }
+        let digest_hex = hex::encode(&written.digest);
+        let mismatch = match (declared_crc32c, declared_md5) {
+            (Some(declared), _) if declared != digest_hex => Some(ChunkError::Crc32cMismatch {
+                declared,
+                actual: digest_hex.clone(),
+            }),
+            (None, Some(declared)) if declared != digest_hex => Some(ChunkError::Md5Mismatch {
+                declared,
+                actual: digest_hex.clone(),
+            }),
+            _ => None,
+        };
+        if let Some(mismatch) = mismatch {
+            count_chunk_failure(&mismatch);
+            return Err(mismatch.into());
         }
-        let etag = format!("\"{md5_hex}\"");
+        let etag = format!("\"{digest_hex}\"");
         part.received
             .insert(chunk.offset, chunk.offset + chunk.size);
         part.touched_at_ms = now_ms();
@@ -748,7 +751,17 @@ impl Uploads {
         let written = self
             .services
             .parts
-            .write_chunk(upload, part, 0, size, &Default::default(), body)
+            // Nothing to compare a digest with: the file's SHA-256 is checked at final storage.
+            .write(
+                upload,
+                part,
+                0,
+                size,
+                &Default::default(),
+                body,
+                DigestKind::None,
+                OnBreak::Refuse,
+            )
             .await;
         match written {
             Ok(written) => Ok(Segment {
@@ -796,6 +809,7 @@ fn count_chunk_failure(e: &ChunkError) {
         ChunkError::TooLong { .. } => "too_long",
         ChunkError::Conflict { .. } => "conflict",
         ChunkError::Md5Mismatch { .. } => "md5_mismatch",
+        ChunkError::Crc32cMismatch { .. } => "crc32c_mismatch",
         ChunkError::Storage(_) => "storage",
     };
     metrics::counter!(names::CHUNK_FAILURES, "reason" => reason).increment(1);
@@ -808,6 +822,29 @@ fn acknowledged_within(received: &cin_domain::RangeSet, offset: u64, size: u64) 
         .iter()
         .map(|(start, end)| end - start)
         .sum()
+}
+
+/// A digest the client declared (base64 of `len` bytes), as hex.
+fn declared_digest(
+    value: Option<&str>,
+    len: usize,
+    code: &'static str,
+    name: &str,
+) -> Result<Option<String>, UploadError> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()
+        .filter(|d| d.len() == len)
+        .map(|d| Some(hex::encode(d)))
+        .ok_or_else(|| {
+            UploadError::invalid(
+                code,
+                format!("{name} {value:?} is not the base64 of a {len}-byte digest"),
+            )
+        })
 }
 
 /// The part's length when its received bytes are one run from byte 0.
