@@ -8,6 +8,10 @@
 //! ```
 
 mod connections;
+// The e2e tests' fault-injecting proxy, shared rather than copied.
+#[path = "../../../tests/e2e/fault_proxy.rs"]
+mod fault_proxy;
+mod hostile;
 mod pop;
 mod report;
 mod s3;
@@ -23,7 +27,7 @@ use serde_json::json;
 use report::Row;
 use scenarios::Ctx;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "limit",
     "single",
     "complete-latency",
@@ -32,6 +36,7 @@ const SCENARIOS: [&str; 8] = [
     "small",
     "replicate",
     "connections",
+    "hostile",
 ];
 
 /// Benchmarks a CIN edge POP (started in-process on a temporary data directory
@@ -40,7 +45,7 @@ const SCENARIOS: [&str; 8] = [
 #[command(version, about)]
 pub struct Args {
     /// Scenarios to run, in order: limit, single, complete-latency, concurrent,
-    /// memory, small, replicate, connections, or all.
+    /// memory, small, replicate, connections, hostile, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
 
@@ -101,6 +106,22 @@ pub struct Args {
     /// replicate: parts in flight, for the POP's profile and the direct upload alike.
     #[arg(long, default_value_t = 4)]
     replicate_concurrency: usize,
+
+    /// hostile: file size per upload.
+    #[arg(long, default_value_t = 128)]
+    hostile_size_mib: u64,
+    /// hostile: the link's cap, in MB/s (10^6 bytes), shared by every connection.
+    #[arg(long, default_value_t = 40)]
+    hostile_cap_mb: u64,
+    /// hostile: round-trip time the proxy adds (half each way).
+    #[arg(long, default_value_t = 100)]
+    hostile_rtt_ms: u64,
+    /// hostile: runs per link and client, each with its own seed.
+    #[arg(long, default_value_t = 3)]
+    hostile_seeds: u64,
+    /// hostile: a run not finished by then counts as not completed.
+    #[arg(long, default_value_t = 300)]
+    hostile_limit_s: u64,
 
     /// A scenario with no request finishing for this long is reported as stalled.
     #[arg(long, default_value_t = 60)]
@@ -190,6 +211,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "small" => scenarios::small(&mut ctx).await,
                 "replicate" => scenarios::replicate(&mut ctx).await,
                 "connections" => connections::connections(&mut ctx).await,
+                "hostile" => hostile::hostile(&mut ctx).await,
                 _ => unreachable!("checked above"),
             }
         };

@@ -57,9 +57,11 @@ impl TransportError {
 
     pub fn classify(&self) -> Failure {
         match self {
+            // A dead connection says nothing about the chunk size or the load:
+            // smaller chunks would only mean more requests to stall.
+            TransportError::Stalled(_) => Failure::Retry,
             // A garbled 2xx body is far more likely a cut connection than a broken POP.
             TransportError::Timeout(_)
-            | TransportError::Stalled(_)
             | TransportError::Network(_)
             | TransportError::Protocol(_) => Failure::Shrink,
             TransportError::Status { status, code, .. } => match *status {

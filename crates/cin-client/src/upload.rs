@@ -597,10 +597,7 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                     }
                     Failure::Retry => {}
                 }
-                if matches!(
-                    error,
-                    TransportError::Timeout(_) | TransportError::Stalled(_)
-                ) {
+                if matches!(error, TransportError::Timeout(_)) {
                     shared.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 }
                 shared.counters.failures.fetch_add(1, Ordering::Relaxed);

@@ -109,3 +109,12 @@ pub enum BodyError {
     #[error("the request body broke off: {0}")]
     Interrupted(String),
 }
+
+impl BodyError {
+    /// Whether smaller chunks would have fared better: a connection that broke
+    /// mid-body may well (the fewer bytes, the fewer chances to break), one
+    /// that went silent, or was given up for a newer one, says nothing of size.
+    pub fn says_chunk_too_big(&self) -> bool {
+        matches!(self, BodyError::Interrupted(_))
+    }
+}

@@ -403,7 +403,12 @@ impl Uploads {
                 return Err(self.services.disk.no_room());
             }
             Err(e) => {
-                if matches!(e, ChunkError::Truncated { .. } | ChunkError::Body(_)) {
+                let size_related = match &e {
+                    ChunkError::Truncated { .. } => true,
+                    ChunkError::Body(b) => b.says_chunk_too_big(),
+                    _ => false,
+                };
+                if size_related {
                     self.assessment.record_failure(&chunk.upload_id);
                 }
                 count_chunk_failure(&e);

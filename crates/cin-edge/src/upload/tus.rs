@@ -235,8 +235,10 @@ impl Uploads {
         let end = offset + written.len;
         disk_write.consumed(written.len);
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
-        if written.broken_off.is_some() {
-            self.assessment.record_failure(upload);
+        if let Some(broken) = &written.broken_off {
+            if broken.says_chunk_too_big() {
+                self.assessment.record_failure(upload);
+            }
             metrics::counter!(names::CHUNK_FAILURES, "reason" => "truncated").increment(1);
         }
         if written.len > 0 {
