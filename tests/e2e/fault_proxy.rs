@@ -111,18 +111,24 @@ impl Shared {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    /// Waits until `n` more bytes fit through the capped link.
+    /// Waits until `n` more bytes fit through the capped link. The schedule is
+    /// exact; the wait is skipped while it is less than a few timer ticks ahead,
+    /// since a sleep of a fraction of a millisecond lasts a whole one and would
+    /// cap a fast link far below its rate.
     async fn pace(&self, n: usize) {
         let Some(rate) = self.faults().bandwidth.filter(|r| *r > 0) else {
             return;
         };
+        let now = Instant::now();
         let done = {
             let mut free = lock(&self.link_free_at);
-            let start = (*free).max(Instant::now());
+            let start = (*free).max(now);
             *free = start + Duration::from_secs_f64(n as f64 / rate as f64);
             *free
         };
-        tokio::time::sleep_until(done).await;
+        if done > now + Duration::from_millis(4) {
+            tokio::time::sleep_until(done).await;
+        }
     }
 
     fn draw_gap(&self, mean: u64) -> u64 {
