@@ -175,15 +175,20 @@ impl Disk {
         r
     }
 
-    /// Free bytes of the data directory's filesystem, as statvfs reports them.
-    fn free(&self) -> u64 {
+    /// Free and total bytes of the data directory's filesystem, as statvfs
+    /// reports them; unreadable counts as full.
+    fn space(&self) -> (u64, u64) {
         match fs4::statvfs(&self.data_dir) {
-            Ok(stats) => stats.available_space(),
+            Ok(stats) => (stats.available_space(), stats.total_space()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read disk usage");
-                0
+                (0, 0)
             }
         }
+    }
+
+    fn free(&self) -> u64 {
+        self.space().0
     }
 
     /// Free bytes uploads may use: the metadata store keeps the reserve's worth
@@ -202,13 +207,7 @@ impl Disk {
     }
 
     pub fn usage(&self) -> DiskUsage {
-        let (free, total) = match fs4::statvfs(&self.data_dir) {
-            Ok(stats) => (stats.available_space(), stats.total_space()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read disk usage");
-                (0, 0)
-            }
-        };
+        let (free, total) = self.space();
         DiskUsage {
             free,
             used: total.saturating_sub(free),
@@ -578,10 +577,11 @@ impl SpaceReserve {
             return;
         }
         let tmp = self.temporary();
-        match allocate(&tmp, self.bytes)
+        let made = allocate(&tmp, self.bytes)
             .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .and_then(|()| sync_parent(&self.path))
-        {
+            .map_err(|e| e.to_string())
+            .and_then(|()| sync_parent(&self.path).map_err(|e| e.to_string()));
+        match made {
             Ok(()) => {
                 self.held.store(true, Ordering::Release);
                 tracing::info!(
@@ -622,11 +622,9 @@ fn remove_durably(path: &Path) {
     }
 }
 
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+/// Makes a change to `path`'s directory entry durable.
+fn sync_parent(path: &Path) -> Result<(), cin_storage::StorageError> {
+    path.parent().map_or(Ok(()), cin_storage::sync_dir)
 }
 
 /// Looks at the disk every second (see [`Disk::maintain`]).

@@ -118,3 +118,16 @@ impl BodyError {
         matches!(self, BodyError::Interrupted(_))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_body_cut_off_mid_way_counts_against_the_chunk_size() {
+        assert!(BodyError::Interrupted("reset".into()).says_chunk_too_big());
+        assert!(!BodyError::Stalled { idle_secs: 30 }.says_chunk_too_big());
+        assert!(!BodyError::Superseded.says_chunk_too_big());
+        assert!(!BodyError::Malformed("bad chunk size".into()).says_chunk_too_big());
+    }
+}

@@ -21,7 +21,7 @@ pub use final_store::{
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
 pub use parts::{
-    ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore, SegmentOwner,
-    SegmentReader,
+    sync_dir, ByteStream, ChunkSize, ChunkWritten, DigestKind, LocalObject, OnBreak, PartStore,
+    SegmentOwner, SegmentReader,
 };
 pub use segment_log::SegmentLog;
