@@ -91,42 +91,10 @@ fn sample(metrics: &str, name: &str, label: Option<&str>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Opens the metadata store of a stopped POP (its last handles may close a moment after it stopped).
-async fn open_metadata(data_dir: &Path) -> SledMetadataStore {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match SledMetadataStore::open(&data_dir.join("metadata")) {
-            Ok(store) => return store,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "metadata store still locked: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Waits until the store opened by [`open_metadata`] has let go of its lock:
-/// a dropped sled instance releases it from a background thread, and a POP
-/// started before then would find the store taken.
-async fn wait_until_released(data_dir: &Path) {
-    use std::os::fd::AsRawFd;
-    let db = std::fs::File::open(data_dir.join("metadata").join("db")).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_UN) };
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the metadata store stayed locked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Opens the metadata store of a stopped POP (opening waits for the lock its
+/// last handles release a moment after it stopped).
+fn open_metadata(data_dir: &Path) -> SledMetadataStore {
+    SledMetadataStore::open(&data_dir.join("metadata")).expect("open the metadata store")
 }
 
 #[tokio::test]
@@ -226,14 +194,13 @@ async fn a_start_collects_orphans_and_reports_files_that_lost_bytes() {
     }
     // An eviction whose record was flushed before its log range was freed.
     {
-        let meta = open_metadata(data).await;
+        let meta = open_metadata(data);
         let handle = Handle::parse(&small[1]).unwrap();
         let mut file = meta.get_file(&handle).unwrap().unwrap();
         file.evicted_at_ms = Some(1);
         meta.put_file(&file, JobChange::Keep).unwrap();
         meta.flush().await.unwrap();
     }
-    wait_until_released(data).await;
     // Local bytes lost: a part of a file in transit and of a stored one.
     std::fs::remove_file(parts.join(format!("{transit_upload}/00002"))).unwrap();
     std::fs::remove_file(parts.join(format!("{stored_upload}/00002"))).unwrap();
@@ -414,14 +381,13 @@ async fn references_to_final_uploads_that_were_never_written_are_dropped() {
     let upload_id = UploadId::parse(url.rsplit('/').next().unwrap()).unwrap();
     app.stop().await;
     {
-        let meta = open_metadata(dir.path()).await;
+        let meta = open_metadata(dir.path());
         let handle = meta.handle_for_upload(&upload_id).unwrap().unwrap();
         let mut partial = meta.get_file(&handle).unwrap().unwrap();
         partial.referenced_by.push(Handle::generate());
         meta.put_file(&partial, JobChange::Keep).unwrap();
         meta.flush().await.unwrap();
     }
-    wait_until_released(dir.path()).await;
 
     let app = spawn_app_in(dir.path(), |_| {}).await;
     let deleted = app

@@ -21,6 +21,9 @@ pub enum StorageError {
     },
     #[error("metadata store error: {0}")]
     Sled(sled::Error),
+    /// Another process holds the metadata store's lock.
+    #[error("the metadata store {path} is in use by another process: stop the other cin-edge using this data_dir, or give this one its own")]
+    InUse { path: String },
     #[error("making writes durable failed: {0}")]
     Commit(String),
     #[error("the {0} thread has stopped; the POP is shutting down")]

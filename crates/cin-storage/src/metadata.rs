@@ -3,6 +3,7 @@
 //! durable and must complete before a client is told about them.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use cin_domain::{
     FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob, UploadId,
@@ -99,10 +100,12 @@ pub struct SledMetadataStore {
 
 impl SledMetadataStore {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = open_sled(
+            sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput),
+            path,
+        )?;
         let jobs = db.open_tree("jobs")?;
         let files = db.open_tree("files")?;
         let uploading = db.open_tree("uploading")?;
@@ -129,6 +132,41 @@ impl SledMetadataStore {
             db,
         })
     }
+}
+
+/// How long opening waits for the store's lock. A closed instance releases it
+/// from a background thread a moment after the last handle goes, so a store
+/// reopened at once (a restart in place) would otherwise find it taken.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens a sled database, waiting up to [`LOCK_WAIT`] for its lock. sled
+/// reports a taken lock only as text, so the lock (an `flock` on `db`, as sled
+/// takes it) is probed first.
+pub(crate) fn open_sled(config: sled::Config, path: &Path) -> Result<sled::Db, StorageError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    while lock_is_taken(&path.join("db"))? {
+        if Instant::now() >= deadline {
+            return Err(StorageError::InUse {
+                path: path.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(config.open()?)
+}
+
+/// Whether another open instance holds the lock on sled's `db` file.
+fn lock_is_taken(db: &Path) -> Result<bool, StorageError> {
+    use std::os::fd::AsRawFd;
+    let file = match std::fs::File::open(db) {
+        Ok(file) => file,
+        // A new store: nobody can hold it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(StorageError::io(format!("opening {}", db.display()), e)),
+    };
+    // SAFETY: flock on a descriptor owned here; closing it drops the probe lock.
+    let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    Ok(taken)
 }
 
 /// Brings what a crash between two writes may have left out of step back in

@@ -605,7 +605,8 @@ mod sled {
     /// Damages a value in place, through sled itself: tree names and key layout
     /// as [`SledMetadataStore`] writes them.
     fn damage_sled(path: &Path, target: Target<'_>, damage: Damage) {
-        let db = ::sled::Config::new().path(path).open().expect("open sled");
+        let db =
+            crate::metadata::open_sled(::sled::Config::new().path(path), path).expect("open sled");
         let (tree, key) = match target {
             Target::File(handle) => ("files", handle.as_str().as_bytes().to_vec()),
             Target::Job(handle) => ("jobs", handle.as_str().as_bytes().to_vec()),
