@@ -475,3 +475,42 @@ async fn an_upload_survives_a_blackout() {
         sha256_hex(&bytes)
     );
 }
+
+/// How many requests a route has answered (in this process: metrics are global).
+async fn requests_to(app: &TestApp, route: &str) -> f64 {
+    app.metric_with("cin_http_requests_total", &format!("route=\"{route}\""))
+        .await
+}
+
+/// With the upload grant of the start answer, a chunk is one PUT: no
+/// `/multipart/upload` round trip before it. A grant too close to its expiry is
+/// not used; the per-chunk call (which renews it) takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_chunk_is_one_request_while_the_upload_grant_lasts() {
+    let bytes = random_bytes(12 * MIB, 71);
+    for (ttl_secs, asks_per_put) in [(3600, 0.0), (5, 1.0)] {
+        let app = spawn_app_with(|c| c.uploads.upload_url_ttl_secs = ttl_secs).await;
+        let puts_before = requests_to(&app, "/upload/{upload_id}/{part}").await;
+        let asks_before = requests_to(&app, "/multipart/upload").await;
+        let options = UploadOptions {
+            seed: Some(4),
+            ..UploadOptions::default()
+        };
+        let report = uploader(options)
+            .upload(job(&bytes, vec![app.base.clone()]))
+            .await
+            .expect("upload");
+        assert_eq!(
+            sha256_hex(&app.download(&report.handle).await),
+            sha256_hex(&bytes)
+        );
+        let puts = requests_to(&app, "/upload/{upload_id}/{part}").await - puts_before;
+        let asks = requests_to(&app, "/multipart/upload").await - asks_before;
+        assert!(puts >= 2.0, "{puts} chunk PUTs");
+        assert_eq!(
+            asks,
+            asks_per_put * puts,
+            "ttl {ttl_secs} s: {asks} asks for {puts} PUTs"
+        );
+    }
+}

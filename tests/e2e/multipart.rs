@@ -337,3 +337,121 @@ async fn a_declared_crc32c_is_verified_instead_of_an_md5() {
         .await;
     assert!(malformed.status().is_client_error());
 }
+
+/// The upload grant of the start answer signs any chunk of its upload, and only
+/// of its upload: chunks go in one request each, at any part and offset.
+#[tokio::test]
+async fn an_upload_grant_signs_any_chunk_of_its_upload_and_nothing_else() {
+    use base64::Engine;
+    let app = spawn_app().await;
+    let bytes = random_bytes(3 * MIB + 999, 9);
+    let part_size = 2 * MIB;
+    let start = app
+        .start(json!({"apikey": "k", "filename": "g.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+    let grant = &start["upload_grant"];
+    let base = grant["url"].as_str().unwrap();
+    let put = |url: String, body: Vec<u8>| {
+        let http = app.http.clone();
+        async move { http.put(url).body(body).send().await.unwrap() }
+    };
+    let chunk_url = |base: &str, part: usize, offset: usize, body: &[u8], expires: u64| {
+        let crc =
+            base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(body).to_be_bytes());
+        let query = serde_urlencoded::to_string([
+            ("offset", offset.to_string()),
+            ("size", body.len().to_string()),
+            ("crc32c", crc),
+            ("grant", "upload".into()),
+            ("expires", expires.to_string()),
+            ("signature", grant["signature"].as_str().unwrap().to_owned()),
+        ])
+        .unwrap();
+        format!("{base}/{part}?{query}")
+    };
+    let expires = grant["expires"].as_u64().unwrap();
+
+    // Bytes that do not match the checksum in the query are refused.
+    let mut corrupted = bytes[..MIB].to_vec();
+    corrupted[7] ^= 1;
+    let resp = put(chunk_url(base, 1, 0, &bytes[..MIB], expires), corrupted).await;
+    assert_eq!(resp.status(), 400);
+
+    // Chunks of two parts, out of order, each one PUT.
+    let pieces = [
+        (2, 0, &bytes[part_size..part_size + MIB]),
+        (1, 0, &bytes[..MIB]),
+        (1, MIB, &bytes[MIB..part_size]),
+        (2, MIB, &bytes[part_size + MIB..]),
+    ];
+    for (part, offset, piece) in pieces {
+        let resp = put(
+            chunk_url(base, part, offset, piece, expires),
+            piece.to_vec(),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+
+    // Refused: another upload's URL, a later expiry, a chunk past the file's end.
+    let other = app
+        .start(json!({"apikey": "k", "filename": "o.bin", "size": 10, "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let other_base = base.replace(upload_id, other["upload_id"].as_str().unwrap());
+    let piece = &bytes[..10];
+    for (url, status, code) in [
+        (
+            chunk_url(&other_base, 1, 0, piece, expires),
+            403,
+            "invalid_signature",
+        ),
+        (
+            chunk_url(base, 1, 0, piece, expires + 1),
+            403,
+            "invalid_signature",
+        ),
+        (
+            chunk_url(base, 2, 2 * MIB, piece, expires),
+            400,
+            "over_declared_size",
+        ),
+    ] {
+        let resp = put(url, piece.to_vec()).await;
+        assert_eq!(resp.status(), status);
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code);
+    }
+
+    // The per-chunk call renews the grant.
+    let renewed: Value = app
+        .post_json(
+            "/multipart/upload",
+            json!({"apikey": "k", "upload_id": upload_id, "part": 1, "size": 10, "fii": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(renewed["upload_grant"]["url"], base);
+    assert!(renewed["upload_grant"]["expires"].as_u64().unwrap() >= expires);
+
+    for part in [1, 2] {
+        let commit = app
+            .post_json(
+                "/multipart/commit",
+                json!({"apikey": "k", "upload_id": upload_id, "part": part, "size": bytes.len()}),
+            )
+            .await;
+        assert_eq!(commit.status(), 200, "{}", commit.text().await.unwrap());
+    }
+    let done = app
+        .complete(
+            upload_id,
+            json!({"fii": true, "filename": "g.bin", "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(done.status(), 200);
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+}

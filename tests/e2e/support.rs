@@ -236,6 +236,20 @@ impl Pop {
             .sum()
     }
 
+    /// The sum of the samples of a metric family whose labels include `label`
+    /// (e.g. `route="/multipart/upload"`).
+    pub async fn metric_with(&self, family: &str, label: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Polls `/metrics` until `family` sums to at least `at_least` (or panics after `timeout`).
     pub async fn wait_metric(&self, family: &str, at_least: f64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -1,9 +1,10 @@
 //! [`Transport`] over HTTP, speaking the POP's Filestack-compatible multipart API.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use crate::adaptive::PROGRESS_PIECE;
 use crate::error::{ClientError, TransportError};
 use crate::transport::{
     ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
-    Transport,
+    Transport, UploadGrant,
 };
 
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
@@ -24,10 +25,16 @@ pub const CHUNK_SIZE_HINT_HEADER: &str = "cin-chunk-size-hint";
 /// Small control calls (start, commit, complete, metadata) get this long.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A grant this close to its expiry is renewed rather than used: the chunk
+/// might arrive after it (or the clocks differ a little).
+const GRANT_MARGIN_SECS: u64 = 120;
+
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
     apikey: String,
+    /// Upload grants by upload id, from start and upload answers.
+    grants: Arc<Mutex<HashMap<String, UploadGrant>>>,
 }
 
 impl HttpTransport {
@@ -44,7 +51,71 @@ impl HttpTransport {
         Ok(HttpTransport {
             http,
             apikey: apikey.into(),
+            grants: Arc::default(),
         })
+    }
+
+    fn grants(&self) -> std::sync::MutexGuard<'_, HashMap<String, UploadGrant>> {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember_grant(&self, upload_id: &str, grant: Option<UploadGrant>) {
+        if let Some(grant) = grant {
+            self.grants().insert(upload_id.to_owned(), grant);
+        }
+    }
+
+    /// The chunk's URL from the upload grant, while that is fresh.
+    fn granted_url(&self, chunk: &ChunkRequest) -> Option<String> {
+        let grant = self.grants().get(&chunk.upload_id).cloned()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if now + GRANT_MARGIN_SECS >= grant.expires {
+            return None;
+        }
+        let query = serde_urlencoded::to_string([
+            ("offset", chunk.offset.to_string()),
+            ("size", chunk.body.len().to_string()),
+            ("crc32c", chunk.crc32c.clone()),
+            ("grant", "upload".to_owned()),
+            ("expires", grant.expires.to_string()),
+            ("signature", grant.signature),
+        ])
+        .ok()?;
+        Some(format!("{}/{}?{query}", grant.url, chunk.part))
+    }
+
+    /// Asks the POP for the chunk's URL (and a fresh upload grant).
+    async fn ask_for_url(
+        &self,
+        pop: &str,
+        chunk: &ChunkRequest,
+        timeout: Duration,
+    ) -> Result<(String, Value), TransportError> {
+        let body = json!({
+            "apikey": self.apikey,
+            "upload_id": chunk.upload_id,
+            "part": chunk.part,
+            "size": chunk.body.len(),
+            "crc32c": chunk.crc32c,
+            "offset": chunk.offset,
+            "fii": true,
+            "store": {"location": "s3"},
+        });
+        let (grant, _): (Value, _) = self
+            .post(url(pop, "/multipart/upload"), body, timeout)
+            .await?;
+        let put_url = grant["url"]
+            .as_str()
+            .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?
+            .to_owned();
+        self.remember_grant(
+            &chunk.upload_id,
+            serde_json::from_value(grant["upload_grant"].clone()).ok(),
+        );
+        Ok((put_url, grant))
     }
 
     async fn post<T: DeserializeOwned>(
@@ -201,9 +272,10 @@ impl Transport for HttpTransport {
             "store": req.store,
             "fii": true,
         });
-        let (started, _) = self
+        let (started, _): (Started, _) = self
             .post(url(pop, "/multipart/start"), body, CONTROL_TIMEOUT)
             .await?;
+        self.remember_grant(&started.upload_id, started.upload_grant.clone());
         Ok(started)
     }
 
@@ -215,26 +287,16 @@ impl Transport for HttpTransport {
     ) -> Result<ChunkAck, TransportError> {
         let timeout = deadlines.total;
         let began = Instant::now();
-        let body = json!({
-            "apikey": self.apikey,
-            "upload_id": chunk.upload_id,
-            "part": chunk.part,
-            "size": chunk.body.len(),
-            "crc32c": chunk.crc32c,
-            "offset": chunk.offset,
-            "fii": true,
-            "store": {"location": "s3"},
-        });
-        let (grant, _): (Value, _) = self
-            .post(url(pop, "/multipart/upload"), body, deadlines.answer)
-            .await?;
-        let put_url = grant["url"]
-            .as_str()
-            .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?;
+        let granted = self.granted_url(chunk);
+        let from_grant = granted.is_some();
+        let (put_url, answer) = match granted {
+            Some(put_url) => (put_url, Value::Null),
+            None => self.ask_for_url(pop, chunk, deadlines.answer).await?,
+        };
         let progress = Progress::new();
         let mut put = self
             .http
-            .put(put_url)
+            .put(&put_url)
             // The body streams in pieces so that its progress shows; the length
             // is declared so it is not sent chunked.
             .header(reqwest::header::CONTENT_LENGTH, chunk.body.len())
@@ -242,7 +304,7 @@ impl Transport for HttpTransport {
                 rest: chunk.body.clone(),
                 progress: progress.clone(),
             }));
-        if let Some(headers) = grant["headers"].as_object() {
+        if let Some(headers) = answer["headers"].as_object() {
             for (name, value) in headers {
                 if let Some(value) = value.as_str() {
                     put = put.header(name.as_str(), value);
@@ -258,9 +320,21 @@ impl Transport for HttpTransport {
             // Dropping the request drops its connection: the retry gets a fresh one.
             stalled = progress.stalled(deadlines) => return Err(TransportError::Stalled(stalled)),
         };
-        let resp = check(resp, timeout).await?;
+        let resp = match check(resp, timeout).await {
+            // Refused by signature or expiry: the next attempt asks for a URL,
+            // which renews the grant.
+            Err(TransportError::Status { status: 403, .. }) if from_grant => {
+                self.grants().remove(&chunk.upload_id);
+                return Err(TransportError::Status {
+                    status: 403,
+                    code: "url_expired".into(),
+                    message: "the upload grant was refused; asking for a new one".into(),
+                });
+            }
+            other => other?,
+        };
         let hint = hint_header(resp.headers())
-            .or_else(|| grant["chunk_size_hint"].as_u64().filter(|&n| n > 0));
+            .or_else(|| answer["chunk_size_hint"].as_u64().filter(|&n| n > 0));
         // Read the (tiny) body so the connection goes back to the pool.
         resp.bytes().await.map_err(|e| from_reqwest(e, timeout))?;
         Ok(ChunkAck { size_hint: hint })

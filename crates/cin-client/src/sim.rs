@@ -151,6 +151,7 @@ impl Transport for SimPop {
             handle: "HANDLE".into(),
             url: format!("{pop}/HANDLE"),
             location_url: pop.into(),
+            upload_grant: None,
         })
     }
 

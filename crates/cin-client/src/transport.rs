@@ -48,6 +48,19 @@ pub struct Started {
     pub url: String,
     #[serde(default)]
     pub location_url: String,
+    /// Signs any chunk of this upload, so a chunk needs no URL of its own.
+    #[serde(default)]
+    pub upload_grant: Option<UploadGrant>,
+}
+
+/// A POP's signature for any chunk of one upload (`upload_grant` in the start
+/// and upload answers): chunks go to `{url}/{part}?offset=..&size=..&grant=upload&expires=..&signature=..`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct UploadGrant {
+    pub url: String,
+    /// Unix seconds.
+    pub expires: u64,
+    pub signature: String,
 }
 
 /// One chunk: `body` goes at `offset` inside part `part` (1-based).
@@ -107,7 +120,8 @@ pub struct Completed {
 pub trait Transport: Send + Sync {
     async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError>;
 
-    /// Sends one chunk (ask for its upload URL, then PUT the bytes) within `deadlines`.
+    /// Sends one chunk within `deadlines`: a PUT, preceded by a call for its URL
+    /// when no upload grant covers it.
     async fn send_chunk(
         &self,
         pop: &str,

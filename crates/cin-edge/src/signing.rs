@@ -1,6 +1,7 @@
 //! Signed part-upload URLs: `/multipart/upload` hands out a URL that names exactly
 //! one chunk (upload, part, offset, size, MD5) and expires; the PUT handler accepts
-//! only URLs this POP signed.
+//! only URLs this POP signed. Beside it, an upload grant allows any chunk of one
+//! upload, so a client that has it sends each chunk in one request, not two.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,11 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 pub struct UrlSigner {
     secret: Vec<u8>,
+}
+
+/// What a signature covers: the canonical string of a grant.
+pub trait Signed {
+    fn canonical(&self) -> String;
 }
 
 /// The chunk a signed URL allows.
@@ -30,7 +36,7 @@ pub struct ChunkGrant {
     pub expires: u64,
 }
 
-impl ChunkGrant {
+impl Signed for ChunkGrant {
     fn canonical(&self) -> String {
         let mut canonical = format!(
             "{}\n{}\n{}\n{}\n{}\n{}",
@@ -47,6 +53,26 @@ impl ChunkGrant {
             canonical.push_str(crc32c);
         }
         canonical
+    }
+}
+
+/// Any chunk of one upload, until `expires`. Offsets and sizes are not signed:
+/// every chunk is checked against the upload's declared size when it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadGrant {
+    pub upload_id: String,
+    pub expires: u64,
+}
+
+impl UploadGrant {
+    /// The query value that marks a chunk URL as signed by an upload grant.
+    pub const SCOPE: &'static str = "upload";
+}
+
+impl Signed for UploadGrant {
+    fn canonical(&self) -> String {
+        // The scope leads, so no chunk grant's string can equal an upload grant's.
+        format!("{}\n{}\n{}", Self::SCOPE, self.upload_id, self.expires)
     }
 }
 
@@ -67,14 +93,14 @@ impl UrlSigner {
         HmacSha256::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!())
     }
 
-    pub fn sign(&self, grant: &ChunkGrant) -> String {
+    pub fn sign(&self, grant: &impl Signed) -> String {
         let mut mac = self.mac();
         mac.update(grant.canonical().as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
 
     /// True when `signature` is this POP's signature of `grant` (compared in constant time).
-    pub fn verify(&self, grant: &ChunkGrant, signature: &str) -> bool {
+    pub fn verify(&self, grant: &impl Signed, signature: &str) -> bool {
         let expected = self.sign(grant);
         expected.as_bytes().ct_eq(signature.as_bytes()).into()
     }
@@ -117,5 +143,28 @@ mod tests {
         };
         assert!(!signer.verify(&other_crc, &crc_sig));
         assert!(!UrlSigner::new(b"other".to_vec()).verify(&grant, &sig));
+    }
+
+    #[test]
+    fn an_upload_grant_is_bound_to_its_upload_and_expiry() {
+        let signer = UrlSigner::new(b"k".to_vec());
+        let grant = UploadGrant {
+            upload_id: "u".into(),
+            expires: 99,
+        };
+        let sig = signer.sign(&grant);
+        assert!(signer.verify(&grant, &sig));
+        for altered in [
+            UploadGrant {
+                upload_id: "v".into(),
+                ..grant.clone()
+            },
+            UploadGrant {
+                expires: 100,
+                ..grant.clone()
+            },
+        ] {
+            assert!(!signer.verify(&altered, &sig));
+        }
     }
 }

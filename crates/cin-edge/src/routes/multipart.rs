@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::input::{
     lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm, Path, Query,
 };
-use crate::signing::{now_unix, ChunkGrant};
+use crate::signing::{now_unix, ChunkGrant, UploadGrant};
 use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -87,6 +87,7 @@ pub async fn start(
         "location_url": state.location_url,
         "handle": file.handle,
         "url": filelink(&state, &file),
+        "upload_grant": upload_grant(&state, &file.upload_id),
     });
     if req.fii {
         answer["upload_type"] = json!("intelligent_ingestion");
@@ -160,7 +161,25 @@ pub async fn upload(
         "headers": headers,
         "location_url": state.location_url,
         "chunk_size_hint": state.uploads.chunk_size_hint(&req.upload_id),
+        "upload_grant": upload_grant(&state, &req.upload_id),
     })))
+}
+
+/// Signs a grant for any chunk of `upload` and says how to use it: `PUT
+/// {url}/{part}?offset=..&size=..&grant=upload&expires=..&signature=..`, with an
+/// optional `crc32c` or `md5` in the query. A chunk then costs one request, not
+/// two; the per-chunk `/multipart/upload` stays for the official SDKs, and its
+/// answer renews the grant.
+fn upload_grant(state: &SharedState, upload: &UploadId) -> Value {
+    let grant = UploadGrant {
+        upload_id: upload.to_string(),
+        expires: now_unix() + state.config.uploads.upload_url_ttl_secs,
+    };
+    json!({
+        "url": format!("{}/upload/{}", state.public_url, upload),
+        "expires": grant.expires,
+        "signature": state.signer.sign(&grant),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,9 +195,12 @@ pub struct ChunkQuery {
     #[serde(deserialize_with = "lenient_u64")]
     expires: u64,
     signature: String,
+    /// `upload` when the URL was built from an upload grant.
+    #[serde(default)]
+    grant: String,
 }
 
-#[utoipa::path(put, path = "/upload/{upload_id}/{part}", tag = "multipart", params(("upload_id" = String, Path, description = "Upload id"), ("part" = u32, Path, description = "Part number, 1-based"), ("offset" = u64, Query, description = "Offset inside the part"), ("size" = u64, Query, description = "Chunk size"), ("md5" = String, Query, description = "Declared base64 MD5"), ("expires" = u64, Query, description = "Unix expiry of the URL"), ("signature" = String, Query, description = "The POP's signature")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, description = "Durable: ETag is the chunk's MD5; Cin-Chunk-Size-Hint"), (status = 400, description = "MD5 mismatch, truncated or overlong body"), (status = 403, description = "Unsigned, altered or expired URL"), (status = 409, description = "Different bytes over acknowledged ones")))]
+#[utoipa::path(put, path = "/upload/{upload_id}/{part}", tag = "multipart", params(("upload_id" = String, Path, description = "Upload id"), ("part" = u32, Path, description = "Part number, 1-based"), ("offset" = u64, Query, description = "Offset inside the part"), ("size" = u64, Query, description = "Chunk size"), ("md5" = String, Query, description = "Declared base64 MD5"), ("expires" = u64, Query, description = "Unix expiry of the URL"), ("signature" = String, Query, description = "The POP's signature"), ("grant" = String, Query, description = "`upload` for a URL built from the upload grant of the start answer")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, description = "Durable: ETag is the chunk's MD5; Cin-Chunk-Size-Hint"), (status = 400, description = "MD5 mismatch, truncated or overlong body"), (status = 403, description = "Unsigned, altered or expired URL"), (status = 409, description = "Different bytes over acknowledged ones")))]
 pub async fn put_chunk(
     State(state): State<SharedState>,
     Path((upload_id, part)): Path<(String, String)>,
@@ -210,7 +232,18 @@ pub async fn put_chunk(
         crc32c: Some(q.crc32c.clone()).filter(|c| !c.is_empty()),
         expires: q.expires,
     };
-    if !state.signer.verify(&grant, &q.signature) {
+    let signed = match q.grant.as_str() {
+        "" => state.signer.verify(&grant, &q.signature),
+        UploadGrant::SCOPE => state.signer.verify(
+            &UploadGrant {
+                upload_id: upload_id.to_string(),
+                expires: q.expires,
+            },
+            &q.signature,
+        ),
+        _ => false,
+    };
+    if !signed {
         return Err(refused());
     }
     if q.expires < now_unix() {
