@@ -112,7 +112,11 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     );
 
     let mut rows = Vec::new();
-    for link in &links {
+    let chosen = |link: &Link| {
+        let wanted = &ctx.args.hostile_links;
+        wanted.is_empty() || wanted.iter().any(|w| link.name.contains(w.as_str()))
+    };
+    for link in links.iter().filter(|l| chosen(l)) {
         for (client, options) in &clients {
             let mut runs = Runs::default();
             for seed in 0..seeds {

@@ -119,6 +119,10 @@ pub struct Args {
     /// hostile: runs per link and client, each with its own seed.
     #[arg(long, default_value_t = 3)]
     hostile_seeds: u64,
+    /// hostile: only the links whose names contain one of these words (e.g.
+    /// `clean,resets`); every link when empty.
+    #[arg(long, value_delimiter = ',')]
+    hostile_links: Vec<String>,
     /// hostile: a run not finished by then counts as not completed.
     #[arg(long, default_value_t = 300)]
     hostile_limit_s: u64,
@@ -142,6 +146,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    // Quiet unless RUST_LOG asks (e.g. `RUST_LOG=cin_client=debug` shows every
+    // chunk decision of the hostile scenario).
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if let Err(e) = run(args).await {
         eprintln!("cin-bench: {e:#}");
         std::process::exit(1);

@@ -407,11 +407,8 @@ async fn timed_complete(
                 &ChunkRequest::new(started.upload_id.clone(), part, 0, body),
                 cin_client::upload::UploadOptions::default()
                     .timeouts
-                    .deadlines(8 * MIB, None),
+                    .deadlines(8 * MIB, None, &Default::default(), 0),
             )
-            .await?;
-        transport
-            .commit(&pop.base, &started.upload_id, part, size)
             .await?;
     }
     let began = Instant::now();

@@ -108,6 +108,14 @@ impl ChunkSizer {
         }
     }
 
+    /// Doubles the size at once (within the ceiling), whatever the streak.
+    pub fn grow(&mut self) {
+        if self.policy.adaptive {
+            self.streak = 0;
+            self.current = self.clamp(self.current.saturating_mul(2));
+        }
+    }
+
     pub fn on_failure(&mut self) {
         self.streak = 0;
         self.failed = true;
@@ -157,16 +165,17 @@ impl FailureStats {
         }
     }
 
-    /// Whether chunks half of `size` fail markedly less often. Without enough
-    /// samples of both sizes the answer is yes: halving is the safe default.
+    /// Whether chunks smaller than `size` fail markedly less often than chunks
+    /// of its size and above. Classes are pooled on each side, so a part that
+    /// shrank into sizes nobody tried yet still learns from the rest. Without
+    /// enough samples on both sides the answer is yes: halving is the safe default.
     pub fn halving_helps(&self, size: u64) -> bool {
         let class = Self::class(size);
-        let (Some(&(a1, f1)), Some(&(a0, f0))) = (
-            self.classes.get(&class),
-            class.checked_sub(1).and_then(|c| self.classes.get(&c)),
-        ) else {
-            return true;
+        let pooled = |range: &mut dyn Iterator<Item = (&u32, &(f64, f64))>| {
+            range.fold((0.0, 0.0), |(a, f), (_, &(ca, cf))| (a + ca, f + cf))
         };
+        let (a1, f1) = pooled(&mut self.classes.range(class..));
+        let (a0, f0) = pooled(&mut self.classes.range(..class));
         if a1 < Self::MIN_SAMPLES || a0 < Self::MIN_SAMPLES {
             return true;
         }
@@ -219,8 +228,10 @@ pub struct TimeoutPolicy {
     pub min: Duration,
     pub max: Duration,
     pub factor: f64,
-    /// Bytes per second assumed before anything was measured: pessimistic, so
-    /// the first chunks on a slow link are not cut short.
+    /// Bytes per second assumed before anything was measured. Optimistic: a
+    /// first chunk cut short on a slower link is retried with doubled
+    /// patience (see [`TimeoutPolicy::deadlines`]), while a pessimistic guess
+    /// would leave the first dead connection of every part undetected for long.
     pub assumed_rate: f64,
     /// The stall time is `stall_factor` times what one body piece
     /// ([`PROGRESS_PIECE`] bytes) should take, within these bounds.
@@ -228,10 +239,15 @@ pub struct TimeoutPolicy {
     pub stall_max: Duration,
     pub stall_factor: f64,
     /// How long an answer may take once the request is sent (the POP makes the
-    /// chunk durable before it answers). Once a body is handed to the connection,
-    /// up to all of it may still sit in socket buffers: the time to send it at
-    /// the measured rate is allowed on top.
+    /// chunk durable before it answers), before any answer was timed. Once a
+    /// body is handed to the connection, up to all of it may still sit in
+    /// socket buffers: the time to send it at the measured rate is allowed on top.
     pub answer: Duration,
+    /// Once answers were timed ([`AnswerWait`]): `answer_factor` times the
+    /// typical wait, at least `answer_min`. A dead connection then shows in
+    /// about a second or two on a healthy link, not in `answer` plus the drain.
+    pub answer_min: Duration,
+    pub answer_factor: f64,
 }
 
 /// Bytes handed to the connection at a time; each one taken is progress.
@@ -243,11 +259,13 @@ impl Default for TimeoutPolicy {
             min: Duration::from_secs(10),
             max: Duration::from_secs(600),
             factor: 4.0,
-            assumed_rate: (128 * KIB) as f64,
+            assumed_rate: MIB as f64,
             stall_min: Duration::from_secs(3),
             stall_max: Duration::from_secs(30),
             stall_factor: 8.0,
-            answer: Duration::from_secs(5),
+            answer: Duration::from_secs(3),
+            answer_min: Duration::from_secs(1),
+            answer_factor: 4.0,
         }
     }
 }
@@ -278,15 +296,65 @@ impl TimeoutPolicy {
             .clamp(self.stall_min, self.stall_max)
     }
 
-    pub fn deadlines(&self, bytes: u64, measured_rate: Option<f64>) -> ChunkDeadlines {
+    /// The deadlines of a chunk of `bytes`. `stalls_in_row` is how many times
+    /// in a row this chunk's connection went dead: each doubles the stall and
+    /// answer deadlines, so deadlines that turn out too tight (a link slower
+    /// than measured) cannot fail the same chunk for ever.
+    pub fn deadlines(
+        &self,
+        bytes: u64,
+        measured_rate: Option<f64>,
+        answers: &AnswerWait,
+        stalls_in_row: u32,
+    ) -> ChunkDeadlines {
         let total = self.for_chunk(bytes, measured_rate);
-        let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
-        let drain = Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()));
+        let answer = match answers.expected(bytes) {
+            Some(typical) => typical.mul_f64(self.answer_factor).max(self.answer_min),
+            None => {
+                let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
+                self.answer
+                    + Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()))
+            }
+        };
+        let patience = 2u32.saturating_pow(stalls_in_row.min(8));
         ChunkDeadlines {
             total,
-            stall: self.stall(measured_rate).min(total),
-            answer: (self.answer + drain).min(total),
+            stall: self
+                .stall(measured_rate)
+                .saturating_mul(patience)
+                .min(self.stall_max.max(self.stall(measured_rate)))
+                .min(total),
+            answer: answer.saturating_mul(patience).min(total),
         }
+    }
+}
+
+/// How long answers took once a chunk's body was all handed to the connection:
+/// the POP's fsync, a round trip, and the bytes still in socket buffers.
+/// Smoothed over every part (they share the link and the POP).
+#[derive(Debug, Clone, Default)]
+pub struct AnswerWait {
+    /// Seconds, and the chunk size they were measured on.
+    typical: Option<(f64, u64)>,
+}
+
+impl AnswerWait {
+    const WEIGHT: f64 = 0.3;
+
+    pub fn observe(&mut self, bytes: u64, wait: Duration) {
+        let secs = wait.as_secs_f64();
+        self.typical = Some(match self.typical {
+            Some((old, _)) => (old + Self::WEIGHT * (secs - old), bytes),
+            None => (secs, bytes),
+        });
+    }
+
+    /// The wait to expect for a chunk of `bytes`: scaled up for a bigger chunk
+    /// than the one measured (more of it may sit in buffers), never down.
+    pub fn expected(&self, bytes: u64) -> Option<Duration> {
+        let (secs, measured) = self.typical?;
+        let scale = (bytes as f64 / measured.max(1) as f64).max(1.0);
+        Some(Duration::from_secs_f64((secs * scale).min(3600.0)))
     }
 }
 
@@ -331,7 +399,7 @@ pub struct ConcurrencyPolicy {
 impl Default for ConcurrencyPolicy {
     fn default() -> Self {
         ConcurrencyPolicy {
-            initial: 2,
+            initial: 3,
             max: 6,
             adaptive: true,
         }
@@ -540,8 +608,8 @@ mod tests {
                 < t.for_chunk(4 * MIB, Some(64.0 * KIB as f64))
         );
         assert_eq!(t.for_chunk(8 * MIB, Some(1.0)), t.max);
-        // Unmeasured: the pessimistic assumption (1 MiB at 128 KiB/s = 8 s, x4).
-        assert_eq!(t.for_chunk(MIB, None), Duration::from_secs(32));
+        // Unmeasured: 8 MiB at the assumed 1 MiB/s, x4.
+        assert_eq!(t.for_chunk(8 * MIB, None), Duration::from_secs(32));
     }
 
     #[test]
@@ -553,9 +621,46 @@ mod tests {
         assert_eq!(t.stall(Some(64.0 * KIB as f64)), Duration::from_secs(8));
         assert_eq!(t.stall(Some(1.0)), t.stall_max);
         // However big the chunk, a stall is found long before its whole deadline.
-        let d = t.deadlines(8 * MIB, Some(64.0 * KIB as f64));
+        let d = t.deadlines(8 * MIB, Some(64.0 * KIB as f64), &AnswerWait::default(), 0);
         assert_eq!(d.total, Duration::from_secs(512));
         assert_eq!(d.stall, Duration::from_secs(8));
+    }
+
+    #[test]
+    fn once_answers_were_timed_a_dead_connection_shows_in_a_few_of_them() {
+        let t = TimeoutPolicy::default();
+        let rate = Some(10.0 * MIB as f64);
+        // Nothing timed yet: the fixed allowance plus the time to drain the chunk.
+        let blind = t.deadlines(8 * MIB, rate, &AnswerWait::default(), 0);
+        assert_eq!(blind.answer, t.answer + Duration::from_secs_f64(0.8));
+        let mut answers = AnswerWait::default();
+        answers.observe(8 * MIB, Duration::from_millis(400));
+        let timed = t.deadlines(8 * MIB, rate, &answers, 0);
+        assert_eq!(timed.answer, Duration::from_millis(1600));
+        // A bigger chunk than the one timed may have more in buffers; a smaller
+        // one is not given less than the floor.
+        assert_eq!(
+            t.deadlines(16 * MIB, rate, &answers, 0).answer,
+            Duration::from_millis(3200)
+        );
+        let mut quick = AnswerWait::default();
+        quick.observe(8 * MIB, Duration::from_millis(10));
+        assert_eq!(t.deadlines(MIB, rate, &quick, 0).answer, t.answer_min);
+    }
+
+    #[test]
+    fn each_stall_in_a_row_doubles_the_patience_within_bounds() {
+        let t = TimeoutPolicy::default();
+        let rate = Some(10.0 * MIB as f64);
+        let mut answers = AnswerWait::default();
+        answers.observe(MIB, Duration::from_millis(500));
+        let first = t.deadlines(MIB, rate, &answers, 0);
+        let second = t.deadlines(MIB, rate, &answers, 1);
+        assert_eq!(second.answer, first.answer * 2);
+        assert_eq!(second.stall, first.stall * 2);
+        let many = t.deadlines(MIB, rate, &answers, 40);
+        assert!(many.stall <= t.stall_max);
+        assert!(many.answer <= many.total);
     }
 
     #[test]

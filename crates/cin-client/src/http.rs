@@ -22,7 +22,7 @@ use crate::transport::{
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
 pub const CHUNK_SIZE_HINT_HEADER: &str = "cin-chunk-size-hint";
 
-/// Small control calls (start, commit, complete, metadata) get this long.
+/// Small control calls (start, complete, metadata) get this long.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A grant this close to its expiry is renewed rather than used: the chunk
@@ -335,30 +335,13 @@ impl Transport for HttpTransport {
         };
         let hint = hint_header(resp.headers())
             .or_else(|| answer["chunk_size_hint"].as_u64().filter(|&n| n > 0));
+        let answer_wait = progress.get().1.map(|handed_over| handed_over.elapsed());
         // Read the (tiny) body so the connection goes back to the pool.
         resp.bytes().await.map_err(|e| from_reqwest(e, timeout))?;
-        Ok(ChunkAck { size_hint: hint })
-    }
-
-    async fn commit(
-        &self,
-        pop: &str,
-        upload_id: &str,
-        part: u32,
-        total_size: u64,
-    ) -> Result<(), TransportError> {
-        let body = json!({
-            "apikey": self.apikey,
-            "upload_id": upload_id,
-            "part": part,
-            "size": total_size,
-            "fii": true,
-            "store": {"location": "s3"},
-        });
-        let _: (Value, _) = self
-            .post(url(pop, "/multipart/commit"), body, CONTROL_TIMEOUT)
-            .await?;
-        Ok(())
+        Ok(ChunkAck {
+            size_hint: hint,
+            answer_wait,
+        })
     }
 
     async fn complete(

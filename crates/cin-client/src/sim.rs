@@ -193,6 +193,7 @@ impl Transport for SimPop {
                 acked.insert(chunk.offset, chunk.offset + size);
                 Ok(ChunkAck {
                     size_hint: self.hint,
+                    answer_wait: Some(self.latency),
                 })
             }
             Some(Fault::Reset) => {
@@ -216,18 +217,6 @@ impl Transport for SimPop {
                     message: "simulated".into(),
                 })
             }
-        }
-    }
-
-    async fn commit(&self, _: &str, _: &str, part: u32, _: u64) -> Result<(), TransportError> {
-        let stored = self.stored.lock().unwrap();
-        match stored.get(&part) {
-            Some((bytes, acked)) if acked.first_gap(bytes.len() as u64).is_none() => Ok(()),
-            _ => Err(TransportError::Status {
-                status: 400,
-                code: "part_incomplete".into(),
-                message: format!("part {part} has gaps"),
-            }),
         }
     }
 

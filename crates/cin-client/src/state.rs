@@ -54,9 +54,6 @@ impl FileIdentity {
 pub struct PartProgress {
     /// Byte ranges within the part the POP acknowledged.
     pub acked: RangeSet,
-    /// The POP confirmed the part whole.
-    #[serde(default)]
-    pub committed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,12 +170,6 @@ impl Checkpoint {
             .acked
             .insert(start, end);
         // The lock is held across the write so writes land in order.
-        self.write(&state).await
-    }
-
-    pub async fn committed(&self, part: u32) -> Result<(), ClientError> {
-        let mut state = self.state.lock().await;
-        state.parts.entry(part).or_default().committed = true;
         self.write(&state).await
     }
 

@@ -96,6 +96,8 @@ impl ChunkRequest {
 pub struct ChunkAck {
     /// The POP's preferred largest chunk, in bytes, when it said one.
     pub size_hint: Option<u64>,
+    /// How long the answer took once the whole body was handed to the connection.
+    pub answer_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,15 +131,8 @@ pub trait Transport: Send + Sync {
         deadlines: ChunkDeadlines,
     ) -> Result<ChunkAck, TransportError>;
 
-    /// Declares a part whole; `total_size` is the file's size.
-    async fn commit(
-        &self,
-        pop: &str,
-        upload_id: &str,
-        part: u32,
-        total_size: u64,
-    ) -> Result<(), TransportError>;
-
+    /// Completes the upload. The POP takes every part whose chunks cover it
+    /// from byte 0 as whole, so parts need no commit call of their own.
     async fn complete(&self, pop: &str, req: &CompleteRequest)
         -> Result<Completed, TransportError>;
 

@@ -1,21 +1,24 @@
 //! The upload engine: start (nearest POP first, failing over), send every part in
-//! adaptive chunks with several parts in flight, commit each part, complete, and
-//! record every acknowledged chunk so an interrupted upload resumes where it stopped.
+//! adaptive chunks with several parts in flight, complete, and record every
+//! acknowledged chunk so an interrupted upload resumes where it stopped. Parts
+//! are not committed one by one: `complete` takes every part its chunks cover
+//! whole, which saves a round trip per part and one at the end.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::adaptive::{
-    BackoffPolicy, ChunkPolicy, ChunkSizer, Concurrency, ConcurrencyPolicy, FailureStats,
-    Throughput, TimeoutPolicy, MIB,
+    AnswerWait, BackoffPolicy, ChunkPolicy, ChunkSizer, Concurrency, ConcurrencyPolicy,
+    FailureStats, Throughput, TimeoutPolicy, MIB,
 };
 use crate::clock::Clock;
 use crate::error::{ClientError, Failure, TransportError};
@@ -165,6 +168,11 @@ struct Counters {
     sent: AtomicU64,
     failures: AtomicU64,
     timeouts: AtomicU64,
+    /// How long the latest acknowledged chunk took, in microseconds.
+    last_chunk_micros: AtomicU64,
+    /// Parts whose latest chunk failed and that have not had one acknowledged
+    /// since: they wait (backoff) or retry on a connection that may die again.
+    retrying: AtomicUsize,
 }
 
 /// What part tasks share. Chunk sizes and throughput stay per part; only the POP's
@@ -177,6 +185,8 @@ struct Shared {
     source: Arc<dyn ByteSource>,
     session: Session,
     checkpoint: Option<Checkpoint>,
+    /// Signalled when a part starts retrying: another part may start meanwhile.
+    part_failing: Notify,
     /// A failed state write fails the upload (--resume asked for it) or only warns.
     strict_checkpoint: bool,
     warned_checkpoint: std::sync::atomic::AtomicBool,
@@ -185,6 +195,10 @@ struct Shared {
     hint: Mutex<Option<u64>>,
     /// How failures depend on chunk size on this link (all parts share the link).
     failures: Mutex<FailureStats>,
+    /// Answer waits and chunk throughput over every part: what a part that has
+    /// measured nothing yet sets its deadlines from.
+    answers: Mutex<AnswerWait>,
+    link_rate: Mutex<Throughput>,
     /// Chunk sizing and rate where the last finished part ended: the next part
     /// starts there (its own copy), so growth carries across short parts.
     handoff: Mutex<Option<(ChunkSizer, Option<f64>)>>,
@@ -213,7 +227,8 @@ struct PartJob {
     acked: RangeSet,
 }
 
-/// Measurement windows shorter than this are noise.
+/// Measurement windows shorter than this are noise; a window also spans at
+/// least two chunk exchanges, since acknowledgments come a chunk at a time.
 const WINDOW: Duration = Duration::from_millis(250);
 
 impl Uploader {
@@ -382,9 +397,6 @@ impl Uploader {
             })?;
             let start = index * part_size;
             let progress = state.parts.get(&number).cloned().unwrap_or_default();
-            if progress.committed {
-                continue;
-            }
             jobs.push_back(PartJob {
                 number,
                 start,
@@ -424,6 +436,7 @@ impl Uploader {
                 url: state.url.clone(),
             },
             checkpoint,
+            part_failing: Notify::new(),
             strict_checkpoint: strict,
             warned_checkpoint: std::sync::atomic::AtomicBool::new(false),
             counters: Counters {
@@ -431,9 +444,13 @@ impl Uploader {
                 sent: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
+                last_chunk_micros: AtomicU64::new(0),
+                retrying: AtomicUsize::new(0),
             },
             hint: Mutex::new(None),
             failures: Mutex::new(FailureStats::default()),
+            answers: Mutex::new(AnswerWait::default()),
+            link_rate: Mutex::new(Throughput::default()),
             handoff: Mutex::new(None),
             seeds: Mutex::new(StdRng::seed_from_u64(seed)),
         });
@@ -483,6 +500,8 @@ impl Uploader {
 }
 
 /// Runs the parts with an adaptive number in flight; the first fatal error stops all.
+/// A part that is retrying (its connection died, it backs off) sends nothing, so
+/// it does not hold a place: another part starts beside it, up to twice the limit.
 async fn run_parts(
     shared: &Arc<Shared>,
     mut pending: VecDeque<PartJob>,
@@ -493,13 +512,22 @@ async fn run_parts(
     let mut window_acked = 0;
     let mut window_timeouts = 0;
     loop {
-        while running.len() < concurrency.limit() {
+        loop {
+            let retrying = shared.counters.retrying.load(Ordering::Relaxed);
+            let sending = running.len().saturating_sub(retrying);
+            if sending >= concurrency.limit() || running.len() >= 2 * concurrency.limit() {
+                break;
+            }
             let Some(job) = pending.pop_front() else {
                 break;
             };
             running.spawn(run_part(shared.clone(), job));
         }
-        let Some(finished) = running.join_next().await else {
+        let finished = tokio::select! {
+            finished = running.join_next() => finished,
+            () = shared.part_failing.notified() => continue,
+        };
+        let Some(finished) = finished else {
             return Ok(());
         };
         match finished {
@@ -515,7 +543,9 @@ async fn run_parts(
         }
         let now = shared.clock.now();
         let span = now.saturating_sub(window_start);
-        if span >= WINDOW {
+        let chunk_time =
+            Duration::from_micros(shared.counters.last_chunk_micros.load(Ordering::Relaxed));
+        if span >= WINDOW.max(2 * chunk_time) {
             let acked = shared.counters.acked.load(Ordering::Relaxed);
             let timeouts = shared.counters.timeouts.load(Ordering::Relaxed);
             let goodput = (acked - window_acked) as f64 / span.as_secs_f64();
@@ -528,7 +558,7 @@ async fn run_parts(
     }
 }
 
-/// Sends one part's missing ranges chunk by chunk, then commits it.
+/// Sends one part's missing ranges chunk by chunk.
 async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientError> {
     let options = &shared.options;
     let handoff = lock(&shared.handoff).clone();
@@ -538,6 +568,9 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
     let mut throughput = Throughput::starting_at(rate);
     let mut rng = StdRng::seed_from_u64(lock(&shared.seeds).next_u64());
     let mut attempts = 0u32;
+    let mut stalls_in_row = 0u32;
+    // Counted in `retrying` from a failure until the next acknowledgment.
+    let mut failing = Failing::new(&shared);
     let mut last_progress = shared.clock.now();
 
     while let Some((gap_start, gap_end)) = job.acked.first_gap(job.len) {
@@ -549,7 +582,11 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
             gap_start,
             body,
         );
-        let deadlines = options.timeouts.deadlines(size, throughput.rate());
+        let rate = throughput.rate().or_else(|| lock(&shared.link_rate).rate());
+        let answers = lock(&shared.answers).clone();
+        let deadlines = options
+            .timeouts
+            .deadlines(size, rate, &answers, stalls_in_row);
         let sent_at = shared.clock.now();
         shared.counters.sent.fetch_add(size, Ordering::Relaxed);
         match shared
@@ -558,12 +595,35 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
             .await
         {
             Ok(ack) => {
+                let took = shared.clock.now().saturating_sub(sent_at);
+                tracing::debug!(
+                    part = job.number,
+                    offset = gap_start,
+                    size,
+                    ?took,
+                    "chunk acknowledged"
+                );
+                shared.counters.last_chunk_micros.store(
+                    u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 lock(&shared.failures).record(size, false);
-                throughput.observe(size, shared.clock.now().saturating_sub(sent_at));
+                throughput.observe(size, took);
+                lock(&shared.link_rate).observe(size, took);
+                if let Some(wait) = ack.answer_wait {
+                    lock(&shared.answers).observe(size, wait);
+                }
+                stalls_in_row = 0;
+                failing.stop();
                 if let Some(h) = ack.size_hint {
                     *lock(&shared.hint) = Some(h);
                 }
                 sizer.on_success(ack.size_hint);
+                // Where bigger chunks are known to fail no more often (the
+                // failures come whatever the size), growing need not wait.
+                if !lock(&shared.failures).halving_helps(sizer.current().saturating_mul(2)) {
+                    sizer.grow();
+                }
                 job.acked.insert(gap_start, gap_start + size);
                 if let Some(checkpoint) = &shared.checkpoint {
                     shared.recorded(
@@ -600,6 +660,10 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 if matches!(error, TransportError::Timeout(_)) {
                     shared.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 }
+                if matches!(error, TransportError::Stalled(_)) {
+                    stalls_in_row += 1;
+                }
+                failing.start();
                 shared.counters.failures.fetch_add(1, Ordering::Relaxed);
                 attempts += 1;
                 let stalled = shared.clock.now().saturating_sub(last_progress);
@@ -624,24 +688,53 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
         }
     }
 
-    let total = shared.source.len();
-    retrying(&shared, "commit", job.number, || {
-        shared.transport.commit(
-            &shared.session.pop,
-            &shared.session.upload_id,
-            job.number,
-            total,
-        )
-    })
-    .await?;
-    if let Some(checkpoint) = &shared.checkpoint {
-        shared.recorded(checkpoint.committed(job.number).await)?;
-    }
     *lock(&shared.handoff) = Some((sizer, throughput.rate()));
     Ok(())
 }
 
-/// A small control call (commit, complete), retried like chunks but without sizes.
+/// Whether a part counts among the retrying ones; it stops counting when dropped.
+struct Failing<'a> {
+    shared: &'a Shared,
+    counted: bool,
+}
+
+impl<'a> Failing<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Failing {
+            shared,
+            counted: false,
+        }
+    }
+
+    fn start(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.shared
+                .counters
+                .retrying
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared.part_failing.notify_one();
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.counted {
+            self.counted = false;
+            self.shared
+                .counters
+                .retrying
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A small control call (complete), retried like chunks but without sizes.
 async fn retrying<T, F, Fut>(
     shared: &Shared,
     what: &'static str,
