@@ -260,12 +260,12 @@ impl Default for TimeoutPolicy {
             max: Duration::from_secs(600),
             factor: 4.0,
             assumed_rate: MIB as f64,
-            stall_min: Duration::from_secs(3),
+            stall_min: Duration::from_millis(1500),
             stall_max: Duration::from_secs(30),
             stall_factor: 8.0,
             answer: Duration::from_secs(3),
             answer_min: Duration::from_secs(1),
-            answer_factor: 4.0,
+            answer_factor: 3.0,
         }
     }
 }
@@ -297,9 +297,10 @@ impl TimeoutPolicy {
     }
 
     /// The deadlines of a chunk of `bytes`. `stalls_in_row` is how many times
-    /// in a row this chunk's connection went dead: each doubles the stall and
-    /// answer deadlines, so deadlines that turn out too tight (a link slower
-    /// than measured) cannot fail the same chunk for ever.
+    /// in a row this chunk's connection went dead: each adds half to every
+    /// deadline, so deadlines that turn out too tight (a link slower than
+    /// measured) cannot fail the same chunk for ever, while a link whose
+    /// connections just die often keeps finding out quickly.
     pub fn deadlines(
         &self,
         bytes: u64,
@@ -316,15 +317,16 @@ impl TimeoutPolicy {
                     + Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()))
             }
         };
-        let patience = 2u32.saturating_pow(stalls_in_row.min(8));
+        let patience = 1.5f64.powi(stalls_in_row.min(16) as i32);
+        let total = total.mul_f64(patience).min(self.max);
+        let stall = self.stall(measured_rate);
         ChunkDeadlines {
             total,
-            stall: self
-                .stall(measured_rate)
-                .saturating_mul(patience)
-                .min(self.stall_max.max(self.stall(measured_rate)))
+            stall: stall
+                .mul_f64(patience)
+                .min(self.stall_max.max(stall))
                 .min(total),
-            answer: answer.saturating_mul(patience).min(total),
+            answer: answer.mul_f64(patience).min(total),
         }
     }
 }
@@ -340,6 +342,15 @@ pub struct AnswerWait {
 
 impl AnswerWait {
     const WEIGHT: f64 = 0.3;
+
+    /// Starts from the time a small control call took, taken as the answer
+    /// wait of a chunk of `bytes` (a chunk also waits for its fsync, and for
+    /// what sits in buffers: the factor and floor of the deadline cover that).
+    pub fn seeded(control_call: Option<Duration>, bytes: u64) -> Self {
+        AnswerWait {
+            typical: control_call.map(|took| (took.as_secs_f64(), bytes.max(1))),
+        }
+    }
 
     pub fn observe(&mut self, bytes: u64, wait: Duration) {
         let secs = wait.as_secs_f64();
@@ -636,28 +647,33 @@ mod tests {
         let mut answers = AnswerWait::default();
         answers.observe(8 * MIB, Duration::from_millis(400));
         let timed = t.deadlines(8 * MIB, rate, &answers, 0);
-        assert_eq!(timed.answer, Duration::from_millis(1600));
+        let typical = Duration::from_millis(400);
+        assert_eq!(timed.answer, typical.mul_f64(t.answer_factor));
         // A bigger chunk than the one timed may have more in buffers; a smaller
         // one is not given less than the floor.
         assert_eq!(
             t.deadlines(16 * MIB, rate, &answers, 0).answer,
-            Duration::from_millis(3200)
+            typical.mul_f64(2.0 * t.answer_factor)
         );
+        // A start call's time stands in until a chunk was timed.
+        let seeded = AnswerWait::seeded(Some(typical), 8 * MIB);
+        assert_eq!(t.deadlines(8 * MIB, rate, &seeded, 0).answer, timed.answer);
         let mut quick = AnswerWait::default();
         quick.observe(8 * MIB, Duration::from_millis(10));
         assert_eq!(t.deadlines(MIB, rate, &quick, 0).answer, t.answer_min);
     }
 
     #[test]
-    fn each_stall_in_a_row_doubles_the_patience_within_bounds() {
+    fn each_stall_in_a_row_adds_half_to_the_patience_within_bounds() {
         let t = TimeoutPolicy::default();
         let rate = Some(10.0 * MIB as f64);
         let mut answers = AnswerWait::default();
         answers.observe(MIB, Duration::from_millis(500));
         let first = t.deadlines(MIB, rate, &answers, 0);
         let second = t.deadlines(MIB, rate, &answers, 1);
-        assert_eq!(second.answer, first.answer * 2);
-        assert_eq!(second.stall, first.stall * 2);
+        assert_eq!(second.answer, first.answer.mul_f64(1.5));
+        assert_eq!(second.stall, first.stall.mul_f64(1.5));
+        assert_eq!(second.total, first.total.mul_f64(1.5));
         let many = t.deadlines(MIB, rate, &answers, 40);
         assert!(many.stall <= t.stall_max);
         assert!(many.answer <= many.total);

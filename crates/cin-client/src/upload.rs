@@ -219,6 +219,16 @@ impl Shared {
     }
 }
 
+/// How this run of an upload began.
+struct HowStarted {
+    /// Round trips measured when choosing the POP.
+    ranking: Vec<PopRtt>,
+    resumed: bool,
+    /// How long the start call took: a first idea of how long answers take,
+    /// before any chunk was timed.
+    start_took: Option<Duration>,
+}
+
 struct PartJob {
     number: u32,
     /// Offset of the part in the file.
@@ -263,7 +273,12 @@ impl Uploader {
         let resumed = recorded.is_some();
         let result = match recorded {
             Some((state, path)) => {
-                let result = self.run(&job, state, path, Vec::new(), true, began).await;
+                let how = HowStarted {
+                    ranking: Vec::new(),
+                    resumed: true,
+                    start_took: None,
+                };
+                let result = self.run(&job, state, path, how, began).await;
                 match result {
                     // The POP no longer knows the upload (expired, or its data was
                     // wiped): the recorded ranges are worthless, start over.
@@ -320,9 +335,12 @@ impl Uploader {
         };
         let mut errors = Vec::new();
         let mut started = None;
+        let mut start_took = None;
         for candidate in &ranking {
+            let asked = self.clock.now();
             match self.transport.start(&candidate.pop, &request).await {
                 Ok(answer) => {
+                    start_took = Some(self.clock.now().saturating_sub(asked));
                     started = Some((candidate.pop.clone(), answer));
                     break;
                 }
@@ -362,7 +380,12 @@ impl Uploader {
             .as_ref()
             .map(|plan| plan.dir.file_for(&plan.identity))
             .unwrap_or_default();
-        self.run(job, state, path, ranking, false, began).await
+        let how = HowStarted {
+            ranking,
+            resumed: false,
+            start_took,
+        };
+        self.run(job, state, path, how, began).await
     }
 
     async fn run(
@@ -370,10 +393,14 @@ impl Uploader {
         job: &UploadJob,
         state: UploadState,
         state_path: PathBuf,
-        ranking: Vec<PopRtt>,
-        resumed: bool,
+        how: HowStarted,
         began: Duration,
     ) -> Result<UploadReport, ClientError> {
+        let HowStarted {
+            ranking,
+            resumed,
+            start_took,
+        } = how;
         let size = job.source.len();
         let part_size = state.part_size.max(1);
         let already_acked = state.acked_bytes();
@@ -449,7 +476,7 @@ impl Uploader {
             },
             hint: Mutex::new(None),
             failures: Mutex::new(FailureStats::default()),
-            answers: Mutex::new(AnswerWait::default()),
+            answers: Mutex::new(AnswerWait::seeded(start_took, self.options.chunks.initial)),
             link_rate: Mutex::new(Throughput::default()),
             handoff: Mutex::new(None),
             seeds: Mutex::new(StdRng::seed_from_u64(seed)),
