@@ -79,10 +79,11 @@ async fn upload_survives_a_fifth_of_chunks_reset_mid_body() {
     );
     assert!(reset >= 1, "the proxy must actually have cut requests");
     assert!(report.failed_requests >= reset as u64);
-    // Exactly: every re-sent byte belongs to a request the proxy cut; no chunk
-    // the POP acknowledged went twice.
+    // Every re-sent byte belongs to a request the proxy cut, and of those only
+    // what the POP did not keep (its whole checked blocks) went again: no
+    // acknowledged byte went twice.
     let cut: u64 = puts.iter().filter(|p| p.reset).map(|p| p.forwarded).sum();
-    assert_eq!(resent, cut);
+    assert!(resent < cut, "re-sent {resent} of the {cut} bytes cut: nothing kept");
     // The stated bound: 40 % of the file. When every request fails with the same
     // odds whatever its size, a cut wastes on average half its chunk, so the
     // expected waste is p/(1-p)/2 = 12.5 % of the file for any chunk size; runs

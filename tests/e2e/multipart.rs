@@ -338,11 +338,45 @@ async fn a_declared_crc32c_is_verified_instead_of_an_md5() {
     assert!(malformed.status().is_client_error());
 }
 
+/// A chunk URL built from an upload grant (`base` and `signature` of it), with
+/// the chunk's CRC32C and, when `block` is given, the CRC32C of every block.
+fn granted_chunk_url(
+    base: &str,
+    signature: &str,
+    expires: u64,
+    part: usize,
+    offset: usize,
+    body: &[u8],
+    block: Option<usize>,
+) -> String {
+    use base64::Engine;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut query = vec![
+        ("offset", offset.to_string()),
+        ("size", body.len().to_string()),
+        ("crc32c", b64.encode(crc32c::crc32c(body).to_be_bytes())),
+        ("grant", "upload".into()),
+        ("expires", expires.to_string()),
+        ("signature", signature.to_owned()),
+    ];
+    if let Some(block) = block {
+        let sums: Vec<u8> = body
+            .chunks(block)
+            .flat_map(|b| crc32c::crc32c(b).to_be_bytes())
+            .collect();
+        query.push(("block_size", block.to_string()));
+        query.push(("block_crc32c", b64.encode(sums)));
+    }
+    format!(
+        "{base}/{part}?{}",
+        serde_urlencoded::to_string(query).unwrap()
+    )
+}
+
 /// The upload grant of the start answer signs any chunk of its upload, and only
 /// of its upload: chunks go in one request each, at any part and offset.
 #[tokio::test]
 async fn an_upload_grant_signs_any_chunk_of_its_upload_and_nothing_else() {
-    use base64::Engine;
     let app = spawn_app().await;
     let bytes = random_bytes(3 * MIB + 999, 9);
     let part_size = 2 * MIB;
@@ -357,19 +391,9 @@ async fn an_upload_grant_signs_any_chunk_of_its_upload_and_nothing_else() {
         let http = app.http.clone();
         async move { http.put(url).body(body).send().await.unwrap() }
     };
+    let signature = grant["signature"].as_str().unwrap();
     let chunk_url = |base: &str, part: usize, offset: usize, body: &[u8], expires: u64| {
-        let crc =
-            base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(body).to_be_bytes());
-        let query = serde_urlencoded::to_string([
-            ("offset", offset.to_string()),
-            ("size", body.len().to_string()),
-            ("crc32c", crc),
-            ("grant", "upload".into()),
-            ("expires", expires.to_string()),
-            ("signature", grant["signature"].as_str().unwrap().to_owned()),
-        ])
-        .unwrap();
-        format!("{base}/{part}?{query}")
+        granted_chunk_url(base, signature, expires, part, offset, body, None)
     };
     let expires = grant["expires"].as_u64().unwrap();
 
@@ -453,5 +477,139 @@ async fn an_upload_grant_signs_any_chunk_of_its_upload_and_nothing_else() {
         )
         .await;
     assert_eq!(done.status(), 200);
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+}
+
+/// What part 1 of `upload_id` holds, asked with the upload grant.
+async fn part_received(app: &crate::support::TestApp, grant: &Value) -> Value {
+    let resp = app
+        .http
+        .get(format!("{}/1", grant["url"].as_str().unwrap()))
+        .query(&[
+            ("grant", "upload".to_owned()),
+            ("expires", grant["expires"].to_string()),
+            ("signature", grant["signature"].as_str().unwrap().to_owned()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json::<Value>().await.unwrap()["received"].clone()
+}
+
+/// Waits until part 1 holds exactly `ranges` (the POP records a broken body's
+/// kept blocks once it sees the connection close).
+async fn wait_received(app: &crate::support::TestApp, grant: &Value, ranges: Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let received = part_received(app, grant).await;
+        if received == ranges {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "part 1 holds {received}, not {ranges}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A chunk that declares block checksums and breaks off keeps the whole blocks
+/// that matched: the client asks what arrived and sends only the rest. A block
+/// that does not match is refused with everything after it.
+#[tokio::test]
+async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let block = 256 * 1024;
+    let bytes = random_bytes(MIB, 12);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "b.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+    let grant = &start["upload_grant"];
+    let (base, signature) = (
+        grant["url"].as_str().unwrap(),
+        grant["signature"].as_str().unwrap(),
+    );
+    let expires = grant["expires"].as_u64().unwrap();
+
+    // 600 KiB of the chunk, then the connection closes: two whole blocks stay.
+    let url = reqwest::Url::parse(&granted_chunk_url(
+        base,
+        signature,
+        expires,
+        1,
+        0,
+        &bytes,
+        Some(block),
+    ))
+    .unwrap();
+    let mut stream = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT {}?{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+        url.path(),
+        url.query().unwrap(),
+        url.authority(),
+        bytes.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&bytes[..600 * 1024]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    drop(stream);
+    wait_received(&app, grant, json!([[0, 2 * block]])).await;
+
+    // The rest, with a flipped byte in its second block: its first block counts.
+    let rest = &bytes[2 * block..];
+    let mut damaged = rest.to_vec();
+    damaged[block + 3] ^= 1;
+    let resp = app
+        .http
+        .put(granted_chunk_url(
+            base,
+            signature,
+            expires,
+            1,
+            2 * block,
+            rest,
+            Some(block),
+        ))
+        .body(damaged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "crc32c_mismatch");
+    wait_received(&app, grant, json!([[0, 3 * block]])).await;
+
+    // The last block, and the file is whole.
+    let last = &bytes[3 * block..];
+    let resp = app
+        .http
+        .put(granted_chunk_url(
+            base,
+            signature,
+            expires,
+            1,
+            3 * block,
+            last,
+            Some(block),
+        ))
+        .body(last.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let done = app
+        .complete(
+            upload_id,
+            json!({"fii": true, "filename": "b.bin", "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(done.status(), 200, "{}", done.text().await.unwrap());
     assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
 }

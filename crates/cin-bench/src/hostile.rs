@@ -159,6 +159,13 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                         _ = tokio::time::sleep_until((began + limit).into()) => break false,
                     }
                 };
+                eprintln!(
+                    "TMP {client} puts {} stalls {} resets {} secs {:.1}",
+                    proxy.puts().len(),
+                    proxy.stalls(),
+                    proxy.resets(),
+                    began.elapsed().as_secs_f64()
+                );
                 runs.runs += 1;
                 runs.sent += proxy.put_body_bytes() - sent_before;
                 if finished {

@@ -16,7 +16,7 @@ use crate::adaptive::PROGRESS_PIECE;
 use crate::error::{ClientError, TransportError};
 use crate::transport::{
     ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
-    Transport, UploadGrant,
+    Transport, UploadGrant, CHECK_BLOCK,
 };
 
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
@@ -84,7 +84,12 @@ impl HttpTransport {
             ("signature", grant.signature),
         ])
         .ok()?;
-        Some(format!("{}/{}?{query}", grant.url, chunk.part))
+        Some(format!(
+            "{}/{}?{query}&{}",
+            grant.url,
+            chunk.part,
+            block_query(chunk)
+        ))
     }
 
     /// Asks the POP for the chunk's URL (and a fresh upload grant).
@@ -107,10 +112,11 @@ impl HttpTransport {
         let (grant, _): (Value, _) = self
             .post(url(pop, "/multipart/upload"), body, timeout)
             .await?;
+        // The block sums ride along unsigned: the POP checks them against the bytes.
         let put_url = grant["url"]
             .as_str()
-            .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?
-            .to_owned();
+            .map(|url| format!("{url}&{}", block_query(chunk)))
+            .ok_or_else(|| TransportError::Protocol(format!("no upload url in {grant}")))?;
         self.remember_grant(
             &chunk.upload_id,
             serde_json::from_value(grant["upload_grant"].clone()).ok(),
@@ -143,6 +149,15 @@ impl HttpTransport {
             })?;
         Ok((value, headers))
     }
+}
+
+/// The query naming a chunk's block checksums.
+fn block_query(chunk: &ChunkRequest) -> String {
+    serde_urlencoded::to_string([
+        ("block_size", CHECK_BLOCK.to_string()),
+        ("block_crc32c", chunk.block_crc32c.clone()),
+    ])
+    .unwrap_or_default()
 }
 
 fn url(pop: &str, path: &str) -> String {
@@ -342,6 +357,46 @@ impl Transport for HttpTransport {
             size_hint: hint,
             answer_wait,
         })
+    }
+
+    async fn received(
+        &self,
+        _pop: &str,
+        upload_id: &str,
+        part: u32,
+        timeout: Duration,
+    ) -> Result<Vec<(u64, u64)>, TransportError> {
+        // Asked with the upload grant; without one there is nothing to ask with.
+        let Some(grant) = self.grants().get(upload_id).cloned() else {
+            return Ok(Vec::new());
+        };
+        let resp = self
+            .http
+            .get(format!("{}/{part}", grant.url))
+            .query(&[
+                ("grant", "upload".to_owned()),
+                ("expires", grant.expires.to_string()),
+                ("signature", grant.signature),
+            ])
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, timeout))?;
+        let resp = check(resp, timeout).await?;
+        let answer: Value = resp
+            .json()
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let ranges = answer["received"]
+            .as_array()
+            .map(|ranges| {
+                ranges
+                    .iter()
+                    .filter_map(|r| Some((r[0].as_u64()?, r[1].as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(ranges)
     }
 
     async fn complete(

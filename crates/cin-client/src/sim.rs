@@ -18,7 +18,7 @@ use crate::source::MemorySource;
 use crate::state::{FileIdentity, StateDir};
 use crate::transport::{
     ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
-    StoreOptions, Transport,
+    StoreOptions, Transport, CHECK_BLOCK,
 };
 use crate::upload::{Quiet, ResumePlan, UploadJob, UploadOptions, Uploader};
 
@@ -49,8 +49,11 @@ impl Clock for FakeClock {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
-    /// The connection breaks halfway through the body.
+    /// The connection breaks halfway through the body; the POP keeps nothing.
     Reset,
+    /// The connection breaks after this many body bytes reached the POP, which
+    /// keeps the whole checked blocks among them.
+    ResetAfter(u64),
     /// No answer until the request's deadline.
     Timeout,
     /// The connection stops moving bytes halfway through the body, without a reset.
@@ -200,6 +203,23 @@ impl Transport for SimPop {
                 self.clock.advance(self.latency + transfer / 2);
                 Err(TransportError::Network("connection reset by peer".into()))
             }
+            Some(Fault::ResetAfter(arrived)) => {
+                let kept = (arrived.min(size) / CHECK_BLOCK) * CHECK_BLOCK;
+                self.clock.advance(
+                    self.latency + Duration::from_secs_f64(arrived as f64 / self.bandwidth),
+                );
+                if kept > 0 {
+                    let mut stored = self.stored.lock().unwrap();
+                    let (bytes, acked) = stored.entry(chunk.part).or_default();
+                    let end = (chunk.offset + kept) as usize;
+                    if bytes.len() < end {
+                        bytes.resize(end, 0);
+                    }
+                    bytes[chunk.offset as usize..end].copy_from_slice(&chunk.body[..kept as usize]);
+                    acked.insert(chunk.offset, chunk.offset + kept);
+                }
+                Err(TransportError::Network("connection reset by peer".into()))
+            }
             Some(Fault::Timeout) => {
                 self.clock.advance(timeout);
                 Err(TransportError::Timeout(timeout))
@@ -218,6 +238,21 @@ impl Transport for SimPop {
                 })
             }
         }
+    }
+
+    async fn received(
+        &self,
+        _: &str,
+        _: &str,
+        part: u32,
+        _: Duration,
+    ) -> Result<Vec<(u64, u64)>, TransportError> {
+        self.clock.advance(self.latency);
+        let stored = self.stored.lock().unwrap();
+        Ok(stored
+            .get(&part)
+            .map(|(_, acked)| acked.ranges().iter().map(|&[s, e]| (s, e)).collect())
+            .unwrap_or_default())
     }
 
     async fn complete(&self, pop: &str, _: &CompleteRequest) -> Result<Completed, TransportError> {
@@ -351,6 +386,38 @@ async fn failures_halve_the_chunk_and_only_the_missing_range_is_resent() {
         assert_eq!(seen.overlap(c.offset, c.offset + c.size), 0);
         seen.insert(c.offset, c.offset + c.size);
     }
+}
+
+#[tokio::test]
+async fn after_a_reset_only_what_the_pop_did_not_keep_is_sent_again() {
+    let clock = Arc::new(FakeClock::default());
+    // The second chunk breaks after 600 KiB reached the POP: it keeps two
+    // whole checked blocks (512 KiB) of them.
+    let pop = Arc::new(SimPop::new(clock.clone()).script(|call, index| {
+        (index == 1)
+            .then_some(Fault::ResetAfter(600 * KIB))
+            .filter(|_| call.offset == MIB)
+    }));
+    let bytes = data(2 * MIB as usize);
+    let mut opts = options();
+    opts.concurrency.initial = 1;
+    opts.concurrency.adaptive = false;
+    let report = uploader(&pop, &clock, opts)
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    let calls: Vec<(u64, u64)> = pop.calls().iter().map(|c| (c.offset, c.size)).collect();
+    let kept = 2 * CHECK_BLOCK;
+    assert_eq!(calls[..2], [(0, MIB), (MIB, MIB)]);
+    // The retry starts where the kept blocks end, whatever size it has.
+    assert_eq!(calls[2].0, MIB + kept, "{calls:?}");
+    assert_eq!(
+        calls[2..].iter().map(|c| c.1).sum::<u64>(),
+        MIB - kept,
+        "{calls:?}"
+    );
+    assert_eq!(report.failed_requests, 1);
 }
 
 #[tokio::test]

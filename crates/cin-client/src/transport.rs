@@ -63,6 +63,10 @@ pub struct UploadGrant {
     pub signature: String,
 }
 
+/// Bytes covered by each of a chunk's block checksums: when a chunk breaks off,
+/// the POP keeps the blocks that arrived whole, and the retry sends the rest.
+pub const CHECK_BLOCK: u64 = 256 * 1024;
+
 /// One chunk: `body` goes at `offset` inside part `part` (1-based).
 #[derive(Debug, Clone)]
 pub struct ChunkRequest {
@@ -74,18 +78,28 @@ pub struct ChunkRequest {
     /// than the upload itself on a fast link). The file's SHA-256 is checked
     /// once, at final storage.
     pub crc32c: String,
+    /// Base64 of the big-endian CRC32C of every [`CHECK_BLOCK`] bytes.
+    pub block_crc32c: String,
     pub body: Bytes,
 }
 
 impl ChunkRequest {
     pub fn new(upload_id: String, part: u32, offset: u64, body: Bytes) -> Self {
-        let crc32c =
-            base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(&body).to_be_bytes());
+        let mut whole = 0u32;
+        let mut blocks = Vec::with_capacity(4 * body.len().div_ceil(CHECK_BLOCK as usize));
+        for block in body.chunks(CHECK_BLOCK as usize) {
+            let sum = crc32c::crc32c(block);
+            // One pass: the chunk's sum is its blocks' sums combined.
+            whole = crc32c::crc32c_combine(whole, sum, block.len());
+            blocks.extend_from_slice(&sum.to_be_bytes());
+        }
+        let b64 = &base64::engine::general_purpose::STANDARD;
         ChunkRequest {
             upload_id,
             part,
             offset,
-            crc32c,
+            crc32c: b64.encode(whole.to_be_bytes()),
+            block_crc32c: b64.encode(blocks),
             body,
         }
     }
@@ -130,6 +144,16 @@ pub trait Transport: Send + Sync {
         chunk: &ChunkRequest,
         deadlines: ChunkDeadlines,
     ) -> Result<ChunkAck, TransportError>;
+
+    /// The byte ranges of `part` the POP holds, as `[start, end)` within the
+    /// part: after a chunk broke off, what it kept need not be sent again.
+    async fn received(
+        &self,
+        pop: &str,
+        upload_id: &str,
+        part: u32,
+        timeout: Duration,
+    ) -> Result<Vec<(u64, u64)>, TransportError>;
 
     /// Completes the upload. The POP takes every part whose chunks cover it
     /// from byte 0 as whole, so parts need no commit call of their own.

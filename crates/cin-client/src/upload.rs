@@ -26,7 +26,9 @@ use crate::pop::{rank_pops, PopRtt, ProbePolicy};
 use crate::ranges::RangeSet;
 use crate::source::ByteSource;
 use crate::state::{Checkpoint, FileIdentity, StateDir, UploadState, STATE_VERSION};
-use crate::transport::{ChunkRequest, CompleteRequest, StartRequest, StoreOptions, Transport};
+use crate::transport::{
+    ChunkRequest, CompleteRequest, StartRequest, StoreOptions, Transport, CHECK_BLOCK,
+};
 
 /// Every knob of the algorithm. `Default` is intelligent ingestion as `cin` runs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -691,6 +693,11 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                     stalls_in_row += 1;
                 }
                 failing.start();
+                // A connection that broke may have delivered whole blocks of
+                // the chunk: the POP kept them, and only the rest goes again.
+                if matches!(error, TransportError::Network(_)) {
+                    take_kept_blocks(&shared, &mut job, gap_start, size, deadlines.answer).await?;
+                }
                 shared.counters.failures.fetch_add(1, Ordering::Relaxed);
                 attempts += 1;
                 let stalled = shared.clock.now().saturating_sub(last_progress);
@@ -716,6 +723,64 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
     }
 
     *lock(&shared.handoff) = Some((sizer, throughput.rate()));
+    Ok(())
+}
+
+/// Asks which bytes of the chunk `[start, start + size)` of `job`'s part the POP
+/// kept after the chunk broke off, and counts them as acknowledged. A failed
+/// question only means the whole chunk goes again.
+async fn take_kept_blocks(
+    shared: &Shared,
+    job: &mut PartJob,
+    start: u64,
+    size: u64,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    if size <= CHECK_BLOCK {
+        return Ok(());
+    }
+    let received = match shared
+        .transport
+        .received(
+            &shared.session.pop,
+            &shared.session.upload_id,
+            job.number,
+            timeout,
+        )
+        .await
+    {
+        Ok(received) => received,
+        Err(error) => {
+            tracing::debug!(part = job.number, %error, "could not ask what the POP kept");
+            return Ok(());
+        }
+    };
+    for (kept_start, kept_end) in received {
+        // Only this chunk's range: the rest of the part is known already.
+        let (from, to) = (
+            kept_start.max(start),
+            kept_end.min(start + size).min(job.len),
+        );
+        if from >= to {
+            continue;
+        }
+        let new = (to - from) - job.acked.overlap(from, to);
+        if new == 0 {
+            continue;
+        }
+        job.acked.insert(from, to);
+        if let Some(checkpoint) = &shared.checkpoint {
+            shared.recorded(checkpoint.acked(job.number, from, to).await)?;
+        }
+        shared.counters.acked.fetch_add(new, Ordering::Relaxed);
+        shared.observer.acked(new);
+        tracing::debug!(
+            part = job.number,
+            from,
+            to,
+            "the POP kept part of a broken chunk"
+        );
+    }
     Ok(())
 }
 

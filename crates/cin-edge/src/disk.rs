@@ -439,6 +439,16 @@ impl DiskWrite<'_> {
         r.total -= landed;
     }
 
+    /// Only `bytes` of the claim were written and acknowledged (a body broke
+    /// off after some of its checked blocks); the rest goes back to the
+    /// reservation when this write ends.
+    pub fn landed_part(&mut self, bytes: u64) {
+        let rest = self.claimed.saturating_sub(bytes);
+        self.claimed -= rest;
+        self.landed();
+        self.claimed = rest;
+    }
+
     /// `bytes` were written and acknowledged without a claim (a body whose length
     /// was not known before it ended): that much of the reservation is used disk.
     pub fn consumed(&mut self, bytes: u64) {

@@ -158,7 +158,9 @@ fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
             ChunkError::TooLong { .. } => (StatusCode::BAD_REQUEST, "chunk_too_long"),
             ChunkError::Truncated { .. } => (StatusCode::BAD_REQUEST, "chunk_truncated"),
             ChunkError::Md5Mismatch { .. } => (StatusCode::BAD_REQUEST, "md5_mismatch"),
-            ChunkError::Crc32cMismatch { .. } => (StatusCode::BAD_REQUEST, "crc32c_mismatch"),
+            ChunkError::Crc32cMismatch { .. } | ChunkError::BlockCrc32cMismatch { .. } => {
+                (StatusCode::BAD_REQUEST, "crc32c_mismatch")
+            }
             ChunkError::Conflict { .. } => (StatusCode::CONFLICT, "chunk_conflict"),
             ChunkError::Body(e) => match e {
                 BodyError::Stalled { .. } => (StatusCode::REQUEST_TIMEOUT, "body_stalled"),

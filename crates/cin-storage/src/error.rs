@@ -81,6 +81,8 @@ pub enum ChunkError {
     Md5Mismatch { declared: String, actual: String },
     #[error("the body's CRC32C is {actual}, not the declared {declared}; the chunk was corrupted in transit, send it again")]
     Crc32cMismatch { declared: String, actual: String },
+    #[error("{detail}; the {kept} bytes before it were kept, send the rest of the chunk again")]
+    BlockCrc32cMismatch { kept: u64, detail: String },
     #[error(transparent)]
     Body(#[from] BodyError),
     #[error(transparent)]

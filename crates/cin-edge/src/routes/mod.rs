@@ -24,7 +24,10 @@ pub fn router() -> Router<SharedState> {
         .route("/multipart/upload", post(multipart::upload))
         .route("/multipart/commit", post(multipart::commit))
         .route("/multipart/complete", post(multipart::complete))
-        .route("/upload/{upload_id}/{part}", put(multipart::put_chunk))
+        .route(
+            "/upload/{upload_id}/{part}",
+            put(multipart::put_chunk).get(multipart::part_received),
+        )
         // The handler limits the body to the file size allowed (axum's default is 2 MiB).
         .route(
             "/api/store/{location}",

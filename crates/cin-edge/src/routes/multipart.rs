@@ -18,6 +18,7 @@ use crate::input::{
     lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm, Path, Query,
 };
 use crate::signing::{now_unix, ChunkGrant, UploadGrant};
+use crate::upload::blocks::BlockSums;
 use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -198,6 +199,55 @@ pub struct ChunkQuery {
     /// `upload` when the URL was built from an upload grant.
     #[serde(default)]
     grant: String,
+    /// Per-block CRC32Cs (base64 of one big-endian sum per `block_size`
+    /// bytes): a body that breaks off keeps its whole, matching blocks.
+    #[serde(default, deserialize_with = "lenient_opt_u64")]
+    block_size: Option<u64>,
+    #[serde(default)]
+    block_crc32c: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GrantQuery {
+    #[serde(deserialize_with = "lenient_u64")]
+    expires: u64,
+    signature: String,
+    #[serde(default)]
+    grant: String,
+}
+
+#[utoipa::path(get, path = "/upload/{upload_id}/{part}", tag = "multipart", params(("upload_id" = String, Path, description = "Upload id"), ("part" = u32, Path, description = "Part number, 1-based"), ("grant" = String, Query, description = "`upload`"), ("expires" = u64, Query, description = "The upload grant's expiry"), ("signature" = String, Query, description = "The upload grant's signature")), responses((status = 200, description = "part, received: the acknowledged [start, end) byte ranges of the part"), (status = 403, description = "Not signed by an upload grant of this upload, or expired"), (status = 404, description = "Unknown upload")))]
+/// Which bytes of a part the POP holds: a client whose chunk broke off asks,
+/// then sends only the rest (the upload grant authorises it).
+pub async fn part_received(
+    State(state): State<SharedState>,
+    Path((upload_id, part)): Path<(String, String)>,
+    query: Result<Query<GrantQuery>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let refused = || {
+        ApiError::forbidden(
+            "invalid_signature",
+            "sign this request with the upload grant of the start answer",
+        )
+    };
+    let Query(q) = query.map_err(|_| refused())?;
+    let upload_id = UploadId::parse(&upload_id).map_err(|_| refused())?;
+    let grant = UploadGrant {
+        upload_id: upload_id.to_string(),
+        expires: q.expires,
+    };
+    if q.grant != UploadGrant::SCOPE || !state.signer.verify(&grant, &q.signature) {
+        return Err(refused());
+    }
+    if q.expires < now_unix() {
+        return Err(ApiError::forbidden(
+            "url_expired",
+            "this upload grant has expired; ask /multipart/upload for a new one",
+        ));
+    }
+    let part = PartNumber::new(part.parse::<i64>().map_err(|_| refused())?)?;
+    let received = state.uploads.part_received(&upload_id, part)?;
+    Ok(Json(json!({ "part": part.get(), "received": received })))
 }
 
 #[utoipa::path(put, path = "/upload/{upload_id}/{part}", tag = "multipart", params(("upload_id" = String, Path, description = "Upload id"), ("part" = u32, Path, description = "Part number, 1-based"), ("offset" = u64, Query, description = "Offset inside the part"), ("size" = u64, Query, description = "Chunk size"), ("md5" = String, Query, description = "Declared base64 MD5"), ("expires" = u64, Query, description = "Unix expiry of the URL"), ("signature" = String, Query, description = "The POP's signature"), ("grant" = String, Query, description = "`upload` for a URL built from the upload grant of the start answer")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, description = "Durable: ETag is the chunk's MD5; Cin-Chunk-Size-Hint"), (status = 400, description = "MD5 mismatch, truncated or overlong body"), (status = 403, description = "Unsigned, altered or expired URL"), (status = 409, description = "Different bytes over acknowledged ones")))]
@@ -272,6 +322,16 @@ pub async fn put_chunk(
             ));
         }
     }
+    let blocks = match (q.block_crc32c.is_empty(), q.block_size) {
+        (true, _) => None,
+        (false, Some(block)) => Some(BlockSums::parse(block, &q.block_crc32c, q.size)?),
+        (false, None) => {
+            return Err(ApiError::invalid(
+                "invalid_block_crc32c",
+                "block_crc32c needs block_size, the bytes each sum covers",
+            ))
+        }
+    };
     let written = state
         .uploads
         .write_chunk(IncomingChunk {
@@ -281,6 +341,7 @@ pub async fn put_chunk(
             size: q.size,
             md5: grant.md5.or_else(|| header_md5.map(str::to_owned)),
             crc32c: grant.crc32c,
+            blocks,
             body: crate::body::data_stream(body),
         })
         .await;

@@ -18,6 +18,7 @@ use super::{files, health, multipart, store_api, tus};
         multipart::start,
         multipart::upload,
         multipart::put_chunk,
+        multipart::part_received,
         multipart::commit,
         multipart::complete,
         store_api::store,

@@ -3,6 +3,7 @@
 //! calls; the rules live here.
 
 mod assessment;
+pub mod blocks;
 mod error;
 mod expiry;
 mod lifecycle;
@@ -71,6 +72,9 @@ pub struct IncomingChunk<S> {
     /// Base64 big-endian CRC32C the client declared instead (cheaper to compute
     /// on both ends); when present, no MD5 is computed.
     pub crc32c: Option<String>,
+    /// CRC32Cs of the chunk's blocks: when declared, a body that breaks off
+    /// keeps the blocks that arrived whole and matched.
+    pub blocks: Option<blocks::BlockSums>,
     pub body: S,
 }
 
@@ -266,6 +270,21 @@ impl Uploads {
         }
     }
 
+    /// The byte ranges of a part that are durable and acknowledged.
+    pub fn part_received(
+        &self,
+        upload: &UploadId,
+        part: PartNumber,
+    ) -> Result<Vec<(u64, u64)>, UploadError> {
+        self.file_for_upload(upload)?;
+        Ok(self
+            .services
+            .meta
+            .get_part(upload, part)?
+            .map(|p| p.received.intersect(0, u64::MAX))
+            .unwrap_or_default())
+    }
+
     pub fn file_for_upload(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
         let handle = self
             .services
@@ -345,7 +364,18 @@ impl Uploads {
                 Takeover::SameClaim(chunk.offset),
             )
             .await?;
+        let check = blocks::BlockCheck::default();
+        let on_break = if chunk.blocks.is_some() {
+            OnBreak::KeepPrefix
+        } else {
+            OnBreak::Refuse
+        };
         let body = guard.until_taken_over(Box::pin(chunk.body));
+        let body: futures_util::stream::BoxStream<'_, Result<Bytes, BodyError>> = match chunk.blocks
+        {
+            Some(sums) => Box::pin(blocks::checked(body, sums, chunk.size, check.clone())),
+            None => Box::pin(futures_util::TryStreamExt::map_err(body, Into::into)),
+        };
         let mut part = self
             .services
             .meta
@@ -393,10 +423,45 @@ impl Uploads {
                 &part.received,
                 body,
                 digest,
-                OnBreak::Refuse,
+                on_break,
             )
             .await;
         let written = match written {
+            Ok(cin_storage::ChunkWritten {
+                broken_off: Some(broken),
+                len,
+                ..
+            }) => {
+                // The prefix that arrived is fsync'd; the blocks of it that
+                // matched their sums are acknowledged, so a retry sends the rest.
+                let kept = check.verified().min(len);
+                if kept > 0 {
+                    let kept_new = kept - acknowledged_within(&part.received, chunk.offset, kept);
+                    part.received.insert(chunk.offset, chunk.offset + kept);
+                    part.touched_at_ms = now_ms();
+                    self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
+                        .await?;
+                    self.services.meta.flush().await?;
+                    disk_write.landed_part(kept_new);
+                    metrics::counter!(names::BYTES_RECEIVED).increment(kept);
+                }
+                if no_room.hit() {
+                    return Err(self.services.disk.no_room());
+                }
+                if broken.says_chunk_too_big() {
+                    self.assessment.record_failure(&chunk.upload_id);
+                }
+                let error = if check.mismatch() {
+                    ChunkError::BlockCrc32cMismatch {
+                        kept,
+                        detail: broken.to_string(),
+                    }
+                } else {
+                    ChunkError::Body(broken)
+                };
+                count_chunk_failure(&error);
+                return Err(error.into());
+            }
             Ok(w) => w,
             Err(_) if no_room.hit() => {
                 metrics::counter!(names::CHUNK_FAILURES, "reason" => "no_space").increment(1);
@@ -814,7 +879,9 @@ fn count_chunk_failure(e: &ChunkError) {
         ChunkError::TooLong { .. } => "too_long",
         ChunkError::Conflict { .. } => "conflict",
         ChunkError::Md5Mismatch { .. } => "md5_mismatch",
-        ChunkError::Crc32cMismatch { .. } => "crc32c_mismatch",
+        ChunkError::Crc32cMismatch { .. } | ChunkError::BlockCrc32cMismatch { .. } => {
+            "crc32c_mismatch"
+        }
         ChunkError::Storage(_) => "storage",
     };
     metrics::counter!(names::CHUNK_FAILURES, "reason" => reason).increment(1);
