@@ -83,7 +83,10 @@ async fn upload_survives_a_fifth_of_chunks_reset_mid_body() {
     // what the POP did not keep (its whole checked blocks) went again: no
     // acknowledged byte went twice.
     let cut: u64 = puts.iter().filter(|p| p.reset).map(|p| p.forwarded).sum();
-    assert!(resent < cut, "re-sent {resent} of the {cut} bytes cut: nothing kept");
+    assert!(
+        resent < cut,
+        "re-sent {resent} of the {cut} bytes cut: nothing kept"
+    );
     // The stated bound: 40 % of the file. When every request fails with the same
     // odds whatever its size, a cut wastes on average half its chunk, so the
     // expected waste is p/(1-p)/2 = 12.5 % of the file for any chunk size; runs

@@ -297,10 +297,10 @@ impl TimeoutPolicy {
     }
 
     /// The deadlines of a chunk of `bytes`. `stalls_in_row` is how many times
-    /// in a row this chunk's connection went dead: each adds half to every
-    /// deadline, so deadlines that turn out too tight (a link slower than
-    /// measured) cannot fail the same chunk for ever, while a link whose
-    /// connections just die often keeps finding out quickly.
+    /// in a row this chunk's connection went dead: each after the first adds
+    /// half to every deadline, so deadlines that turn out too tight (a link
+    /// slower than measured) cannot fail the same chunk for ever, while a link
+    /// whose connections just die now and then keeps finding out quickly.
     pub fn deadlines(
         &self,
         bytes: u64,
@@ -317,7 +317,8 @@ impl TimeoutPolicy {
                     + Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()))
             }
         };
-        let patience = 1.5f64.powi(stalls_in_row.min(16) as i32);
+        // Most dead connections are chance: the first retry keeps the deadlines.
+        let patience = 1.5f64.powi(stalls_in_row.saturating_sub(1).min(16) as i32);
         let total = total.mul_f64(patience).min(self.max);
         let stall = self.stall(measured_rate);
         ChunkDeadlines {
@@ -333,11 +334,12 @@ impl TimeoutPolicy {
 
 /// How long answers took once a chunk's body was all handed to the connection:
 /// the POP's fsync, a round trip, and the bytes still in socket buffers.
-/// Smoothed over every part (they share the link and the POP).
+/// Smoothed over every part (they share the link and the POP), with the sizes
+/// of the chunks they were timed on smoothed alike.
 #[derive(Debug, Clone, Default)]
 pub struct AnswerWait {
-    /// Seconds, and the chunk size they were measured on.
-    typical: Option<(f64, u64)>,
+    /// Seconds, and bytes per chunk.
+    typical: Option<(f64, f64)>,
 }
 
 impl AnswerWait {
@@ -348,23 +350,26 @@ impl AnswerWait {
     /// what sits in buffers: the factor and floor of the deadline cover that).
     pub fn seeded(control_call: Option<Duration>, bytes: u64) -> Self {
         AnswerWait {
-            typical: control_call.map(|took| (took.as_secs_f64(), bytes.max(1))),
+            typical: control_call.map(|took| (took.as_secs_f64(), bytes.max(1) as f64)),
         }
     }
 
     pub fn observe(&mut self, bytes: u64, wait: Duration) {
-        let secs = wait.as_secs_f64();
+        let (secs, bytes) = (wait.as_secs_f64(), bytes.max(1) as f64);
         self.typical = Some(match self.typical {
-            Some((old, _)) => (old + Self::WEIGHT * (secs - old), bytes),
+            Some((old_secs, old_bytes)) => (
+                old_secs + Self::WEIGHT * (secs - old_secs),
+                old_bytes + Self::WEIGHT * (bytes - old_bytes),
+            ),
             None => (secs, bytes),
         });
     }
 
     /// The wait to expect for a chunk of `bytes`: scaled up for a bigger chunk
-    /// than the one measured (more of it may sit in buffers), never down.
+    /// than those timed (more of it may sit in buffers), never down.
     pub fn expected(&self, bytes: u64) -> Option<Duration> {
-        let (secs, measured) = self.typical?;
-        let scale = (bytes as f64 / measured.max(1) as f64).max(1.0);
+        let (secs, timed_bytes) = self.typical?;
+        let scale = (bytes as f64 / timed_bytes).max(1.0);
         Some(Duration::from_secs_f64((secs * scale).min(3600.0)))
     }
 }
@@ -664,16 +669,17 @@ mod tests {
     }
 
     #[test]
-    fn each_stall_in_a_row_adds_half_to_the_patience_within_bounds() {
+    fn each_stall_in_a_row_after_the_first_adds_half_to_the_patience_within_bounds() {
         let t = TimeoutPolicy::default();
         let rate = Some(10.0 * MIB as f64);
         let mut answers = AnswerWait::default();
         answers.observe(MIB, Duration::from_millis(500));
         let first = t.deadlines(MIB, rate, &answers, 0);
-        let second = t.deadlines(MIB, rate, &answers, 1);
-        assert_eq!(second.answer, first.answer.mul_f64(1.5));
-        assert_eq!(second.stall, first.stall.mul_f64(1.5));
-        assert_eq!(second.total, first.total.mul_f64(1.5));
+        assert_eq!(t.deadlines(MIB, rate, &answers, 1), first);
+        let third = t.deadlines(MIB, rate, &answers, 2);
+        assert_eq!(third.answer, first.answer.mul_f64(1.5));
+        assert_eq!(third.stall, first.stall.mul_f64(1.5));
+        assert_eq!(third.total, first.total.mul_f64(1.5));
         let many = t.deadlines(MIB, rate, &answers, 40);
         assert!(many.stall <= t.stall_max);
         assert!(many.answer <= many.total);

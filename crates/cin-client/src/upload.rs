@@ -709,9 +709,16 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                         last: error,
                     });
                 }
+                // A dead connection is no sign of an overloaded POP: the retry
+                // on a fresh one need not wait longer each time.
+                let backoff_attempt = if matches!(error, TransportError::Stalled(_)) {
+                    1
+                } else {
+                    attempts
+                };
                 let delay = options
                     .backoff
-                    .delay(attempts, &mut rng)
+                    .delay(backoff_attempt, &mut rng)
                     .min(options.retry_deadline - stalled);
                 tracing::debug!(part = job.number, %error, next_chunk = sizer.current(), ?delay, "chunk failed; retrying");
                 shared
