@@ -137,6 +137,9 @@ impl Shared {
     }
 }
 
+/// Receive buffer of the proxy's client-side sockets.
+const RECV_BUFFER: u32 = 256 * 1024;
+
 pub struct FaultProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -146,7 +149,18 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on 127.0.0.1; connections are refused until [`set_upstream`](Self::set_upstream).
     pub async fn start(faults: Faults) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        // A real path holds about its bandwidth-delay product, not the megabytes
+        // a loopback socket would take in: with a small receive buffer, bytes
+        // sent into a stalled connection stay unacknowledged at the sender, as
+        // on a path that went black.
+        let socket = tokio::net::TcpSocket::new_v4().expect("proxy socket");
+        socket
+            .set_recv_buffer_size(RECV_BUFFER)
+            .expect("proxy receive buffer");
+        socket
+            .bind("127.0.0.1:0".parse().expect("loopback"))
+            .expect("bind proxy");
+        let listener = socket.listen(1024).expect("listen");
         let addr = listener.local_addr().expect("proxy addr");
         let shared = Arc::new(Shared {
             upstream: Mutex::new(None),

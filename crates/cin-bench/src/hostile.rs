@@ -142,6 +142,7 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                     resume: None,
                 };
                 let sent_before = proxy.put_body_bytes();
+                let before = (proxy.puts().len() as u64, proxy.stalls(), proxy.resets());
                 let began = Instant::now();
                 let upload = uploader.upload(job);
                 tokio::pin!(upload);
@@ -159,12 +160,16 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                         _ = tokio::time::sleep_until((began + limit).into()) => break false,
                     }
                 };
+                let (puts, stalls, resets) =
+                    (proxy.puts().len() as u64, proxy.stalls(), proxy.resets());
                 eprintln!(
-                    "TMP {client} puts {} stalls {} resets {} secs {:.1}",
-                    proxy.puts().len(),
-                    proxy.stalls(),
-                    proxy.resets(),
-                    began.elapsed().as_secs_f64()
+                    "  {}: {client}, seed {seed}: {} in {:.1} s, {} chunk PUTs, {} stalled, {} reset",
+                    link.name,
+                    if finished { "done" } else { "NOT done" },
+                    began.elapsed().as_secs_f64(),
+                    puts - before.0,
+                    stalls - before.1,
+                    resets - before.2,
                 );
                 runs.runs += 1;
                 runs.sent += proxy.put_body_bytes() - sent_before;

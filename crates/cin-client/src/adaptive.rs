@@ -260,12 +260,12 @@ impl Default for TimeoutPolicy {
             max: Duration::from_secs(600),
             factor: 4.0,
             assumed_rate: MIB as f64,
-            stall_min: Duration::from_millis(1500),
+            stall_min: Duration::from_secs(3),
             stall_max: Duration::from_secs(30),
             stall_factor: 8.0,
             answer: Duration::from_secs(3),
-            answer_min: Duration::from_secs(1),
-            answer_factor: 3.0,
+            answer_min: Duration::from_secs(2),
+            answer_factor: 4.0,
         }
     }
 }
@@ -423,7 +423,9 @@ impl Default for ConcurrencyPolicy {
 }
 
 /// AIMD on goodput: one more part in flight while that raises goodput, half as
-/// many when requests time out (the link is saturated) or goodput collapses.
+/// many when requests time out (the link is saturated). A window whose goodput
+/// fell only holds the number: dead connections make goodput fall too, and
+/// fewer parts would leave the link idler while they are found out.
 #[derive(Debug, Clone)]
 pub struct Concurrency {
     policy: ConcurrencyPolicy,
@@ -454,8 +456,8 @@ impl Concurrency {
         let max = self.policy.max.max(1);
         match self.previous {
             _ if timeouts > 0 => self.current = (self.current / 2).max(1),
-            Some(prev) if goodput < prev * 0.6 => self.current = (self.current / 2).max(1),
-            Some(prev) if goodput < prev * 1.05 => {} // a plateau: more parts would not help
+            // A plateau or a fall: more parts would not help.
+            Some(prev) if goodput < prev * 1.05 => {}
             _ => self.current = (self.current + 1).min(max),
         }
         self.previous = Some(goodput);
@@ -650,9 +652,9 @@ mod tests {
         let blind = t.deadlines(8 * MIB, rate, &AnswerWait::default(), 0);
         assert_eq!(blind.answer, t.answer + Duration::from_secs_f64(0.8));
         let mut answers = AnswerWait::default();
-        answers.observe(8 * MIB, Duration::from_millis(400));
+        answers.observe(8 * MIB, Duration::from_millis(800));
         let timed = t.deadlines(8 * MIB, rate, &answers, 0);
-        let typical = Duration::from_millis(400);
+        let typical = Duration::from_millis(800);
         assert_eq!(timed.answer, typical.mul_f64(t.answer_factor));
         // A bigger chunk than the one timed may have more in buffers; a smaller
         // one is not given less than the floor.
@@ -697,7 +699,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrency_grows_while_goodput_grows_and_halves_on_timeouts() {
+    fn concurrency_grows_while_goodput_grows_holds_when_it_falls_and_halves_on_timeouts() {
         let mut c = Concurrency::new(ConcurrencyPolicy {
             initial: 2,
             max: 5,
@@ -715,7 +717,9 @@ mod tests {
         c.on_window(60.0, 2);
         assert_eq!(c.limit(), 2, "timeouts halve");
         c.on_window(10.0, 0);
-        assert_eq!(c.limit(), 1, "collapsing goodput halves");
+        assert_eq!(c.limit(), 2, "falling goodput holds");
+        c.on_window(1.0, 3);
+        assert_eq!(c.limit(), 1);
         c.on_window(1.0, 3);
         assert_eq!(c.limit(), 1, "never below one");
     }

@@ -22,6 +22,9 @@ use crate::transport::{
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
 pub const CHUNK_SIZE_HINT_HEADER: &str = "cin-chunk-size-hint";
 
+/// How long sent bytes may go unacknowledged before the connection is dead.
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(2);
+
 /// Small control calls (start, complete, metadata) get this long.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -45,6 +48,10 @@ impl HttpTransport {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
+            // Bytes the peer does not acknowledge for this long mean a dead
+            // path: the kernel, which sees every acknowledgment, ends the
+            // connection, so the chunk is retried at once on a fresh one.
+            .tcp_user_timeout(UNACKNOWLEDGED_LIMIT)
             .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
@@ -166,6 +173,16 @@ fn url(pop: &str, path: &str) -> String {
 
 /// reqwest's own message hides the cause ("error sending request"); the chain names it.
 fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
+    let mut chain = std::iter::successors(std::error::Error::source(&e), |cause| cause.source());
+    // The kernel ended a connection whose bytes went unacknowledged: a dead
+    // path, not a slow one (reqwest would call it a timeout too).
+    if chain.any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    }) {
+        return TransportError::Stalled(UNACKNOWLEDGED_LIMIT);
+    }
     if e.is_timeout() {
         return TransportError::Timeout(timeout);
     }

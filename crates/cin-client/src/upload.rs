@@ -603,7 +603,14 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
     let mut last_progress = shared.clock.now();
 
     while let Some((gap_start, gap_end)) = job.acked.first_gap(job.len) {
-        let size = sizer.current().min(gap_end - gap_start);
+        let gap = gap_end - gap_start;
+        // A gap a little over the chunk size goes whole: a sliver of a chunk
+        // after it would cost a request (and its chances to fail) for little.
+        let size = if gap <= sizer.current().saturating_add(sizer.current() / 4) {
+            gap.min(options.chunks.ceiling.max(sizer.current()))
+        } else {
+            sizer.current()
+        };
         let body = shared.source.read_at(job.start + gap_start, size).await?;
         let request = ChunkRequest::new(
             shared.session.upload_id.clone(),
