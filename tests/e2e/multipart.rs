@@ -206,8 +206,6 @@ async fn complete_is_idempotent() {
 
 #[tokio::test]
 async fn chunk_size_hints_shrink_when_bodies_break_off() {
-    use tokio::io::AsyncWriteExt;
-
     let app = spawn_app().await;
     let start = app
         .start(json!({"apikey": "k", "filename": "a.bin", "size": 4 * MIB, "store": {"location": "s3"}, "fii": true}))
@@ -226,20 +224,7 @@ async fn chunk_size_hints_shrink_when_bodies_break_off() {
     );
 
     // A body that breaks off halfway, as on a dropped connection.
-    let url = reqwest::Url::parse(first["url"].as_str().unwrap()).unwrap();
-    let mut stream = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
-        .await
-        .unwrap();
-    let head = format!(
-        "PUT {}?{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-        url.path(),
-        url.query().unwrap(),
-        url.authority(),
-        MIB
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&vec![7u8; MIB / 2]).await.unwrap();
-    drop(stream);
+    break_off_put(first["url"].as_str().unwrap(), MIB, &vec![7u8; MIB / 2]).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
     let after: Value = ask(0).await.json().await.unwrap();
@@ -319,14 +304,7 @@ async fn a_declared_crc32c_is_verified_instead_of_an_md5() {
         )
         .await;
     assert_eq!(commit.status(), 200);
-    let done = app
-        .complete(
-            upload_id,
-            json!({"fii": true, "filename": "c.bin", "size": bytes.len()}),
-        )
-        .await;
-    assert_eq!(done.status(), 200);
-    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+    complete_and_compare(&app, upload_id, handle, "c.bin", &bytes).await;
 
     // A CRC32C that is not one is refused before any byte is read.
     let malformed = app
@@ -336,6 +314,52 @@ async fn a_declared_crc32c_is_verified_instead_of_an_md5() {
         )
         .await;
     assert!(malformed.status().is_client_error());
+}
+
+/// Sends a PUT to `url` declaring `declared` body bytes, then only `sent`, and
+/// closes the connection: a body broken off, as on a dropped connection.
+async fn break_off_put(url: &str, declared: usize, sent: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = stall_put(url, declared, sent).await;
+    stream.shutdown().await.unwrap();
+}
+
+/// Sends a PUT to `url` declaring `declared` body bytes, then only `sent`, and
+/// nothing more: the connection stays open, as on a path that went silent.
+async fn stall_put(url: &str, declared: usize, sent: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let url = reqwest::Url::parse(url).unwrap();
+    let mut stream = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT {}?{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {declared}\r\n\r\n",
+        url.path(),
+        url.query().unwrap(),
+        url.authority(),
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    stream.flush().await.unwrap();
+    stream
+}
+
+/// Completes an intelligent-ingestion upload and checks its filelink serves `bytes`.
+async fn complete_and_compare(
+    app: &crate::support::TestApp,
+    upload_id: &str,
+    handle: &str,
+    filename: &str,
+    bytes: &[u8],
+) {
+    let done = app
+        .complete(
+            upload_id,
+            json!({"fii": true, "filename": filename, "size": bytes.len()}),
+        )
+        .await;
+    assert_eq!(done.status(), 200, "{}", done.text().await.unwrap());
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(bytes));
 }
 
 /// A chunk URL built from an upload grant (`base` and `signature` of it), with
@@ -470,14 +494,7 @@ async fn an_upload_grant_signs_any_chunk_of_its_upload_and_nothing_else() {
             .await;
         assert_eq!(commit.status(), 200, "{}", commit.text().await.unwrap());
     }
-    let done = app
-        .complete(
-            upload_id,
-            json!({"fii": true, "filename": "g.bin", "size": bytes.len()}),
-        )
-        .await;
-    assert_eq!(done.status(), 200);
-    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+    complete_and_compare(&app, upload_id, handle, "g.bin", &bytes).await;
 }
 
 /// What part 1 of `upload_id` holds, asked with the upload grant.
@@ -519,7 +536,6 @@ async fn wait_received(app: &crate::support::TestApp, grant: &Value, ranges: Val
 /// that does not match is refused with everything after it.
 #[tokio::test]
 async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
-    use tokio::io::AsyncWriteExt;
     let app = spawn_app().await;
     let block = 256 * 1024;
     let bytes = random_bytes(MIB, 12);
@@ -536,30 +552,8 @@ async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
     let expires = grant["expires"].as_u64().unwrap();
 
     // 600 KiB of the chunk, then the connection closes: two whole blocks stay.
-    let url = reqwest::Url::parse(&granted_chunk_url(
-        base,
-        signature,
-        expires,
-        1,
-        0,
-        &bytes,
-        Some(block),
-    ))
-    .unwrap();
-    let mut stream = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
-        .await
-        .unwrap();
-    let head = format!(
-        "PUT {}?{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-        url.path(),
-        url.query().unwrap(),
-        url.authority(),
-        bytes.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&bytes[..600 * 1024]).await.unwrap();
-    stream.shutdown().await.unwrap();
-    drop(stream);
+    let url = granted_chunk_url(base, signature, expires, 1, 0, &bytes, Some(block));
+    break_off_put(&url, bytes.len(), &bytes[..600 * 1024]).await;
     wait_received(&app, grant, json!([[0, 2 * block]])).await;
 
     // The rest, with a flipped byte in its second block: its first block counts.
@@ -604,12 +598,65 @@ async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-    let done = app
-        .complete(
-            upload_id,
-            json!({"fii": true, "filename": "b.bin", "size": bytes.len()}),
-        )
+    complete_and_compare(&app, upload_id, handle, "b.bin", &bytes).await;
+}
+
+/// Asking what a part holds takes the part over: a write still waiting on a
+/// silent connection ends at once (not after the body idle time), keeping its
+/// checked blocks, and the answer counts them; the rest completes the file.
+#[tokio::test]
+async fn asking_what_a_part_holds_ends_a_stalled_write_and_counts_its_blocks() {
+    let app = spawn_app().await;
+    let block = 256 * 1024;
+    let bytes = random_bytes(MIB, 13);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "s.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
         .await;
-    assert_eq!(done.status(), 200, "{}", done.text().await.unwrap());
-    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap();
+    let grant = &start["upload_grant"];
+    let (base, signature) = (
+        grant["url"].as_str().unwrap(),
+        grant["signature"].as_str().unwrap(),
+    );
+    let expires = grant["expires"].as_u64().unwrap();
+    let url = granted_chunk_url(base, signature, expires, 1, 0, &bytes, Some(block));
+    let stalled = stall_put(&url, bytes.len(), &bytes[..3 * block + 1000]).await;
+
+    let asked = std::time::Instant::now();
+    let received = part_received(&app, grant).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the question waited for the stalled write"
+    );
+    // However much the POP had read when asked: whole blocks from 0, at most three.
+    let held = match received.as_array().map(Vec::as_slice) {
+        Some([]) => 0,
+        Some([range]) => range[1].as_u64().unwrap() as usize,
+        _ => panic!("part 1 holds {received}"),
+    };
+    assert!(
+        held % block == 0 && held <= 3 * block,
+        "part 1 holds {received}"
+    );
+    drop(stalled);
+
+    let rest = &bytes[held..];
+    let resp = app
+        .http
+        .put(granted_chunk_url(
+            base,
+            signature,
+            expires,
+            1,
+            held,
+            rest,
+            Some(block),
+        ))
+        .body(rest.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    complete_and_compare(&app, upload_id, handle, "s.bin", &bytes).await;
 }

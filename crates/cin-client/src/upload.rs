@@ -674,6 +674,16 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 last_progress = shared.clock.now();
             }
             Err(error) => {
+                // A connection that broke may have delivered whole blocks of
+                // the chunk: the POP kept them, and only the rest goes again.
+                let kept = if matches!(
+                    error,
+                    TransportError::Network(_) | TransportError::Stalled(_)
+                ) {
+                    take_kept_blocks(&shared, &mut job, gap_start, size, deadlines.answer).await?
+                } else {
+                    0
+                };
                 match error.classify() {
                     Failure::Fatal => {
                         return Err(ClientError::Request {
@@ -682,6 +692,9 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                             source: error,
                         })
                     }
+                    // What got through was kept: a smaller chunk would have
+                    // broken as soon, in bytes, and saved nothing.
+                    Failure::Shrink if kept > 0 => sizer.on_failure_kept(),
                     Failure::Shrink => {
                         let mut failures = lock(&shared.failures);
                         failures.record(size, true);
@@ -700,11 +713,6 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                     stalls_in_row += 1;
                 }
                 failing.start();
-                // A connection that broke may have delivered whole blocks of
-                // the chunk: the POP kept them, and only the rest goes again.
-                if matches!(error, TransportError::Network(_)) {
-                    take_kept_blocks(&shared, &mut job, gap_start, size, deadlines.answer).await?;
-                }
                 shared.counters.failures.fetch_add(1, Ordering::Relaxed);
                 attempts += 1;
                 let stalled = shared.clock.now().saturating_sub(last_progress);
@@ -741,17 +749,17 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
 }
 
 /// Asks which bytes of the chunk `[start, start + size)` of `job`'s part the POP
-/// kept after the chunk broke off, and counts them as acknowledged. A failed
-/// question only means the whole chunk goes again.
+/// kept after the chunk broke off, counts them as acknowledged and says how
+/// many were new. A failed question only means the whole chunk goes again.
 async fn take_kept_blocks(
     shared: &Shared,
     job: &mut PartJob,
     start: u64,
     size: u64,
     timeout: Duration,
-) -> Result<(), ClientError> {
+) -> Result<u64, ClientError> {
     if size <= CHECK_BLOCK {
-        return Ok(());
+        return Ok(0);
     }
     let received = match shared
         .transport
@@ -766,9 +774,10 @@ async fn take_kept_blocks(
         Ok(received) => received,
         Err(error) => {
             tracing::debug!(part = job.number, %error, "could not ask what the POP kept");
-            return Ok(());
+            return Ok(0);
         }
     };
+    let mut kept = 0;
     for (kept_start, kept_end) in received {
         // Only this chunk's range: the rest of the part is known already.
         let (from, to) = (
@@ -782,6 +791,7 @@ async fn take_kept_blocks(
         if new == 0 {
             continue;
         }
+        kept += new;
         job.acked.insert(from, to);
         if let Some(checkpoint) = &shared.checkpoint {
             shared.recorded(checkpoint.acked(job.number, from, to).await)?;
@@ -795,7 +805,7 @@ async fn take_kept_blocks(
             "the POP kept part of a broken chunk"
         );
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Whether a part counts among the retrying ones; it stops counting when dropped.

@@ -246,7 +246,7 @@ pub async fn part_received(
         ));
     }
     let part = PartNumber::new(part.parse::<i64>().map_err(|_| refused())?)?;
-    let received = state.uploads.part_received(&upload_id, part)?;
+    let received = state.uploads.part_received(&upload_id, part).await?;
     Ok(Json(json!({ "part": part.get(), "received": received })))
 }
 

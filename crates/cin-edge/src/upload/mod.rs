@@ -78,6 +78,9 @@ pub struct IncomingChunk<S> {
     pub body: S,
 }
 
+/// How long a question about a part waits for its writer to finish on its own.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A part the client says it uploaded, with the ETag it was given.
 #[derive(Clone, Debug)]
 pub struct ClaimedPart {
@@ -270,13 +273,27 @@ impl Uploads {
         }
     }
 
-    /// The byte ranges of a part that are durable and acknowledged.
-    pub fn part_received(
+    /// The byte ranges of a part that are durable and acknowledged. A client
+    /// asks after giving up on a chunk. A request still writing the part gets
+    /// a moment to finish on its own (its connection may have closed with
+    /// bytes still to read); then, as a tus HEAD does, the question takes the
+    /// part over: the writer, most likely waiting on that dead connection,
+    /// records the blocks it has and ends first.
+    pub async fn part_received(
         &self,
         upload: &UploadId,
         part: PartNumber,
     ) -> Result<Vec<(u64, u64)>, UploadError> {
         self.file_for_upload(upload)?;
+        let key = (upload.clone(), part.get());
+        let _guard = match self
+            .part_locks
+            .acquire(key.clone(), Takeover::Never, WRITER_GRACE)
+            .await
+        {
+            Ok(guard) => guard,
+            Err(_) => self.part_lock(upload, part, Takeover::Always).await?,
+        };
         Ok(self
             .services
             .meta
