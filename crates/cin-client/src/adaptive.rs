@@ -264,7 +264,7 @@ impl Default for TimeoutPolicy {
             stall_max: Duration::from_secs(30),
             stall_factor: 8.0,
             answer: Duration::from_secs(3),
-            answer_min: Duration::from_secs(2),
+            answer_min: Duration::from_millis(1500),
             answer_factor: 4.0,
         }
     }

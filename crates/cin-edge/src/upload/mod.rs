@@ -79,7 +79,7 @@ pub struct IncomingChunk<S> {
 }
 
 /// How long a question about a part waits for its writer to finish on its own.
-const WRITER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A part the client says it uploaded, with the ETag it was given.
 #[derive(Clone, Debug)]
