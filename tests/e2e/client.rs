@@ -191,7 +191,9 @@ async fn cin_killed_mid_upload_resumes_without_resending_acknowledged_bytes() {
         .spawn()
         .expect("start cin");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while acked_in(&state_file) < 6 * MIB as u64 {
+    // Killed after its first acknowledged chunks: with several parts in flight
+    // and chunks growing to 8 MiB, the next acknowledgments come late in the upload.
+    while acked_in(&state_file) < 2 * MIB as u64 {
         assert!(std::time::Instant::now() < deadline, "cin made no progress");
         assert!(
             child.try_wait().expect("child").is_none(),
@@ -215,7 +217,7 @@ async fn cin_killed_mid_upload_resumes_without_resending_acknowledged_bytes() {
         .expect("the state file survives the kill");
     let acked = recorded.acked_bytes();
     assert!(
-        acked >= 6 * MIB as u64 && acked < bytes.len() as u64,
+        acked >= 2 * MIB as u64 && acked < bytes.len() as u64,
         "{acked}"
     );
     let puts_before = proxy.puts().len();
