@@ -279,6 +279,11 @@ pub struct ChunkDeadlines {
     pub stall: Duration,
     /// Longest wait for an answer once a request's body is handed over.
     pub answer: Duration,
+    /// Whether the kernel may end the connection when sent bytes go
+    /// unacknowledged for a moment (`TCP_USER_TIMEOUT`). Lifted once this
+    /// chunk's connections died three times in a row: on a link whose queues hold
+    /// seconds of data, only the deadlines above, which grow, can let it through.
+    pub kernel_limit: bool,
 }
 
 impl TimeoutPolicy {
@@ -328,6 +333,7 @@ impl TimeoutPolicy {
                 .min(self.stall_max.max(stall))
                 .min(total),
             answer: answer.mul_f64(patience).min(total),
+            kernel_limit: stalls_in_row < 3,
         }
     }
 }
@@ -682,6 +688,8 @@ mod tests {
         assert_eq!(third.answer, first.answer.mul_f64(1.5));
         assert_eq!(third.stall, first.stall.mul_f64(1.5));
         assert_eq!(third.total, first.total.mul_f64(1.5));
+        assert!(first.kernel_limit && third.kernel_limit);
+        assert!(!t.deadlines(MIB, rate, &answers, 3).kernel_limit);
         let many = t.deadlines(MIB, rate, &answers, 40);
         assert!(many.stall <= t.stall_max);
         assert!(many.answer <= many.total);

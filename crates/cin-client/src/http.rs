@@ -35,6 +35,9 @@ const GRANT_MARGIN_SECS: u64 = 120;
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
+    /// The same without the kernel's limit on unacknowledged bytes, for chunks
+    /// whose connections died repeatedly (see [`ChunkDeadlines::kernel_limit`]).
+    patient: reqwest::Client,
     apikey: String,
     /// Upload grants by upload id, from start and upload answers.
     grants: Arc<Mutex<HashMap<String, UploadGrant>>>,
@@ -42,21 +45,26 @@ pub struct HttpTransport {
 
 impl HttpTransport {
     pub fn new(apikey: impl Into<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            // A POP that does not accept a connection in 5 s is down or far away:
-            // better to fail fast and retry (or fail over) than to wait.
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            // Bytes the peer does not acknowledge for this long mean a dead
-            // path: the kernel, which sees every acknowledgment, ends the
-            // connection, so the chunk is retried at once on a fresh one.
-            .tcp_user_timeout(UNACKNOWLEDGED_LIMIT)
-            .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        let builder = || {
+            reqwest::Client::builder()
+                // A POP that does not accept a connection in 5 s is down or far
+                // away: better to fail fast and retry (or fail over) than to wait.
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")))
+        };
+        let build = |b: reqwest::ClientBuilder| {
+            b.build()
+                .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))
+        };
+        // Bytes the peer does not acknowledge for this long mean a dead path:
+        // the kernel, which sees every acknowledgment, ends the connection, so
+        // the chunk is retried at once on a fresh one.
+        let http = build(builder().tcp_user_timeout(UNACKNOWLEDGED_LIMIT))?;
         Ok(HttpTransport {
             http,
+            patient: build(builder())?,
             apikey: apikey.into(),
             grants: Arc::default(),
         })
@@ -326,8 +334,12 @@ impl Transport for HttpTransport {
             None => self.ask_for_url(pop, chunk, deadlines.answer).await?,
         };
         let progress = Progress::new();
-        let mut put = self
-            .http
+        let client = if deadlines.kernel_limit {
+            &self.http
+        } else {
+            &self.patient
+        };
+        let mut put = client
             .put(&put_url)
             // The body streams in pieces so that its progress shows; the length
             // is declared so it is not sent chunked.
