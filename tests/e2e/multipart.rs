@@ -344,6 +344,39 @@ async fn stall_put(url: &str, declared: usize, sent: &[u8]) -> tokio::net::TcpSt
     stream
 }
 
+/// An intelligent-ingestion upload started for its upload grant.
+struct GrantedUpload {
+    upload_id: String,
+    handle: String,
+    grant: Value,
+}
+
+impl GrantedUpload {
+    async fn start(app: &crate::support::TestApp, filename: &str, size: usize) -> Self {
+        let start = app
+            .start(json!({"apikey": "k", "filename": filename, "size": size, "store": {"location": "s3"}, "fii": true}))
+            .await;
+        GrantedUpload {
+            upload_id: start["upload_id"].as_str().unwrap().to_owned(),
+            handle: start["handle"].as_str().unwrap().to_owned(),
+            grant: start["upload_grant"].clone(),
+        }
+    }
+
+    /// The grant's URL for a chunk of `body` at `offset` in `part`.
+    fn chunk_url(&self, part: usize, offset: usize, body: &[u8], block: Option<usize>) -> String {
+        granted_chunk_url(
+            self.grant["url"].as_str().unwrap(),
+            self.grant["signature"].as_str().unwrap(),
+            self.grant["expires"].as_u64().unwrap(),
+            part,
+            offset,
+            body,
+            block,
+        )
+    }
+}
+
 /// Completes an intelligent-ingestion upload and checks its filelink serves `bytes`.
 async fn complete_and_compare(
     app: &crate::support::TestApp,
@@ -539,20 +572,11 @@ async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
     let app = spawn_app().await;
     let block = 256 * 1024;
     let bytes = random_bytes(MIB, 12);
-    let start = app
-        .start(json!({"apikey": "k", "filename": "b.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
-        .await;
-    let upload_id = start["upload_id"].as_str().unwrap();
-    let handle = start["handle"].as_str().unwrap();
-    let grant = &start["upload_grant"];
-    let (base, signature) = (
-        grant["url"].as_str().unwrap(),
-        grant["signature"].as_str().unwrap(),
-    );
-    let expires = grant["expires"].as_u64().unwrap();
+    let up = GrantedUpload::start(&app, "b.bin", bytes.len()).await;
+    let (upload_id, handle, grant) = (up.upload_id.as_str(), up.handle.as_str(), &up.grant);
 
     // 600 KiB of the chunk, then the connection closes: two whole blocks stay.
-    let url = granted_chunk_url(base, signature, expires, 1, 0, &bytes, Some(block));
+    let url = up.chunk_url(1, 0, &bytes, Some(block));
     break_off_put(&url, bytes.len(), &bytes[..600 * 1024]).await;
     wait_received(&app, grant, json!([[0, 2 * block]])).await;
 
@@ -562,15 +586,7 @@ async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
     damaged[block + 3] ^= 1;
     let resp = app
         .http
-        .put(granted_chunk_url(
-            base,
-            signature,
-            expires,
-            1,
-            2 * block,
-            rest,
-            Some(block),
-        ))
+        .put(up.chunk_url(1, 2 * block, rest, Some(block)))
         .body(damaged)
         .send()
         .await
@@ -584,15 +600,7 @@ async fn a_broken_chunk_keeps_its_checked_blocks_and_the_rest_completes_it() {
     let last = &bytes[3 * block..];
     let resp = app
         .http
-        .put(granted_chunk_url(
-            base,
-            signature,
-            expires,
-            1,
-            3 * block,
-            last,
-            Some(block),
-        ))
+        .put(up.chunk_url(1, 3 * block, last, Some(block)))
         .body(last.to_vec())
         .send()
         .await
@@ -609,18 +617,9 @@ async fn asking_what_a_part_holds_ends_a_stalled_write_and_counts_its_blocks() {
     let app = spawn_app().await;
     let block = 256 * 1024;
     let bytes = random_bytes(MIB, 13);
-    let start = app
-        .start(json!({"apikey": "k", "filename": "s.bin", "size": bytes.len(), "store": {"location": "s3"}, "fii": true}))
-        .await;
-    let upload_id = start["upload_id"].as_str().unwrap();
-    let handle = start["handle"].as_str().unwrap();
-    let grant = &start["upload_grant"];
-    let (base, signature) = (
-        grant["url"].as_str().unwrap(),
-        grant["signature"].as_str().unwrap(),
-    );
-    let expires = grant["expires"].as_u64().unwrap();
-    let url = granted_chunk_url(base, signature, expires, 1, 0, &bytes, Some(block));
+    let up = GrantedUpload::start(&app, "s.bin", bytes.len()).await;
+    let (upload_id, handle, grant) = (up.upload_id.as_str(), up.handle.as_str(), &up.grant);
+    let url = up.chunk_url(1, 0, &bytes, Some(block));
     let stalled = stall_put(&url, bytes.len(), &bytes[..3 * block + 1000]).await;
 
     let asked = std::time::Instant::now();
@@ -644,15 +643,7 @@ async fn asking_what_a_part_holds_ends_a_stalled_write_and_counts_its_blocks() {
     let rest = &bytes[held..];
     let resp = app
         .http
-        .put(granted_chunk_url(
-            base,
-            signature,
-            expires,
-            1,
-            held,
-            rest,
-            Some(block),
-        ))
+        .put(up.chunk_url(1, held, rest, Some(block)))
         .body(rest.to_vec())
         .send()
         .await
