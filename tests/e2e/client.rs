@@ -520,3 +520,53 @@ async fn each_chunk_is_one_request_while_the_upload_grant_lasts() {
         );
     }
 }
+
+/// A connection whose bytes the far end stops acknowledging is ended by the
+/// kernel (`TCP_USER_TIMEOUT`), and that is a dead connection to retry on a
+/// fresh one, not a timeout that would shrink chunks and halve the parts in
+/// flight (reqwest reports both as timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_bytes_end_a_connection_as_a_stall_not_a_timeout() {
+    use cin_client::transport::{ChunkDeadlines, ChunkRequest, StartRequest, Transport};
+    // The first chunk PUT stops being forwarded halfway, the socket left open.
+    let (_app, proxy) = pop_behind(Faults {
+        stall_nth: vec![0],
+        ..Faults::default()
+    })
+    .await;
+    let transport = HttpTransport::new("k").expect("http client");
+    let bytes = random_bytes(16 * MIB, 72);
+    let started = transport
+        .start(
+            &proxy.url(),
+            &StartRequest {
+                filename: "u.bin".into(),
+                mimetype: "application/octet-stream".into(),
+                size: bytes.len() as u64,
+                store: StoreOptions::s3(),
+            },
+        )
+        .await
+        .expect("start");
+    // Deadlines far beyond the kernel's limit: only the kernel can end this.
+    let patient = Duration::from_secs(60);
+    let chunk = ChunkRequest::new(started.upload_id, 1, 0, bytes.into());
+    let error = transport
+        .send_chunk(
+            &proxy.url(),
+            &chunk,
+            ChunkDeadlines {
+                total: patient,
+                stall: patient,
+                answer: patient,
+                kernel_limit: true,
+            },
+        )
+        .await
+        .expect_err("the stalled chunk cannot be acknowledged");
+    assert!(
+        matches!(error, cin_client::TransportError::Stalled(_)),
+        "{error}"
+    );
+    assert_eq!(proxy.stalls(), 1);
+}

@@ -671,6 +671,12 @@ mod tests {
         // A start call's time stands in until a chunk was timed.
         let seeded = AnswerWait::seeded(Some(typical), 8 * MIB);
         assert_eq!(t.deadlines(8 * MIB, rate, &seeded, 0).answer, timed.answer);
+        // A small chunk timed after big ones does not make the next big one
+        // look many times slower: the sizes are smoothed with the waits.
+        let mut mixed = answers.clone();
+        mixed.observe(MIB, Duration::from_millis(700));
+        let expected = mixed.expected(8 * MIB).unwrap_or_default();
+        assert!(expected < Duration::from_millis(1200), "{expected:?}");
         let mut quick = AnswerWait::default();
         quick.observe(8 * MIB, Duration::from_millis(10));
         assert_eq!(t.deadlines(MIB, rate, &quick, 0).answer, t.answer_min);

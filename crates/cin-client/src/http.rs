@@ -445,6 +445,8 @@ impl Transport for HttpTransport {
         let (done, _) = self
             .post(url(pop, "/multipart/complete"), body, CONTROL_TIMEOUT)
             .await?;
+        // A complete upload takes no more chunks: its grant need not be kept.
+        self.grants().remove(&req.upload_id);
         Ok(done)
     }
 

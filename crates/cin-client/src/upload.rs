@@ -660,16 +660,7 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 if !lock(&shared.failures).halving_helps(sizer.current().saturating_mul(2)) {
                     sizer.grow();
                 }
-                job.acked.insert(gap_start, gap_start + size);
-                if let Some(checkpoint) = &shared.checkpoint {
-                    shared.recorded(
-                        checkpoint
-                            .acked(job.number, gap_start, gap_start + size)
-                            .await,
-                    )?;
-                }
-                shared.counters.acked.fetch_add(size, Ordering::Relaxed);
-                shared.observer.acked(size);
+                acknowledge(&shared, &mut job, gap_start, gap_start + size).await?;
                 attempts = 0;
                 last_progress = shared.clock.now();
             }
@@ -787,17 +778,11 @@ async fn take_kept_blocks(
         if from >= to {
             continue;
         }
-        let new = (to - from) - job.acked.overlap(from, to);
+        let new = acknowledge(shared, job, from, to).await?;
         if new == 0 {
             continue;
         }
         kept += new;
-        job.acked.insert(from, to);
-        if let Some(checkpoint) = &shared.checkpoint {
-            shared.recorded(checkpoint.acked(job.number, from, to).await)?;
-        }
-        shared.counters.acked.fetch_add(new, Ordering::Relaxed);
-        shared.observer.acked(new);
         tracing::debug!(
             part = job.number,
             from,
@@ -806,6 +791,27 @@ async fn take_kept_blocks(
         );
     }
     Ok(kept)
+}
+
+/// Counts `[from, to)` of `job`'s part as acknowledged (recorded for --resume,
+/// counted, reported) and says how many of its bytes were new.
+async fn acknowledge(
+    shared: &Shared,
+    job: &mut PartJob,
+    from: u64,
+    to: u64,
+) -> Result<u64, ClientError> {
+    let new = (to - from) - job.acked.overlap(from, to);
+    if new == 0 {
+        return Ok(0);
+    }
+    job.acked.insert(from, to);
+    if let Some(checkpoint) = &shared.checkpoint {
+        shared.recorded(checkpoint.acked(job.number, from, to).await)?;
+    }
+    shared.counters.acked.fetch_add(new, Ordering::Relaxed);
+    shared.observer.acked(new);
+    Ok(new)
 }
 
 /// Whether a part counts among the retrying ones; it stops counting when dropped.

@@ -183,6 +183,20 @@ fn upload_grant(state: &SharedState, upload: &UploadId) -> Value {
     })
 }
 
+/// Whether `signature` is this POP's upload grant for `upload` until `expires`.
+fn upload_grant_signed(
+    state: &SharedState,
+    upload: &UploadId,
+    expires: u64,
+    signature: &str,
+) -> bool {
+    let grant = UploadGrant {
+        upload_id: upload.to_string(),
+        expires,
+    };
+    state.signer.verify(&grant, signature)
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChunkQuery {
     #[serde(deserialize_with = "lenient_u64")]
@@ -232,11 +246,9 @@ pub async fn part_received(
     };
     let Query(q) = query.map_err(|_| refused())?;
     let upload_id = UploadId::parse(&upload_id).map_err(|_| refused())?;
-    let grant = UploadGrant {
-        upload_id: upload_id.to_string(),
-        expires: q.expires,
-    };
-    if q.grant != UploadGrant::SCOPE || !state.signer.verify(&grant, &q.signature) {
+    if q.grant != UploadGrant::SCOPE
+        || !upload_grant_signed(&state, &upload_id, q.expires, &q.signature)
+    {
         return Err(refused());
     }
     if q.expires < now_unix() {
@@ -284,13 +296,7 @@ pub async fn put_chunk(
     };
     let signed = match q.grant.as_str() {
         "" => state.signer.verify(&grant, &q.signature),
-        UploadGrant::SCOPE => state.signer.verify(
-            &UploadGrant {
-                upload_id: upload_id.to_string(),
-                expires: q.expires,
-            },
-            &q.signature,
-        ),
+        UploadGrant::SCOPE => upload_grant_signed(&state, &upload_id, q.expires, &q.signature),
         _ => false,
     };
     if !signed {

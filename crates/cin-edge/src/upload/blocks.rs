@@ -52,6 +52,16 @@ impl BlockSums {
             .collect();
         Ok(BlockSums { block, sums })
     }
+
+    /// The CRC32C of a whole chunk of `chunk_size` bytes whose every block
+    /// matched these sums.
+    pub fn combined(&self, chunk_size: u64) -> u32 {
+        self.sums.iter().enumerate().fold(0, |whole, (i, &sum)| {
+            let start = i as u64 * self.block;
+            let len = (start + self.block).min(chunk_size) - start;
+            crc32c::crc32c_combine(whole, sum, len as usize)
+        })
+    }
 }
 
 /// What a checked body found, read once the write is over.
@@ -171,6 +181,15 @@ mod tests {
         let found = run(frames, sums, size).await;
         assert_eq!(found.verified(), MIN_BLOCK);
         assert!(found.mismatch());
+    }
+
+    #[test]
+    fn the_blocks_sums_combine_into_the_chunks() {
+        let block = MIN_BLOCK as usize;
+        let bytes: Vec<u8> = (0..block * 2 + 77).map(|i| (i * 13 % 253) as u8).collect();
+        let sums =
+            BlockSums::parse(MIN_BLOCK, &sums_of(&bytes, block), bytes.len() as u64).unwrap();
+        assert_eq!(sums.combined(bytes.len() as u64), crc32c::crc32c(&bytes));
     }
 
     #[test]

@@ -365,10 +365,16 @@ impl Uploads {
             declared_digest(chunk.crc32c.as_deref(), 4, "invalid_crc32c", "crc32c")?;
         // One checksum is computed while writing: the declared CRC32C when there
         // is one, else the MD5 (Filestack clients send it, and it is the ETag).
-        let digest = if declared_crc32c.is_some() {
-            DigestKind::Crc32c
-        } else {
-            DigestKind::Md5
+        // Declared block sums are checked as the bytes pass; once every block
+        // matched, the chunk's CRC32C is theirs combined, not computed again.
+        let from_blocks = match (&chunk.blocks, &declared_crc32c) {
+            (Some(sums), Some(_)) => Some(sums.combined(chunk.size)),
+            _ => None,
+        };
+        let digest = match (&from_blocks, &declared_crc32c) {
+            (Some(_), _) => DigestKind::None,
+            (None, Some(_)) => DigestKind::Crc32c,
+            (None, None) => DigestKind::Md5,
         };
 
         let _writing = self.body_writer()?;
@@ -500,7 +506,17 @@ impl Uploads {
         metrics::counter!(names::BYTES_RECEIVED).increment(written.len);
         self.assessment
             .record_success(&chunk.upload_id, written.len, receiving.elapsed());
-        let digest_hex = hex::encode(&written.digest);
+        let digest_hex = match from_blocks {
+            // The body ended whole, so every block passed its check.
+            Some(crc) if check.verified() == chunk.size => hex::encode(crc.to_be_bytes()),
+            Some(_) => {
+                return Err(UploadError::invalid(
+                    "invalid_block_crc32c",
+                    "the chunk's blocks were not all checked; send it again",
+                ))
+            }
+            None => hex::encode(&written.digest),
+        };
         let mismatch = match (declared_crc32c, declared_md5) {
             (Some(declared), _) if declared != digest_hex => Some(ChunkError::Crc32cMismatch {
                 declared,
