@@ -408,8 +408,8 @@ fn impatient_options() -> UploadOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_chunks_are_abandoned_and_retried_on_a_fresh_connection() {
     let (app, proxy) = pop_behind(Faults {
-        // The first chunk of each of the first two parts, and a later one.
-        stall_nth: vec![0, 1, 5],
+        // The first chunk of each of the two parts, and one of their retries.
+        stall_nth: vec![0, 1, 3],
         seed: 31,
         ..Faults::default()
     })
@@ -559,7 +559,7 @@ async fn unacknowledged_bytes_end_a_connection_as_a_stall_not_a_timeout() {
                 total: patient,
                 stall: patient,
                 answer: patient,
-                kernel_limit: true,
+                kernel_limit: Some(Duration::from_secs(1)),
             },
         )
         .await

@@ -13,6 +13,9 @@ pub const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkPolicy {
     /// First chunk size when neither the POP nor an earlier part suggested one.
+    /// The part size: a chunk that breaks loses nothing (the POP keeps its
+    /// checked blocks, whatever ended it), while each request is one more
+    /// chance to meet a dead connection.
     pub initial: u64,
     /// Chunks never shrink below this (filestack's FII floor: 32 KiB).
     pub floor: u64,
@@ -22,19 +25,29 @@ pub struct ChunkPolicy {
     pub adaptive: bool,
     /// Consecutive acknowledged chunks before the size doubles.
     pub grow_after: u32,
-    /// Start from, and never exceed, the POP's `chunk_size_hint`.
+    /// Start from, and never exceed, the POP's `chunk_size_hint`. Off by
+    /// default: the hint keeps chunks small enough that a lost one costs
+    /// little, but `cin`'s chunks lose nothing when they break (the POP keeps
+    /// their checked blocks), and on a link where requests die at random the
+    /// smaller chunks only mean more requests to die.
     pub follow_hint: bool,
+    /// Once a chunk's throughput is measured, chunks grow at once to what the
+    /// connection carries in this long: every request is a chance to meet a
+    /// dead connection, so the link is known to carry the bigger size, the
+    /// fewer requests the better. Doubling streaks cover the rest.
+    pub target_time: Duration,
 }
 
 impl Default for ChunkPolicy {
     fn default() -> Self {
         ChunkPolicy {
-            initial: MIB,
+            initial: 8 * MIB,
             floor: 32 * KIB,
             ceiling: 8 * MIB,
             adaptive: true,
             grow_after: 3,
-            follow_hint: true,
+            follow_hint: false,
+            target_time: Duration::from_secs(2),
         }
     }
 }
@@ -108,6 +121,18 @@ impl ChunkSizer {
         }
     }
 
+    /// A chunk was acknowledged at `rate` bytes per second: grows to what the
+    /// connection carries in the target time. Only for links where no failure
+    /// said size matters (see [`FailureStats::any_failed`]): there, halving and
+    /// doubling streaks find the size instead.
+    pub fn on_rate(&mut self, rate: f64) {
+        if !self.policy.adaptive || !rate.is_finite() {
+            return;
+        }
+        let carried = (rate * self.policy.target_time.as_secs_f64()).min(u64::MAX as f64) as u64;
+        self.current = self.clamp(self.current.max(carried));
+    }
+
     /// Doubles the size at once (within the ceiling), whatever the streak.
     pub fn grow(&mut self) {
         if self.policy.adaptive {
@@ -163,6 +188,11 @@ impl FailureStats {
         if failed {
             *failures += 1.0;
         }
+    }
+
+    /// Whether any chunk failed in a way a smaller one might have avoided.
+    pub fn any_failed(&self) -> bool {
+        self.classes.values().any(|&(_, failures)| failures > 0.0)
     }
 
     /// Whether chunks smaller than `size` fail markedly less often than chunks
@@ -248,7 +278,18 @@ pub struct TimeoutPolicy {
     /// about a second or two on a healthy link, not in `answer` plus the drain.
     pub answer_min: Duration,
     pub answer_factor: f64,
+    /// How long a chunk's sent bytes may go unacknowledged by the peer before
+    /// its connection is dead (`TCP_USER_TIMEOUT`). A healthy path acknowledges
+    /// within a round trip or a retransmission or two; a dead one never does,
+    /// and only the kernel sees that before the socket buffers fill.
+    pub unacknowledged: Duration,
 }
+
+/// Dead connections in a row after which a chunk goes without the kernel's
+/// limit on unacknowledged bytes. Where a third of connections die by chance,
+/// five in a row happen to one chunk in 400; a link that holds its bytes for
+/// seconds gets there after about ten seconds of tries.
+pub const KERNEL_LIMIT_LIFTED_AFTER: u32 = 5;
 
 /// Bytes handed to the connection at a time; each one taken is progress.
 pub const PROGRESS_PIECE: u64 = 64 * KIB;
@@ -266,6 +307,7 @@ impl Default for TimeoutPolicy {
             answer: Duration::from_secs(3),
             answer_min: Duration::from_millis(1500),
             answer_factor: 4.0,
+            unacknowledged: Duration::from_secs(1),
         }
     }
 }
@@ -279,11 +321,12 @@ pub struct ChunkDeadlines {
     pub stall: Duration,
     /// Longest wait for an answer once a request's body is handed over.
     pub answer: Duration,
-    /// Whether the kernel may end the connection when sent bytes go
-    /// unacknowledged for a moment (`TCP_USER_TIMEOUT`). Lifted once this
-    /// chunk's connections died three times in a row: on a link whose queues hold
-    /// seconds of data, only the deadlines above, which grow, can let it through.
-    pub kernel_limit: bool,
+    /// How long the kernel lets sent bytes go unacknowledged before it ends the
+    /// connection (`TCP_USER_TIMEOUT`). It grows like the deadlines above and is
+    /// lifted (`None`) once this chunk's connections died
+    /// [`KERNEL_LIMIT_LIFTED_AFTER`] times in a row: on a link whose queues hold
+    /// seconds of data, only the deadlines above can let it through.
+    pub kernel_limit: Option<Duration>,
 }
 
 impl TimeoutPolicy {
@@ -314,7 +357,18 @@ impl TimeoutPolicy {
         stalls_in_row: u32,
     ) -> ChunkDeadlines {
         let total = self.for_chunk(bytes, measured_rate);
-        let answer = match answers.expected(bytes) {
+        // Most dead connections are chance: the first retry keeps the deadlines.
+        let patience = 1.5f64.powi(stalls_in_row.saturating_sub(1).min(16) as i32);
+        let kernel_limit = (stalls_in_row < KERNEL_LIMIT_LIFTED_AFTER)
+            .then(|| self.unacknowledged.mul_f64(patience));
+        // Under the kernel's limit, bytes still in buffers are the kernel's to
+        // watch: the answer is only the POP's fsync and a round trip away, as
+        // for any chunk, so a bigger chunk is not given longer.
+        let timed = match kernel_limit {
+            Some(_) => answers.expected(0),
+            None => answers.expected(bytes),
+        };
+        let answer = match timed {
             Some(typical) => typical.mul_f64(self.answer_factor).max(self.answer_min),
             None => {
                 let rate = measured_rate.unwrap_or(self.assumed_rate).max(1.0);
@@ -322,8 +376,6 @@ impl TimeoutPolicy {
                     + Duration::from_secs_f64((bytes as f64 / rate).min(self.max.as_secs_f64()))
             }
         };
-        // Most dead connections are chance: the first retry keeps the deadlines.
-        let patience = 1.5f64.powi(stalls_in_row.saturating_sub(1).min(16) as i32);
         let total = total.mul_f64(patience).min(self.max);
         let stall = self.stall(measured_rate);
         ChunkDeadlines {
@@ -333,7 +385,7 @@ impl TimeoutPolicy {
                 .min(self.stall_max.max(stall))
                 .min(total),
             answer: answer.mul_f64(patience).min(total),
-            kernel_limit: stalls_in_row < 3,
+            kernel_limit,
         }
     }
 }
@@ -475,13 +527,23 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    /// The default policy starting from 1 MiB, so that halving and doubling
+    /// both show.
+    fn small_start() -> ChunkPolicy {
+        ChunkPolicy {
+            initial: MIB,
+            ..ChunkPolicy::default()
+        }
+    }
+
     fn sizer() -> ChunkSizer {
-        ChunkSizer::new(ChunkPolicy::default(), None, None)
+        ChunkSizer::new(small_start(), None, None)
     }
 
     #[test]
-    fn starts_at_one_mib_without_a_hint() {
-        assert_eq!(sizer().current(), MIB);
+    fn starts_at_the_part_size_without_a_hint() {
+        let default = ChunkSizer::new(ChunkPolicy::default(), None, None);
+        assert_eq!(default.current(), 8 * MIB);
     }
 
     #[test]
@@ -524,6 +586,29 @@ mod tests {
     }
 
     #[test]
+    fn a_measured_rate_grows_chunks_to_the_target_time() {
+        let mut s = sizer();
+        s.on_success(None);
+        s.on_rate(2.0 * MIB as f64);
+        assert_eq!(s.current(), 4 * MIB, "2 s at 2 MiB/s");
+        s.on_rate(100.0 * MIB as f64);
+        assert_eq!(s.current(), 8 * MIB, "never above the part size");
+        s.on_rate(KIB as f64);
+        assert_eq!(s.current(), 8 * MIB, "a slow chunk does not shrink");
+        let mut hinted = ChunkSizer::new(hinted_policy(), None, None);
+        hinted.on_success(Some(2 * MIB));
+        hinted.on_rate(100.0 * MIB as f64);
+        assert_eq!(hinted.current(), 2 * MIB, "never above a followed hint");
+    }
+
+    fn hinted_policy() -> ChunkPolicy {
+        ChunkPolicy {
+            follow_hint: true,
+            ..small_start()
+        }
+    }
+
+    #[test]
     fn a_failure_breaks_the_success_streak() {
         let mut s = sizer();
         s.on_success(None);
@@ -536,16 +621,22 @@ mod tests {
 
     #[test]
     fn the_hint_is_the_start_and_the_ceiling() {
-        let mut s = sizer();
+        let mut s = ChunkSizer::new(hinted_policy(), None, None);
         s.on_success(Some(2 * MIB));
         assert_eq!(s.current(), 2 * MIB, "starts from the first hint");
         for _ in 0..20 {
             s.on_success(Some(2 * MIB));
         }
         assert_eq!(s.current(), 2 * MIB, "never above the hint");
-        let seeded = ChunkSizer::new(ChunkPolicy::default(), None, Some(256 * KIB));
+        let seeded = ChunkSizer::new(hinted_policy(), None, Some(256 * KIB));
         assert_eq!(seeded.current(), 256 * KIB);
         assert_eq!(seeded.ceiling(), 256 * KIB);
+        let unfollowed = ChunkSizer::new(ChunkPolicy::default(), None, Some(256 * KIB));
+        assert_eq!(
+            unfollowed.ceiling(),
+            8 * MIB,
+            "cin does not follow hints by default"
+        );
     }
 
     #[test]
@@ -662,11 +753,17 @@ mod tests {
         let timed = t.deadlines(8 * MIB, rate, &answers, 0);
         let typical = Duration::from_millis(800);
         assert_eq!(timed.answer, typical.mul_f64(t.answer_factor));
-        // A bigger chunk than the one timed may have more in buffers; a smaller
-        // one is not given less than the floor.
+        // Under the kernel's limit a bigger chunk than the one timed waits as
+        // long; without it, more of it may sit in buffers, and it waits longer.
         assert_eq!(
             t.deadlines(16 * MIB, rate, &answers, 0).answer,
-            typical.mul_f64(2.0 * t.answer_factor)
+            timed.answer
+        );
+        let patient = t.deadlines(16 * MIB, rate, &answers, KERNEL_LIMIT_LIFTED_AFTER);
+        let patience = 1.5f64.powi(KERNEL_LIMIT_LIFTED_AFTER as i32 - 1);
+        assert_eq!(
+            patient.answer,
+            typical.mul_f64(2.0 * t.answer_factor * patience)
         );
         // A start call's time stands in until a chunk was timed.
         let seeded = AnswerWait::seeded(Some(typical), 8 * MIB);
@@ -694,8 +791,15 @@ mod tests {
         assert_eq!(third.answer, first.answer.mul_f64(1.5));
         assert_eq!(third.stall, first.stall.mul_f64(1.5));
         assert_eq!(third.total, first.total.mul_f64(1.5));
-        assert!(first.kernel_limit && third.kernel_limit);
-        assert!(!t.deadlines(MIB, rate, &answers, 3).kernel_limit);
+        assert_eq!(first.kernel_limit, Some(t.unacknowledged));
+        assert_eq!(third.kernel_limit, Some(t.unacknowledged.mul_f64(1.5)));
+        let last = t.deadlines(MIB, rate, &answers, KERNEL_LIMIT_LIFTED_AFTER - 1);
+        assert_eq!(
+            last.kernel_limit,
+            Some(t.unacknowledged.mul_f64(1.5f64.powi(3)))
+        );
+        let lifted = t.deadlines(MIB, rate, &answers, KERNEL_LIMIT_LIFTED_AFTER);
+        assert_eq!(lifted.kernel_limit, None);
         let many = t.deadlines(MIB, rate, &answers, 40);
         assert!(many.stall <= t.stall_max);
         assert!(many.answer <= many.total);

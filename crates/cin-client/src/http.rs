@@ -22,8 +22,10 @@ use crate::transport::{
 /// Header by which a POP suggests its preferred largest chunk, in bytes.
 pub const CHUNK_SIZE_HINT_HEADER: &str = "cin-chunk-size-hint";
 
-/// How long sent bytes may go unacknowledged before the connection is dead.
-const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(2);
+/// How long sent bytes of a control call (start, complete, a question) may go
+/// unacknowledged before its connection is dead. Chunks have their own limit,
+/// from [`ChunkDeadlines::kernel_limit`].
+const CONTROL_UNACKNOWLEDGED: Duration = Duration::from_secs(2);
 
 /// Small control calls (start, complete, metadata) get this long.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,9 +37,9 @@ const GRANT_MARGIN_SECS: u64 = 120;
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
-    /// The same without the kernel's limit on unacknowledged bytes, for chunks
-    /// whose connections died repeatedly (see [`ChunkDeadlines::kernel_limit`]).
-    patient: reqwest::Client,
+    /// Clients for chunks by their limit on unacknowledged bytes (none: the
+    /// kernel's own), each with its connection pool; see [`ChunkDeadlines::kernel_limit`].
+    chunk_clients: Arc<Mutex<HashMap<Option<Duration>, reqwest::Client>>>,
     apikey: String,
     /// Upload grants by upload id, from start and upload answers.
     grants: Arc<Mutex<HashMap<String, UploadGrant>>>,
@@ -45,29 +47,25 @@ pub struct HttpTransport {
 
 impl HttpTransport {
     pub fn new(apikey: impl Into<String>) -> Result<Self, ClientError> {
-        let builder = || {
-            reqwest::Client::builder()
-                // A POP that does not accept a connection in 5 s is down or far
-                // away: better to fail fast and retry (or fail over) than to wait.
-                .connect_timeout(Duration::from_secs(5))
-                .pool_idle_timeout(Duration::from_secs(30))
-                .tcp_nodelay(true)
-                .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")))
-        };
-        let build = |b: reqwest::ClientBuilder| {
-            b.build()
-                .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))
-        };
-        // Bytes the peer does not acknowledge for this long mean a dead path:
-        // the kernel, which sees every acknowledgment, ends the connection, so
-        // the chunk is retried at once on a fresh one.
-        let http = build(builder().tcp_user_timeout(UNACKNOWLEDGED_LIMIT))?;
         Ok(HttpTransport {
-            http,
-            patient: build(builder())?,
+            http: client(Some(CONTROL_UNACKNOWLEDGED))
+                .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?,
+            chunk_clients: Arc::default(),
             apikey: apikey.into(),
             grants: Arc::default(),
         })
+    }
+
+    /// The client whose connections end when sent bytes go unacknowledged for `limit`.
+    fn chunk_client(&self, limit: Option<Duration>) -> Result<reqwest::Client, TransportError> {
+        let mut clients = self.chunk_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&limit) {
+            return Ok(client.clone());
+        }
+        let built = client(limit)
+            .map_err(|e| TransportError::Network(format!("cannot build the HTTP client: {e}")))?;
+        clients.insert(limit, built.clone());
+        Ok(built)
     }
 
     fn grants(&self) -> std::sync::MutexGuard<'_, HashMap<String, UploadGrant>> {
@@ -179,6 +177,23 @@ fn url(pop: &str, path: &str) -> String {
     format!("{}{}", pop.trim_end_matches('/'), path)
 }
 
+/// A client. Bytes the peer does not acknowledge for `unacknowledged` mean a
+/// dead path: the kernel, which sees every acknowledgment, ends the
+/// connection, so the request is retried at once on a fresh one.
+fn client(unacknowledged: Option<Duration>) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        // A POP that does not accept a connection in 5 s is down or far away:
+        // better to fail fast and retry (or fail over) than to wait.
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("cin/", env!("CARGO_PKG_VERSION")));
+    if let Some(limit) = unacknowledged {
+        builder = builder.tcp_user_timeout(limit);
+    }
+    builder.build()
+}
+
 /// reqwest's own message hides the cause ("error sending request"); the chain names it.
 fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
     let mut chain = std::iter::successors(std::error::Error::source(&e), |cause| cause.source());
@@ -189,7 +204,7 @@ fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     }) {
-        return TransportError::Stalled(UNACKNOWLEDGED_LIMIT);
+        return TransportError::Stalled(CONTROL_UNACKNOWLEDGED);
     }
     if e.is_timeout() {
         return TransportError::Timeout(timeout);
@@ -334,11 +349,7 @@ impl Transport for HttpTransport {
             None => self.ask_for_url(pop, chunk, deadlines.answer).await?,
         };
         let progress = Progress::new();
-        let client = if deadlines.kernel_limit {
-            &self.http
-        } else {
-            &self.patient
-        };
+        let client = self.chunk_client(deadlines.kernel_limit)?;
         let mut put = client
             .put(&put_url)
             // The body streams in pieces so that its progress shows; the length
@@ -360,7 +371,10 @@ impl Transport for HttpTransport {
             .saturating_sub(began.elapsed())
             .max(Duration::from_millis(1));
         let resp = tokio::select! {
-            sent = put.timeout(left).send() => sent.map_err(|e| from_reqwest(e, timeout))?,
+            sent = put.timeout(left).send() => sent.map_err(|e| match from_reqwest(e, timeout) {
+                TransportError::Stalled(_) => TransportError::Stalled(deadlines.kernel_limit.unwrap_or(timeout)),
+                other => other,
+            })?,
             // Dropping the request drops its connection: the retry gets a fresh one.
             stalled = progress.stalled(deadlines) => return Err(TransportError::Stalled(stalled)),
         };

@@ -655,6 +655,12 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                     *lock(&shared.hint) = Some(h);
                 }
                 sizer.on_success(ack.size_hint);
+                if let Some(rate) = throughput
+                    .rate()
+                    .filter(|_| !lock(&shared.failures).any_failed())
+                {
+                    sizer.on_rate(rate);
+                }
                 // Where bigger chunks are known to fail no more often (the
                 // failures come whatever the size), growing need not wait.
                 if !lock(&shared.failures).halving_helps(sizer.current().saturating_mul(2)) {
@@ -665,11 +671,14 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 last_progress = shared.clock.now();
             }
             Err(error) => {
-                // A connection that broke may have delivered whole blocks of
-                // the chunk: the POP kept them, and only the rest goes again.
+                // A connection that broke, or was given up, may have delivered
+                // whole blocks of the chunk: the POP kept them, and only the
+                // rest goes again.
                 let kept = if matches!(
                     error,
-                    TransportError::Network(_) | TransportError::Stalled(_)
+                    TransportError::Network(_)
+                        | TransportError::Stalled(_)
+                        | TransportError::Timeout(_)
                 ) {
                     take_kept_blocks(&shared, &mut job, gap_start, size, deadlines.answer).await?
                 } else {
