@@ -13,6 +13,7 @@ mod hostile_clients;
 mod lifecycle;
 mod lossy_fs;
 mod multipart;
+mod network;
 mod operations;
 mod power_cut;
 mod reconcile;

@@ -7,6 +7,8 @@ pub enum DomainError {
     InvalidHandle(String),
     #[error("upload_id must be 32 characters of [A-Za-z0-9], got {0:?}")]
     InvalidUploadId(String),
+    #[error("a POP id must be 2 characters of [A-Za-z0-9] (e.g. \"eu\" or \"A1\"), got {0:?}")]
+    InvalidPopId(String),
     #[error("part number must be between 1 and {max}, got {got}")]
     PartOutOfRange { got: i64, max: u32 },
     #[error(

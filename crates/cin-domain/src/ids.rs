@@ -8,6 +8,8 @@ use crate::DomainError;
 
 const HANDLE_LEN: usize = 20;
 const UPLOAD_ID_LEN: usize = 32;
+/// Handles and upload ids begin with the id of the POP that minted them.
+pub const POP_ID_LEN: usize = 2;
 
 fn random_alphanumeric(len: usize) -> String {
     rand::thread_rng()
@@ -21,15 +23,75 @@ fn is_alphanumeric_of_len(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-/// The public name of a file: the last path segment of its filelink.
-/// 20 characters of `[A-Za-z0-9]` carry about 119 bits of entropy.
+/// The short id of a POP in a network of POPs: two characters of `[A-Za-z0-9]`.
+/// Every handle and upload id a POP mints begins with it, so any POP can tell
+/// where a file was uploaded, and where its upload goes on, from its name alone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PopId(String);
+
+impl PopId {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if is_alphanumeric_of_len(s, POP_ID_LEN) {
+            Ok(PopId(s.to_owned()))
+        } else {
+            Err(DomainError::InvalidPopId(s.chars().take(64).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The POP id at the start of a minted name (whose form was checked).
+    fn prefix_of(name: &str) -> PopId {
+        PopId(name[..POP_ID_LEN].to_owned())
+    }
+}
+
+impl TryFrom<String> for PopId {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        PopId::parse(&s)
+    }
+}
+
+impl From<PopId> for String {
+    fn from(p: PopId) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for PopId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The public name of a file: the last path segment of its filelink. 20
+/// characters of `[A-Za-z0-9]`, as Filestack's SDKs expect: the minting POP's
+/// id, then 18 random ones (about 107 bits).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Handle(String);
 
 impl Handle {
+    /// A new handle minted by `pop`.
+    pub fn mint(pop: &PopId) -> Self {
+        Handle(format!(
+            "{pop}{}",
+            random_alphanumeric(HANDLE_LEN - POP_ID_LEN)
+        ))
+    }
+
+    /// A handle of a random POP (for tests).
     pub fn generate() -> Self {
         Handle(random_alphanumeric(HANDLE_LEN))
+    }
+
+    /// The POP that minted this handle.
+    pub fn pop(&self) -> PopId {
+        PopId::prefix_of(&self.0)
     }
 
     pub fn parse(s: &str) -> Result<Self, DomainError> {
@@ -71,8 +133,22 @@ impl fmt::Display for Handle {
 pub struct UploadId(String);
 
 impl UploadId {
+    /// A new upload id minted by `pop`: its id, then 30 random characters.
+    pub fn mint(pop: &PopId) -> Self {
+        UploadId(format!(
+            "{pop}{}",
+            random_alphanumeric(UPLOAD_ID_LEN - POP_ID_LEN)
+        ))
+    }
+
+    /// An upload id of a random POP (for tests).
     pub fn generate() -> Self {
         UploadId(random_alphanumeric(UPLOAD_ID_LEN))
+    }
+
+    /// The POP that minted this upload id: the one that holds the upload.
+    pub fn pop(&self) -> PopId {
+        PopId::prefix_of(&self.0)
     }
 
     pub fn parse(s: &str) -> Result<Self, DomainError> {
@@ -156,6 +232,36 @@ mod tests {
             "aaaaaaaaaaaaaaaaaaaaa",
         ] {
             assert!(Handle::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn minted_names_carry_their_pop_and_keep_their_form() {
+        let pop = PopId::parse("A7").unwrap();
+        let handle = Handle::mint(&pop);
+        assert_eq!(handle.as_str().len(), 20);
+        assert_eq!(Handle::parse(handle.as_str()).unwrap(), handle);
+        assert_eq!(handle.pop(), pop);
+        assert_ne!(Handle::mint(&pop), handle, "the rest is random");
+        let upload = UploadId::mint(&pop);
+        assert_eq!(UploadId::parse(upload.as_str()).unwrap(), upload);
+        assert_eq!(upload.pop(), pop);
+        assert_eq!(
+            Handle::parse("zz345678901234567890")
+                .unwrap()
+                .pop()
+                .as_str(),
+            "zz"
+        );
+    }
+
+    #[test]
+    fn pop_ids_are_two_alphanumerics() {
+        for good in ["00", "eu", "Z9"] {
+            assert_eq!(PopId::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "a", "abc", "a-", "é1", "local"] {
+            assert!(PopId::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -10,7 +10,7 @@ pub mod status;
 pub mod store;
 
 pub use error::DomainError;
-pub use ids::{Handle, PartNumber, UploadId};
+pub use ids::{Handle, PartNumber, PopId, UploadId};
 pub use ranges::RangeSet;
 pub use record::{
     CompletedPart, FileRecord, MultipartCheckpoint, PartRecord, ReplicationJob, Segment, TusConcat,

@@ -120,6 +120,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         apps,
         webhooks: webhooks.clone(),
         replication_wakeup: wakeup.clone(),
+        pop: config.pop_id().map_err(anyhow::Error::msg)?,
     });
     let lifecycle = Arc::new(Lifecycle::open(
         meta.clone(),

@@ -125,7 +125,9 @@ pub struct ServerConfig {
     pub public_url: String,
     /// Directory for the metadata store, part files and the local origin store.
     pub data_dir: PathBuf,
-    /// This POP's name, reported in metadata so a handle's origin POP is known.
+    /// This POP's id: 2 characters of `[A-Za-z0-9]`, unique in a network of
+    /// POPs. Every handle and upload id it mints begins with it, and metadata
+    /// reports it, so a handle's origin POP is known anywhere.
     pub pop_id: String,
     /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT; then they are cancelled.
     pub shutdown_grace_secs: u64,
@@ -269,7 +271,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: String::new(),
             data_dir: PathBuf::from("./data"),
-            pop_id: "local".into(),
+            pop_id: "00".into(),
             shutdown_grace_secs: 30,
             worker_stop_secs: 5,
             head_timeout_secs: 10,
@@ -338,7 +340,13 @@ impl Config {
     }
 
     /// Checks what the types cannot: every name that must resolve does.
+    /// This POP's id, checked.
+    pub fn pop_id(&self) -> Result<cin_domain::PopId, String> {
+        cin_domain::PopId::parse(&self.server.pop_id).map_err(|e| format!("server.pop_id: {e}"))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        self.pop_id()?;
         let server = &self.server;
         for (name, value) in [
             ("head_timeout_secs", server.head_timeout_secs),

@@ -174,6 +174,7 @@ fn upload_status(e: &UploadError) -> (StatusCode, &'static str) {
             DomainError::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal_transition"),
             DomainError::InvalidHandle(_) => (StatusCode::BAD_REQUEST, "invalid_handle"),
             DomainError::InvalidUploadId(_) => (StatusCode::BAD_REQUEST, "invalid_upload_id"),
+            DomainError::InvalidPopId(_) => (StatusCode::BAD_REQUEST, "invalid_pop_id"),
             DomainError::PartOutOfRange { .. } => (StatusCode::BAD_REQUEST, "part_out_of_range"),
             DomainError::InvalidStorePath(_) => (StatusCode::BAD_REQUEST, "invalid_store_path"),
             DomainError::InvalidContainer(_) => (StatusCode::BAD_REQUEST, "invalid_container"),

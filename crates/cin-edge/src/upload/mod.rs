@@ -17,8 +17,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{
-    sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, ReplicationJob,
-    Segment, StoreOptions, Transition, UploadId, UploadMode,
+    sanitize_filename, FileRecord, FileStatus, Handle, PartNumber, PartRecord, PopId,
+    ReplicationJob, Segment, StoreOptions, Transition, UploadId, UploadMode,
 };
 use cin_storage::{
     BodyError, ChunkError, ChunkSize, DigestKind, JobChange, MetadataStore, OnBreak, PartStore,
@@ -101,6 +101,8 @@ pub struct Services {
     pub webhooks: Arc<Webhooks>,
     /// Woken when a file is queued for replication.
     pub replication_wakeup: Arc<Notify>,
+    /// This POP: the first characters of every handle and upload id it mints.
+    pub pop: PopId,
 }
 
 /// The engine's limits, from configuration.
@@ -196,7 +198,7 @@ impl Uploads {
     }
 
     fn new_record(&self, upload: &NewUpload) -> Result<FileRecord, UploadError> {
-        let handle = Handle::generate();
+        let handle = Handle::mint(&self.services.pop);
         let filename = sanitize_filename(&upload.filename);
         let placement =
             self.services
@@ -229,7 +231,12 @@ impl Uploads {
             container: placement.container,
             key: placement.key,
             app: upload_app,
-            ..FileRecord::new_upload(UploadId::generate(), upload.size, upload.mode, now_ms())
+            ..FileRecord::new_upload(
+                UploadId::mint(&self.services.pop),
+                upload.size,
+                upload.mode,
+                now_ms(),
+            )
         })
     }
 
