@@ -42,6 +42,29 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    spawn_app_on(listener, data_dir, tweak)
+}
+
+/// Starts a POP on `listener` (bound beforehand when other POPs must know its
+/// address), with a fresh data directory.
+pub fn spawn_app_on_fresh_dir(
+    listener: tokio::net::TcpListener,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut app = spawn_app_on(listener, tmp.path(), tweak);
+    app._tmp = Some(tmp);
+    app
+}
+
+fn spawn_app_on(
+    listener: tokio::net::TcpListener,
+    data_dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = Config::default();
     config.server.data_dir = data_dir.to_path_buf();
     config.server.shutdown_grace_secs = 5;
@@ -52,9 +75,6 @@ pub async fn spawn_app_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> T
     // No space set aside for the metadata store (the disk tests set their own).
     config.disk.metadata_reserve_bytes = 0;
     tweak(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(cin_edge::run(listener, config, async move {

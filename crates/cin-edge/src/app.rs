@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::destinations::{Destinations, ProbeWorker};
 use crate::disk::{Disk, DiskWatch};
 use crate::events::StatusEvents;
+use crate::network::Network;
 use crate::observability;
 use crate::replicator::Replicator;
 use crate::routes;
@@ -46,6 +47,7 @@ pub struct AppState {
     pub uploads: Uploads,
     pub signer: UrlSigner,
     pub cache: Arc<LocalCache>,
+    pub network: Network,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -153,6 +155,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         lifecycle,
         config.cache.max_bytes,
     ));
+    let network = Network::new(&config)?;
     let state = Arc::new(AppState {
         config,
         public_url,
@@ -161,6 +164,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         uploads,
         signer,
         cache,
+        network,
     });
     Ok(Node {
         state,

@@ -20,8 +20,30 @@ pub struct Config {
     pub cache: CacheConfig,
     pub webhooks: WebhooksConfig,
     pub log: LogConfig,
+    pub network: NetworkConfig,
     /// Apps by name. With none, the POP is open: any API key is accepted.
     pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// The network of POPs this one belongs to. Empty: a POP on its own.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Signs POP-to-POP calls (HMAC-SHA256, time-limited); the same at every POP
+    /// of the network, at least 32 characters, never given to clients.
+    pub secret: String,
+    /// Every POP of the network (this one may be listed too).
+    pub pops: Vec<NetworkPop>,
+}
+
+/// A POP of the network.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkPop {
+    /// Its `server.pop_id`.
+    pub id: String,
+    /// The URL other POPs reach it at (its internal address), e.g. `http://10.0.0.2:8080`.
+    pub url: String,
 }
 
 /// An app: its API key, its secret for security policies, and its limits.
@@ -340,6 +362,33 @@ impl Config {
     }
 
     /// Checks what the types cannot: every name that must resolve does.
+    fn validate_network(&self) -> Result<(), String> {
+        let network = &self.network;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, pop) in network.pops.iter().enumerate() {
+            cin_domain::PopId::parse(&pop.id).map_err(|e| format!("network.pops[{i}].id: {e}"))?;
+            if !seen.insert(pop.id.as_str()) {
+                return Err(format!(
+                    "network.pops lists POP {:?} twice; each POP id names one POP",
+                    pop.id
+                ));
+            }
+            if !(pop.url.starts_with("http://") || pop.url.starts_with("https://")) {
+                return Err(format!(
+                    "network.pops[{i}].url is {:?}; give the URL other POPs reach POP {} at, e.g. http://10.0.0.2:8080",
+                    pop.url, pop.id
+                ));
+            }
+        }
+        if !network.pops.is_empty() && network.secret.len() < 32 {
+            return Err(
+                "network.secret must be at least 32 characters when network.pops lists POPs: it signs their calls to one another"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// This POP's id, checked.
     pub fn pop_id(&self) -> Result<cin_domain::PopId, String> {
         cin_domain::PopId::parse(&self.server.pop_id).map_err(|e| format!("server.pop_id: {e}"))
@@ -347,6 +396,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         self.pop_id()?;
+        self.validate_network()?;
         let server = &self.server;
         for (name, value) in [
             ("head_timeout_secs", server.head_timeout_secs),

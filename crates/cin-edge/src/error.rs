@@ -44,6 +44,9 @@ pub enum ApiError {
     /// incomplete and final storage does not have it yet).
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    /// The file belongs to another POP of the network, which did not answer.
+    #[error("{message}")]
+    OriginUnreachable { origin: String, message: String },
     /// What the upload engine refused or failed at.
     #[error(transparent)]
     Upload(#[from] UploadError),
@@ -104,6 +107,9 @@ impl ApiError {
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
             ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::OriginUnreachable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "origin_unreachable")
+            }
             ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
@@ -207,7 +213,16 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.conflict_status() {
             error["status"] = json!(s.as_str());
         }
+        if let ApiError::OriginUnreachable { origin, .. } = &self {
+            error["origin"] = json!(origin);
+        }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if let ApiError::OriginUnreachable { .. } = &self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::network::RETRY_AFTER_SECS),
+            );
+        }
         if let ApiError::Upload(
             UploadError::InsufficientStorage {
                 retry_after_secs, ..

@@ -4,6 +4,7 @@
 //! - `routes`: the HTTP API (Filestack-compatible multipart, `/api/store`, filelinks, metadata);
 //! - `replicator`: the background worker delivering files to final storage;
 //! - `destinations`: storage profiles and how uploads are placed on them;
+//! - `network`: the network of POPs (which POP minted a handle, signed POP-to-POP calls);
 //! - `config`, `telemetry`, `app`: configuration, logging and wiring.
 
 pub mod app;
@@ -16,6 +17,7 @@ pub mod disk;
 pub mod error;
 pub mod events;
 pub mod input;
+pub mod network;
 pub mod observability;
 pub mod replicator;
 pub mod routes;

@@ -1,7 +1,7 @@
 //! The filelink (`GET`/`HEAD /{handle}`) and metadata queries.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::header::{
     ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
     IF_NONE_MATCH, IF_RANGE, RANGE,
@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cin_domain::{FileRecord, FileStatus, Handle};
+use cin_domain::{FileRecord, FileStatus, Handle, PopId};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 
@@ -19,6 +19,7 @@ use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
 use crate::input::{Path, Query};
 use crate::observability::names;
+use crate::upload::UploadError;
 
 /// The file behind `handle`, if the request's credentials allow `call` on it.
 fn find(
@@ -66,9 +67,21 @@ pub async fn metadata(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
     Query(q): Query<PolicyQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let file = find(&state, &handle, &q, Call::Stat)?;
-    Ok(Json(metadata_json(&state, &file)))
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    match find(&state, &handle, &q, Call::Stat) {
+        Ok(file) => Ok(Json(metadata_json(&state, &file)).into_response()),
+        // Minted by another POP of the network: that POP answers, with the
+        // client's credentials, which it checks itself.
+        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
+            Some(origin) => {
+                let path = format!("/internal/files/{handle}/metadata");
+                relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await
+            }
+            None => Err(unknown),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// The same as `/{handle}/metadata`, at Filestack's API path.
@@ -77,8 +90,51 @@ pub async fn api_metadata(
     state: State<SharedState>,
     handle: Path<String>,
     query: Query<PolicyQuery>,
+    raw: RawQuery,
+) -> Result<Response, ApiError> {
+    metadata(state, handle, query, raw).await
+}
+
+/// A file's metadata for another POP of the network (signed calls only).
+pub async fn internal_metadata(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    Query(q): Query<PolicyQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    metadata(state, handle, query).await
+    let path = format!("/internal/files/{handle}/metadata");
+    state.network.check_call("GET", &path, &headers)?;
+    let file = find(&state, &handle, &q, Call::Stat)?;
+    Ok(Json(metadata_json(&state, &file)))
+}
+
+/// This POP has no record of the handle.
+fn is_unknown(error: &ApiError) -> bool {
+    matches!(error, ApiError::Upload(UploadError::NotFound { .. }))
+}
+
+/// The other POP of the network that minted `handle`, if any.
+fn other_origin(state: &SharedState, handle: &str) -> Option<PopId> {
+    let origin = Handle::parse(handle).ok()?.pop();
+    state.network.other_origin(&origin)?;
+    Some(origin)
+}
+
+/// Another POP's answer to `path`, passed on with its status and naming it.
+async fn relay(
+    state: &SharedState,
+    origin: &PopId,
+    path: &str,
+    query: &str,
+) -> Result<Response, ApiError> {
+    let relayed = state.network.get(origin, path, query).await?;
+    let mut response = (relayed.status, Json(relayed.body)).into_response();
+    if let Ok(pop) = HeaderValue::from_str(origin.as_str()) {
+        response
+            .headers_mut()
+            .insert(crate::network::ANSWERED_BY_HEADER, pop);
+    }
+    Ok(response)
 }
 
 pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {

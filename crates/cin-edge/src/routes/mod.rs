@@ -43,6 +43,10 @@ pub fn router() -> Router<SharedState> {
                 .options(tus::options),
         )
         .route("/api/file/{handle}/metadata", get(files::api_metadata))
+        .route(
+            "/internal/files/{handle}/metadata",
+            get(files::internal_metadata),
+        )
         .route("/openapi.json", get(openapi::document))
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}/events", get(files::events))
