@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{spawn_app_on_fresh_dir, spawn_app_with};
+use crate::support::{random_bytes, sha256_hex, spawn_app_on_fresh_dir, spawn_app_with};
 
 #[tokio::test]
 async fn every_name_a_pop_mints_begins_with_its_id() {
@@ -64,6 +64,15 @@ const SECRET: &str = "a network secret of 32 characters";
 /// POPs with these ids on loopback, each listing all of them (and, with
 /// `absent`, POPs that are listed but not running).
 async fn network(ids: &[&str], absent: &[&str]) -> Vec<crate::support::TestApp> {
+    network_with(ids, absent, |_, _| {}).await
+}
+
+/// [`network`], with `tweak` applied to each POP's config (given its id).
+async fn network_with(
+    ids: &[&str],
+    absent: &[&str],
+    tweak: impl Fn(&str, &mut cin_edge::Config),
+) -> Vec<crate::support::TestApp> {
     let mut listeners = Vec::new();
     for _ in ids.iter().chain(absent) {
         listeners.push(
@@ -88,10 +97,11 @@ async fn network(ids: &[&str], absent: &[&str]) -> Vec<crate::support::TestApp> 
         .zip(running)
         .map(|(id, listener)| {
             let pops = pops.clone();
-            spawn_app_on_fresh_dir(listener, move |c| {
+            spawn_app_on_fresh_dir(listener, |c| {
                 c.server.pop_id = (*id).into();
                 c.network.secret = SECRET.into();
                 c.network.pops = pops;
+                tweak(id, c);
             })
         })
         .collect()
@@ -190,5 +200,142 @@ async fn a_forged_internal_call_is_refused() {
         let body: Value = resp.json().await.expect("json");
         assert_eq!(body["error"]["code"], "internal_call_refused");
         assert!(body.get("handle").is_none());
+    }
+}
+
+/// Files delivered to it stay `InTransit` at their origin: replication never succeeds.
+fn held_in_transit(config: &mut cin_edge::Config) {
+    config.storage.profiles.insert(
+        "held".into(),
+        cin_edge::config::StorageProfile {
+            kind: cin_edge::config::ProfileKind::S3,
+            bucket: "held".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            force_path_style: true,
+            access_key_id: "nobody".into(),
+            secret_access_key: "nothing".into(),
+            ..Default::default()
+        },
+    );
+    config.storage.default_profile = "held".into();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_in_transit_at_its_origin_reads_the_same_at_every_pop() {
+    use cin_client::upload::{Quiet, UploadJob, UploadOptions, Uploader};
+    use cin_client::{HttpTransport, MemorySource, StoreOptions, TokioClock};
+    use std::sync::Arc;
+
+    let pops = network_with(&["aa", "bb", "cc"], &[], |_, c| held_in_transit(c)).await;
+    let (a, b, c) = (&pops[0], &pops[1], &pops[2]);
+    let whole = random_bytes(2_500_000, 41);
+    let stored = a
+        .store_raw("/api/store/s3?filename=w.bin", whole.clone())
+        .await;
+    let chunked = random_bytes(9 * 1024 * 1024 + 17, 42);
+    let report = Uploader::new(
+        Arc::new(HttpTransport::new("k").expect("http client")),
+        Arc::new(TokioClock::new()),
+        UploadOptions::default(),
+        Arc::new(Quiet),
+    )
+    .upload(UploadJob {
+        source: Arc::new(MemorySource(chunked.clone().into())),
+        filename: "m.bin".into(),
+        mimetype: "application/octet-stream".into(),
+        store: StoreOptions::s3(),
+        pops: vec![a.base.clone()],
+        resume: None,
+    })
+    .await
+    .expect("multipart upload at A");
+    for (handle, bytes) in [(&stored, &whole), (&report.handle, &chunked)] {
+        assert_eq!(a.metadata(handle).await["status"], "InTransit");
+        for other in [b, c] {
+            let full = other
+                .http
+                .get(other.url(&format!("/{handle}")))
+                .send()
+                .await
+                .expect("read at another POP");
+            assert_eq!(full.status(), 200);
+            assert_eq!(full.headers()["cin-pop"], "aa");
+            assert_eq!(
+                full.headers()["content-length"],
+                bytes.len().to_string().as_str()
+            );
+            assert_eq!(
+                sha256_hex(&full.bytes().await.expect("body")),
+                sha256_hex(bytes)
+            );
+            let ranged = other
+                .http
+                .get(other.url(&format!("/{handle}")))
+                .header("range", "bytes=1000-1999999")
+                .send()
+                .await
+                .expect("range read at another POP");
+            assert_eq!(ranged.status(), 206);
+            assert_eq!(
+                ranged.headers()["content-range"],
+                format!("bytes 1000-1999999/{}", bytes.len()).as_str()
+            );
+            assert_eq!(
+                ranged.bytes().await.expect("range body").as_ref(),
+                &bytes[1000..2_000_000]
+            );
+            let head = other
+                .http
+                .head(other.url(&format!("/{handle}")))
+                .send()
+                .await
+                .expect("HEAD at another POP");
+            assert_eq!(head.status(), 200);
+            let etag = head.headers()["etag"].clone();
+            let unchanged = other
+                .http
+                .get(other.url(&format!("/{handle}")))
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .expect("conditional read");
+            assert_eq!(unchanged.status(), 304);
+            assert_eq!(other.metadata(handle).await["status"], "InTransit");
+        }
+    }
+}
+
+#[tokio::test]
+async fn status_events_of_a_file_at_another_pop_come_through() {
+    let pops = network_with(&["aa", "bb"], &[], |_, c| held_in_transit(c)).await;
+    let (a, b) = (&pops[0], &pops[1]);
+    let started = a
+        .start(json!({"apikey": "k", "filename": "e.bin", "size": 3, "mimetype": "application/octet-stream"}))
+        .await;
+    let handle = started["handle"].as_str().expect("handle").to_owned();
+    let upload_id = started["upload_id"].as_str().expect("upload id").to_owned();
+    let mut stream = b
+        .http
+        .get(b.url(&format!("/{handle}/events")))
+        .send()
+        .await
+        .expect("events at B");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["cin-pop"], "aa");
+    let mut seen = String::new();
+    let mut next_event = async || {
+        let chunk = stream.chunk().await.expect("event").expect("stream open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        seen.clone()
+    };
+    assert!(next_event().await.contains("\"Uploading\""));
+    assert_eq!(
+        a.send_chunk(&upload_id, 1, None, b"abc").await.status(),
+        200
+    );
+    assert_eq!(a.complete(&upload_id, json!({})).await.status(), 200);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !next_event().await.contains("\"InTransit\"") {
+        assert!(tokio::time::Instant::now() < deadline, "{seen}");
     }
 }

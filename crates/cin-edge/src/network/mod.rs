@@ -70,7 +70,6 @@ impl Network {
             .then(|| UrlSigner::new(config.network.secret.as_bytes().to_vec()));
         let http = reqwest::Client::builder()
             .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
             .build()?;
         Ok(Network {
             me,
@@ -125,9 +124,41 @@ impl Network {
         Ok(())
     }
 
-    /// `GET`s `path_and_query` from POP `origin`, signed, and gives its answer
-    /// whatever its status; only a POP that does not answer is an error.
+    /// `GET`s `path` (with the client's `query`) from POP `origin`, signed, and
+    /// gives its JSON answer whatever its status; only a POP that does not
+    /// answer is an error.
     pub async fn get(&self, origin: &PopId, path: &str, query: &str) -> Result<Relayed, ApiError> {
+        let resp = self
+            .call(
+                origin,
+                &reqwest::Method::GET,
+                path,
+                query,
+                &HeaderMap::new(),
+            )
+            .await?;
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let body = resp.json().await.map_err(|e| ApiError::OriginUnreachable {
+            origin: origin.to_string(),
+            message: format!(
+                "POP {origin} sent an answer that is not JSON ({}); try again in a few seconds",
+                root_cause(&e)
+            ),
+        })?;
+        Ok(Relayed { status, body })
+    }
+
+    /// Sends a signed call to POP `origin` with the given request headers; the
+    /// answer's body is left to stream. Only a POP that does not answer is an error.
+    pub async fn call(
+        &self,
+        origin: &PopId,
+        method: &reqwest::Method,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
         let unreachable = |message: String| ApiError::OriginUnreachable {
             origin: origin.to_string(),
             message,
@@ -139,7 +170,7 @@ impl Network {
         };
         let expires = now_unix() + CALL_TTL_SECS;
         let signature = signer.sign(&InternalCall {
-            method: "GET",
+            method: method.as_str(),
             path,
             expires,
         });
@@ -147,28 +178,24 @@ impl Network {
             "" => format!("{base}{path}"),
             q => format!("{base}{path}?{q}"),
         };
-        let resp = self
+        let mut request = self
             .http
-            .get(url)
+            .request(method.clone(), url)
             .header(EXPIRES_HEADER, expires.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .send()
+            .header(SIGNATURE_HEADER, signature);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_bytes());
+        }
+        // Bodies may stream for long: only the answer's head has the deadline.
+        tokio::time::timeout(CALL_TIMEOUT, request.send())
             .await
-            .map_err(|e| {
+            .map_err(|_| format!("no answer in {} s", CALL_TIMEOUT.as_secs()))
+            .and_then(|sent| sent.map_err(|e| root_cause(&e)))
+            .map_err(|why| {
                 unreachable(format!(
-                    "POP {origin}, where this file was uploaded, did not answer ({}); try again in a few seconds",
-                    root_cause(&e)
+                    "POP {origin}, where this file was uploaded, did not answer ({why}); try again in a few seconds"
                 ))
-            })?;
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let body = resp.json().await.map_err(|e| {
-            unreachable(format!(
-                "POP {origin} sent an answer that is not JSON ({}); try again in a few seconds",
-                root_cause(&e)
-            ))
-        })?;
-        Ok(Relayed { status, body })
+            })
     }
 }
 

@@ -280,8 +280,102 @@ pub async fn serve(
     method: Method,
     headers: HeaderMap,
     Query(q): Query<PolicyQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let file = find(&state, &handle, &q, Call::Read)?;
+    match serve_local(&state, &handle, &method, &headers, &q).await {
+        // Minted by another POP of the network: its bytes come from there.
+        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
+            Some(origin) => {
+                let path = format!("/internal/files/{handle}");
+                relay_bytes(
+                    &state,
+                    &origin,
+                    &method,
+                    &path,
+                    raw.as_deref().unwrap_or(""),
+                    &headers,
+                )
+                .await
+            }
+            None => Err(unknown),
+        },
+        answered => answered,
+    }
+}
+
+/// A file's bytes for another POP of the network (signed calls only).
+pub async fn internal_serve(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    Query(q): Query<PolicyQuery>,
+) -> Result<Response, ApiError> {
+    let path = format!("/internal/files/{handle}");
+    state.network.check_call(method.as_str(), &path, &headers)?;
+    serve_local(&state, &handle, &method, &headers, &q).await
+}
+
+/// The request headers a relayed read passes on, and the answer headers it returns.
+const RELAYED_REQUEST_HEADERS: [axum::http::HeaderName; 3] = [RANGE, IF_NONE_MATCH, IF_RANGE];
+const RELAYED_ANSWER_HEADERS: [axum::http::HeaderName; 8] = [
+    axum::http::header::CACHE_CONTROL,
+    CONTENT_TYPE,
+    CONTENT_LENGTH,
+    CONTENT_RANGE,
+    ACCEPT_RANGES,
+    ETAG,
+    CONTENT_DISPOSITION,
+    axum::http::header::RETRY_AFTER,
+];
+
+/// Another POP's answer to a read, streamed through as it arrives (nothing
+/// is held whole), naming the POP that served it.
+async fn relay_bytes(
+    state: &SharedState,
+    origin: &PopId,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut passed = HeaderMap::new();
+    for name in RELAYED_REQUEST_HEADERS {
+        if let Some(value) = headers.get(&name) {
+            passed.insert(name, value.clone());
+        }
+    }
+    let upstream = state
+        .network
+        .call(origin, method, path, query, &passed)
+        .await?;
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut answer_headers = HeaderMap::new();
+    for name in RELAYED_ANSWER_HEADERS {
+        if let Some(value) = upstream.headers().get(name.as_str()) {
+            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                answer_headers.insert(name, value);
+            }
+        }
+    }
+    if let Ok(pop) = HeaderValue::from_str(origin.as_str()) {
+        answer_headers.insert(crate::network::ANSWERED_BY_HEADER, pop);
+    }
+    let body = Body::from_stream(upstream.bytes_stream());
+    let mut response = (status, body).into_response();
+    response.headers_mut().extend(answer_headers);
+    Ok(response)
+}
+
+async fn serve_local(
+    state: &SharedState,
+    handle: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    q: &PolicyQuery,
+) -> Result<Response, ApiError> {
+    let file = find(state, handle, q, Call::Read)?;
     if file.status == FileStatus::Uploading {
         return Err(ApiError::conflict(
             "upload_incomplete",
@@ -315,14 +409,14 @@ pub async fn serve(
     );
     response_headers.insert(CONTENT_DISPOSITION, disposition(&file.filename));
 
-    if header_str(&headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag)) {
+    if header_str(headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag)) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
-    let range_applies = match header_str(&headers, IF_RANGE) {
+    let range_applies = match header_str(headers, IF_RANGE) {
         None => true,
         Some(validator) => validator.trim() == etag,
     };
-    let range = match header_str(&headers, RANGE) {
+    let range = match header_str(headers, RANGE) {
         Some(r) if range_applies => parse_range(r, file.size),
         _ => RangeRequest::Full,
     };
@@ -331,7 +425,7 @@ pub async fn serve(
         RangeRequest::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
         RangeRequest::Unsatisfiable => {
             // The error's own JSON, with the range headers; not the file's Content-Type.
-            let asked = header_str(&headers, RANGE).unwrap_or_default();
+            let asked = header_str(headers, RANGE).unwrap_or_default();
             let message = match file.size {
                 0 => format!("the range {asked:?} selects no byte: the file is empty (0 bytes); send no Range"),
                 size => format!(
@@ -359,7 +453,7 @@ pub async fn serve(
         );
     }
     response_headers.insert(CONTENT_LENGTH, HeaderValue::from(end - start));
-    if method == Method::HEAD {
+    if *method == Method::HEAD {
         return Ok((status, response_headers).into_response());
     }
     state.cache.touch(&file);
@@ -398,6 +492,40 @@ pub async fn events(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
     Query(q): Query<PolicyQuery>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match local_events(state.clone(), handle.clone(), q).await {
+        Ok(stream) => Ok(stream.into_response()),
+        // Minted by another POP of the network: its stream comes from there.
+        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
+            Some(origin) => {
+                let path = format!("/internal/files/{handle}/events");
+                let query = raw.as_deref().unwrap_or("");
+                relay_bytes(&state, &origin, &Method::GET, &path, query, &headers).await
+            }
+            None => Err(unknown),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// A file's status stream for another POP of the network (signed calls only).
+pub async fn internal_events(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    Query(q): Query<PolicyQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let path = format!("/internal/files/{handle}/events");
+    state.network.check_call("GET", &path, &headers)?;
+    Ok(local_events(state, handle, q).await?.into_response())
+}
+
+async fn local_events(
+    state: SharedState,
+    handle: String,
+    q: PolicyQuery,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading the record, so no change falls in between.
     let mut changes = state.services.events.subscribe();

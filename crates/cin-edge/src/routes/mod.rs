@@ -47,6 +47,11 @@ pub fn router() -> Router<SharedState> {
             "/internal/files/{handle}/metadata",
             get(files::internal_metadata),
         )
+        .route("/internal/files/{handle}", get(files::internal_serve))
+        .route(
+            "/internal/files/{handle}/events",
+            get(files::internal_events),
+        )
         .route("/openapi.json", get(openapi::document))
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}/events", get(files::events))
