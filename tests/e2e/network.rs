@@ -339,3 +339,112 @@ async fn status_events_of_a_file_at_another_pop_come_through() {
         assert!(tokio::time::Instant::now() < deadline, "{seen}");
     }
 }
+
+/// `url` with its scheme and host replaced by `base`'s.
+fn at(base: &str, url: &str) -> String {
+    let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+    format!("{base}/{path}")
+}
+
+#[tokio::test]
+async fn chunks_of_one_upload_sent_to_two_pops_complete_at_the_origin() {
+    let pops = network(&["aa", "bb"], &[]).await;
+    let (a, b) = (&pops[0], &pops[1]);
+    let parts: Vec<Vec<u8>> = (0..4u64)
+        .map(|i| random_bytes(300_000 + i as usize, 50 + i))
+        .collect();
+    let whole = parts.concat();
+    let started = a
+        .start(json!({"apikey": "k", "filename": "two.bin", "size": whole.len(), "mimetype": "application/octet-stream"}))
+        .await;
+    let upload_id = started["upload_id"].as_str().expect("upload id").to_owned();
+    let mut etags = Vec::new();
+    for (i, bytes) in parts.iter().enumerate() {
+        // Alternately at A and at B, as a client that DNS moved would.
+        let pop = [a, b][i % 2];
+        let asked = pop
+            .post_json(
+                "/multipart/upload",
+                crate::support::chunk_request(&upload_id, i as u32 + 1, None, bytes),
+            )
+            .await;
+        assert_eq!(asked.status(), 200);
+        let asked: Value = asked.json().await.expect("upload answer");
+        let mut put = pop
+            .http
+            .put(at(&pop.base, asked["url"].as_str().expect("url")));
+        for (name, value) in asked["headers"].as_object().into_iter().flatten() {
+            put = put.header(name.as_str(), value.as_str().unwrap_or_default());
+        }
+        let put = put.body(bytes.clone()).send().await.expect("chunk PUT");
+        assert_eq!(put.status(), 200, "part {} at {}", i + 1, pop.base);
+        if i % 2 == 1 {
+            assert_eq!(put.headers()["cin-pop"], "aa", "answered by the origin");
+        }
+        etags.push(format!(
+            "{}:{}",
+            i + 1,
+            put.headers()["etag"].to_str().expect("etag")
+        ));
+    }
+    let completed = b
+        .complete(&upload_id, json!({"parts": etags.join(";")}))
+        .await;
+    assert_eq!(completed.status(), 200);
+    let completed: Value = completed.json().await.expect("complete answer");
+    let handle = completed["handle"].as_str().expect("handle");
+    assert_eq!(sha256_hex(&a.download(handle).await), sha256_hex(&whole));
+    assert_eq!(sha256_hex(&b.download(handle).await), sha256_hex(&whole));
+
+    // tus: created at A, continued at B.
+    let created = a
+        .http
+        .post(a.url("/files/"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "6")
+        .send()
+        .await
+        .expect("tus create");
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    assert!(location.starts_with(&a.base), "{location} names the origin");
+    for (offset, piece) in [(0, &b"abc"[..]), (3, &b"def"[..])] {
+        let patched = b
+            .http
+            .patch(at(&b.base, &location))
+            .header("tus-resumable", "1.0.0")
+            .header("upload-offset", offset.to_string())
+            .header("content-type", "application/offset+octet-stream")
+            .body(piece.to_vec())
+            .send()
+            .await
+            .expect("tus PATCH at B");
+        assert_eq!(patched.status(), 204);
+        assert_eq!(
+            patched.headers()["upload-offset"],
+            (offset + 3).to_string().as_str()
+        );
+    }
+    let tus_handle = created.headers()["cin-handle"].to_str().expect("handle");
+    assert_eq!(b.download(tus_handle).await, b"abcdef");
+}
+
+#[tokio::test]
+async fn a_chunk_for_an_unreachable_origin_gets_503_naming_it() {
+    let pops = network(&["bb"], &["zz"]).await;
+    let b = &pops[0];
+    let resp = b
+        .http
+        .put(b.url("/upload/zz345678901234567890123456789012/1?offset=0&size=3"))
+        .body(b"abc".to_vec())
+        .send()
+        .await
+        .expect("chunk PUT");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["origin"], "zz");
+}

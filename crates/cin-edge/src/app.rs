@@ -269,6 +269,10 @@ fn cors() -> CorsLayer {
 pub fn router(state: SharedState) -> Router {
     let disk = state.services.disk.clone();
     routes::router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::network::forward::uploads_stay_with_their_origin,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(move |request, next| {
             retry_after_when_full(disk.clone(), request, next)

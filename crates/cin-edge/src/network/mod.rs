@@ -14,6 +14,8 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::signing::{now_unix, Signed, UrlSigner};
 
+pub mod forward;
+
 /// Headers of a POP-to-POP call.
 pub const EXPIRES_HEADER: &str = "cin-internal-expires";
 pub const SIGNATURE_HEADER: &str = "cin-internal-signature";
