@@ -570,3 +570,31 @@ async fn unacknowledged_bytes_end_a_connection_as_a_stall_not_a_timeout() {
     );
     assert_eq!(proxy.stalls(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_start_go_to_the_pop_the_location_url_names() {
+    // The client reaches the POP through a proxy (say, an anycast address) that
+    // cannot carry `complete`; the POP's own address is its location_url.
+    let app = spawn_app().await;
+    let proxy = FaultProxy::start(Faults {
+        reset_paths: vec!["/multipart/complete".into()],
+        ..Faults::default()
+    })
+    .await;
+    proxy.set_upstream(&app.base);
+    let bytes = random_bytes(3 * MIB + 5, 60);
+    let mut options = impatient_options();
+    options.retry_deadline = Duration::from_secs(10);
+    let report = uploader(options)
+        .upload(job(&bytes, vec![proxy.url()]))
+        .await
+        .expect("complete reaches the POP its location_url names");
+    assert_eq!(
+        report.pop, app.base,
+        "the upload's calls went to its origin"
+    );
+    assert_eq!(
+        sha256_hex(&app.download(&report.handle).await),
+        sha256_hex(&bytes)
+    );
+}

@@ -68,3 +68,40 @@ pub async fn rank_pops(
     ranked.sort_by_key(|p| (p.rtt.is_none(), p.rtt));
     ranked
 }
+
+/// The POP an upload's calls go to after `start`: the one its `location_url`
+/// (`host[:port]`, Filestack's form) names, reached with the scheme of the POP
+/// that answered the start. In a network of POPs that is the upload's origin,
+/// wherever DNS or anycast sends the client's next connection.
+pub fn origin_pop(started_at: &str, location_url: &str) -> String {
+    let location = location_url.trim().trim_end_matches('/');
+    if location.is_empty() {
+        return started_at.to_owned();
+    }
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return location.to_owned();
+    }
+    let scheme = started_at
+        .split_once("://")
+        .map_or("https", |(scheme, _)| scheme);
+    format!("{scheme}://{location}")
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_pop;
+
+    #[test]
+    fn calls_after_start_go_where_the_location_url_says() {
+        assert_eq!(
+            origin_pop("http://anycast:8080", "10.0.0.2:8080"),
+            "http://10.0.0.2:8080"
+        );
+        assert_eq!(
+            origin_pop("https://cin.example", "eu.cin.example"),
+            "https://eu.cin.example"
+        );
+        assert_eq!(origin_pop("http://a:1", "http://b:2/"), "http://b:2");
+        assert_eq!(origin_pop("http://a:1", ""), "http://a:1");
+    }
+}

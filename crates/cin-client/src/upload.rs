@@ -343,7 +343,8 @@ impl Uploader {
             match self.transport.start(&candidate.pop, &request).await {
                 Ok(answer) => {
                     start_took = Some(self.clock.now().saturating_sub(asked));
-                    started = Some((candidate.pop.clone(), answer));
+                    let origin = crate::pop::origin_pop(&candidate.pop, &answer.location_url);
+                    started = Some((origin, answer));
                     break;
                 }
                 Err(e) => {
