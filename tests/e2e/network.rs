@@ -448,3 +448,57 @@ async fn a_chunk_for_an_unreachable_origin_gets_503_naming_it() {
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["origin"], "zz");
 }
+
+#[tokio::test]
+async fn a_stored_file_is_served_by_every_pop_after_its_origin_is_gone() {
+    // One final store for the network: a directory every POP reaches.
+    let store = tempfile::tempdir().expect("shared store");
+    let shared = store.path().to_path_buf();
+    let mut pops = network_with(&["aa", "bb", "cc"], &[], |_, c| {
+        if let Some(profile) = c.storage.profiles.get_mut("default") {
+            profile.path = shared.clone();
+        }
+    })
+    .await;
+    let bytes = random_bytes(1_500_000, 70);
+    let handle = pops[0]
+        .store_raw("/api/store/s3?filename=kept.bin", bytes.clone())
+        .await;
+    let at_origin = pops[0]
+        .wait_status(&handle, "Stored", std::time::Duration::from_secs(20))
+        .await;
+    pops.remove(0).stop().await;
+    for other in &pops {
+        let meta = other.metadata(&handle).await;
+        assert_eq!(meta["status"], "Stored");
+        assert_eq!(meta["pop"], "aa", "the origin is named");
+        for field in ["handle", "size", "sha256", "filename", "mimetype", "key"] {
+            assert_eq!(meta[field], at_origin[field], "{field}");
+        }
+        assert_eq!(
+            sha256_hex(&other.download(&handle).await),
+            sha256_hex(&bytes)
+        );
+        let ranged = other
+            .http
+            .get(other.url(&format!("/{handle}")))
+            .header("range", "bytes=100-199")
+            .send()
+            .await
+            .expect("range read");
+        assert_eq!(ranged.status(), 206);
+        assert_eq!(
+            ranged.bytes().await.expect("body").as_ref(),
+            &bytes[100..200]
+        );
+    }
+    // Not stored anywhere and its origin gone: 503 naming the origin.
+    let never = format!("aa{}", &handle[2..].chars().rev().collect::<String>());
+    let resp = pops[0]
+        .http
+        .get(pops[0].url(&format!("/{never}/metadata")))
+        .send()
+        .await
+        .expect("metadata");
+    assert_eq!(resp.status(), 503);
+}

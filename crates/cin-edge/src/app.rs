@@ -141,15 +141,18 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         },
     );
     uploads.restore_reservations()?;
-    let replicator = Arc::new(Replicator::new(
-        meta.clone(),
-        parts,
-        destinations,
-        wakeup,
-        config.replicator.clone(),
-        lifecycle.clone(),
-        webhooks.clone(),
-    ));
+    let replicator = Arc::new(
+        Replicator::new(
+            meta.clone(),
+            parts,
+            destinations,
+            wakeup,
+            config.replicator.clone(),
+            lifecycle.clone(),
+            webhooks.clone(),
+        )
+        .writing_manifests(!config.network.pops.is_empty()),
+    );
     let cache = Arc::new(LocalCache::new(
         meta.clone(),
         lifecycle,

@@ -15,6 +15,7 @@ use crate::error::ApiError;
 use crate::signing::{now_unix, Signed, UrlSigner};
 
 pub mod forward;
+pub mod manifest;
 
 /// Headers of a POP-to-POP call.
 pub const EXPIRES_HEADER: &str = "cin-internal-expires";
@@ -79,6 +80,11 @@ impl Network {
             signer,
             http,
         })
+    }
+
+    /// Whether this POP is in a network of POPs.
+    pub fn is_networked(&self) -> bool {
+        !self.others.is_empty()
     }
 
     /// The POP that minted a name, when it is another POP of the network.

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::config::ReplicatorConfig;
 use crate::destinations::Destinations;
+use crate::network::manifest::Manifest;
 use crate::observability::names;
 use crate::upload::{now_ms, Lifecycle, UploadError};
 use crate::webhooks::Webhooks;
@@ -43,6 +44,9 @@ pub struct Replicator {
     stopping: Arc<AtomicBool>,
     lifecycle: Arc<Lifecycle>,
     webhooks: Arc<Webhooks>,
+    /// In a network of POPs: each delivered file's manifest goes to the default
+    /// store, so every POP can answer for it once it is `Stored`.
+    write_manifests: bool,
 }
 
 impl Replicator {
@@ -66,7 +70,14 @@ impl Replicator {
             stopping: Arc::new(AtomicBool::new(false)),
             lifecycle,
             webhooks,
+            write_manifests: false,
         }
+    }
+
+    /// Stores a manifest beside every file delivered (see [`Manifest`]).
+    pub fn writing_manifests(mut self, on: bool) -> Self {
+        self.write_manifests = on;
+        self
     }
 
     /// The background worker that dispatches due jobs to delivery tasks.
@@ -199,10 +210,21 @@ impl Replicator {
                         .as_deref()
                         .or(Some(destination.profile.acl.as_str()).filter(|a| !a.is_empty())),
                 };
-                destination.store.put(&object, &journal).await.map_err(|e| {
+                let stored = destination.store.put(&object, &journal).await.map_err(|e| {
                     let mismatch = matches!(e, FinalStoreError::Mismatch { .. });
                     (e.to_string(), mismatch)
-                })
+                });
+                match stored {
+                    // Stored only once the manifest is: other POPs find the file by it.
+                    Ok(outcome) if self.write_manifests => {
+                        Manifest::of(&file, &outcome.sha256, now_ms())
+                            .store(&self.destinations)
+                            .await
+                            .map_err(|e| (e, false))
+                            .map(|()| outcome)
+                    }
+                    other => other,
+                }
             }
         };
         job.attempts += 1;

@@ -18,6 +18,7 @@ use crate::app::SharedState;
 use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
 use crate::input::{Path, Query};
+use crate::network::manifest::Manifest;
 use crate::observability::names;
 use crate::upload::UploadError;
 
@@ -71,17 +72,57 @@ pub async fn metadata(
 ) -> Result<Response, ApiError> {
     match find(&state, &handle, &q, Call::Stat) {
         Ok(file) => Ok(Json(metadata_json(&state, &file)).into_response()),
-        // Minted by another POP of the network: that POP answers, with the
-        // client's credentials, which it checks itself.
-        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
-            Some(origin) => {
-                let path = format!("/internal/files/{handle}/metadata");
-                relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await
+        Err(unknown) if is_unknown(&unknown) => {
+            if let Some(file) = stored_in_network(&state, &handle, &q, Call::Stat).await? {
+                let mut answer = metadata_json(&state, &file);
+                answer["pop"] = json!(file.handle.pop());
+                return Ok(Json(answer).into_response());
             }
-            None => Err(unknown),
-        },
+            // Minted by another POP of the network: that POP answers, with the
+            // client's credentials, which it checks itself.
+            match other_origin(&state, &handle) {
+                Some(origin) => {
+                    let path = format!("/internal/files/{handle}/metadata");
+                    relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await
+                }
+                None => Err(unknown),
+            }
+        }
         Err(e) => Err(e),
     }
+}
+
+/// A handle this POP has no record of, `Stored` by the network: the record its
+/// manifest in final storage describes (read from there, whatever its origin's state).
+async fn stored_in_network(
+    state: &SharedState,
+    handle: &str,
+    q: &PolicyQuery,
+    call: Call,
+) -> Result<Option<FileRecord>, ApiError> {
+    if !state.network.is_networked() {
+        return Ok(None);
+    }
+    let Ok(handle) = Handle::parse(handle) else {
+        return Ok(None);
+    };
+    // A store that does not answer leaves the origin to ask.
+    let manifest = match Manifest::find(&state.services.destinations, &handle).await {
+        Ok(Some(manifest)) => manifest,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(%handle, error = %e, "could not look for the file's manifest in final storage; asking its origin");
+            return Ok(None);
+        }
+    };
+    let file = manifest.record();
+    state.services.apps.authorize_access(
+        file.app.as_deref(),
+        &q.credentials(),
+        call,
+        file.handle.as_str(),
+    )?;
+    Ok(Some(file))
 }
 
 /// The same as `/{handle}/metadata`, at Filestack's API path.
@@ -283,22 +324,27 @@ pub async fn serve(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     match serve_local(&state, &handle, &method, &headers, &q).await {
-        // Minted by another POP of the network: its bytes come from there.
-        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
-            Some(origin) => {
-                let path = format!("/internal/files/{handle}");
-                relay_bytes(
-                    &state,
-                    &origin,
-                    &method,
-                    &path,
-                    raw.as_deref().unwrap_or(""),
-                    &headers,
-                )
-                .await
+        Err(unknown) if is_unknown(&unknown) => {
+            if let Some(file) = stored_in_network(&state, &handle, &q, Call::Read).await? {
+                return serve_file(&state, &file, &method, &headers).await;
             }
-            None => Err(unknown),
-        },
+            // Minted by another POP of the network: its bytes come from there.
+            match other_origin(&state, &handle) {
+                Some(origin) => {
+                    let path = format!("/internal/files/{handle}");
+                    relay_bytes(
+                        &state,
+                        &origin,
+                        &method,
+                        &path,
+                        raw.as_deref().unwrap_or(""),
+                        &headers,
+                    )
+                    .await
+                }
+                None => Err(unknown),
+            }
+        }
         answered => answered,
     }
 }
@@ -376,6 +422,16 @@ async fn serve_local(
     q: &PolicyQuery,
 ) -> Result<Response, ApiError> {
     let file = find(state, handle, q, Call::Read)?;
+    serve_file(state, &file, method, headers).await
+}
+
+/// The bytes of `file`, from the local copy or from final storage.
+async fn serve_file(
+    state: &SharedState,
+    file: &FileRecord,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     if file.status == FileStatus::Uploading {
         return Err(ApiError::conflict(
             "upload_incomplete",
@@ -456,7 +512,7 @@ async fn serve_local(
     if *method == Method::HEAD {
         return Ok((status, response_headers).into_response());
     }
-    state.cache.touch(&file);
+    state.cache.touch(file);
     let local = file.evicted_at_ms.is_none()
         && !file.local_bytes_missing
         && state.services.parts.has_segments(&file.segments).await;

@@ -164,6 +164,22 @@ impl FinalStore for LocalDirStore {
             .await?
     }
 
+    async fn put_bytes(
+        &self,
+        container: &str,
+        key: &str,
+        bytes: bytes::Bytes,
+        _content_type: &str,
+    ) -> Result<(), FinalStoreError> {
+        let path = self.object_path(container, key)?;
+        let root = self.root.clone();
+        let size = bytes.len() as u64;
+        self.copies
+            .run(move || copy_durably(io::Cursor::new(bytes), size, &root, &path))
+            .await?
+            .map(|_| ())
+    }
+
     async fn head(
         &self,
         container: &str,

@@ -109,6 +109,15 @@ pub trait FinalStore: Send + Sync {
         journal: &dyn PutJournal,
     ) -> Result<PutOutcome, FinalStoreError>;
 
+    /// Stores a small object held in memory (a manifest), durably, as `put` does.
+    async fn put_bytes(
+        &self,
+        container: &str,
+        key: &str,
+        bytes: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<(), FinalStoreError>;
+
     async fn head(&self, container: &str, key: &str)
         -> Result<Option<ObjectInfo>, FinalStoreError>;
 

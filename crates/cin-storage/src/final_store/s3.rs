@@ -824,6 +824,28 @@ impl FinalStore for S3Store {
         }
     }
 
+    async fn put_bytes(
+        &self,
+        container: &str,
+        key: &str,
+        bytes: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<(), FinalStoreError> {
+        let digest = Sha256::digest(&bytes);
+        // The store checks the body against the declared SHA-256 before it keeps it.
+        self.client
+            .put_object()
+            .bucket(container)
+            .key(key)
+            .content_type(content_type)
+            .checksum_sha256(B64.encode(digest))
+            .body(S3Body::from(bytes))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     async fn head(
         &self,
         container: &str,

@@ -1,0 +1,126 @@
+//! The manifest the replicator stores beside each file it delivers, in the
+//! network's default store, at a key any POP derives from the handle alone.
+//! With it, a `Stored` file is answered by every POP from final storage
+//! without asking its origin, which may be gone for good.
+
+use bytes::Bytes;
+use cin_domain::{FileRecord, FileStatus, Handle, UploadId, UploadMode};
+use serde::{Deserialize, Serialize};
+
+use crate::destinations::Destinations;
+use crate::error::ApiError;
+use cin_storage::FinalStoreError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub handle: Handle,
+    /// The storage profile, bucket and key of the file's object.
+    pub profile: String,
+    pub container: String,
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub mimetype: String,
+    pub filename: String,
+    /// The app the file belongs to: its access rules apply at every POP.
+    pub app: Option<String>,
+    pub uploaded_ms: u64,
+    pub stored_at_ms: u64,
+}
+
+/// Where a handle's manifest is, inside the default store's bucket.
+pub fn key(handle: &Handle) -> String {
+    format!("cin-manifests/{handle}.json")
+}
+
+impl Manifest {
+    pub fn of(file: &FileRecord, sha256: &str, stored_at_ms: u64) -> Self {
+        Manifest {
+            handle: file.handle.clone(),
+            profile: file.profile.clone(),
+            container: file.container.clone(),
+            key: file.key.clone(),
+            size: file.size,
+            sha256: sha256.to_owned(),
+            mimetype: file.mimetype.clone(),
+            filename: file.filename.clone(),
+            app: file.app.clone(),
+            uploaded_ms: file.created_at_ms,
+            stored_at_ms,
+        }
+    }
+
+    /// The file as a record of this POP would describe it: `Stored`, with no
+    /// local copy, so it is read from final storage.
+    pub fn record(&self) -> FileRecord {
+        let mut file = FileRecord::new_upload(
+            // Never written anywhere: the file has no upload here.
+            UploadId::mint(&self.handle.pop()),
+            self.size,
+            UploadMode::Regular,
+            self.uploaded_ms,
+        );
+        file.handle = self.handle.clone();
+        file.status = FileStatus::Stored;
+        file.profile = self.profile.clone();
+        file.container = self.container.clone();
+        file.key = self.key.clone();
+        file.sha256 = Some(self.sha256.clone());
+        file.mimetype = self.mimetype.clone();
+        file.filename = self.filename.clone();
+        file.app = self.app.clone();
+        file.stored_at_ms = Some(self.stored_at_ms);
+        file.evicted_at_ms = Some(self.stored_at_ms);
+        file
+    }
+
+    /// Stores the manifest in the default store.
+    pub async fn store(&self, destinations: &Destinations) -> Result<(), String> {
+        let destination = destinations
+            .default_destination()
+            .ok_or("the default storage profile is not configured")?;
+        let body = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        destination
+            .store
+            .put_bytes(
+                &destination.profile.bucket,
+                &key(&self.handle),
+                Bytes::from(body),
+                "application/json",
+            )
+            .await
+            .map_err(|e| format!("storing the manifest of {}: {e}", self.handle))
+    }
+
+    /// The handle's manifest in the default store, if it was stored.
+    pub async fn find(
+        destinations: &Destinations,
+        handle: &Handle,
+    ) -> Result<Option<Manifest>, ApiError> {
+        let Some(destination) = destinations.default_destination() else {
+            return Ok(None);
+        };
+        let stream = match destination
+            .store
+            .get(&destination.profile.bucket, &key(handle), None)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(FinalStoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut body = Vec::new();
+        let mut stream = stream;
+        while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
+            let piece = piece.map_err(|e| ApiError::Unavailable {
+                code: "manifest_unreadable",
+                message: format!("reading the manifest of {handle} from final storage failed: {e}"),
+            })?;
+            body.extend_from_slice(&piece);
+            if body.len() > 64 * 1024 {
+                break;
+            }
+        }
+        Ok(serde_json::from_slice(&body).ok())
+    }
+}
