@@ -67,13 +67,34 @@ impl SmallFs {
 
     /// Fills the filesystem with a file until only `leave` bytes are free.
     fn fill_leaving(&self, leave: u64) -> Filler {
-        let path = self.path().join("filler");
-        let file = std::fs::File::create(&path).expect("filler");
-        let len = self.free().saturating_sub(leave);
+        use std::io::Write;
         use std::os::fd::AsRawFd;
-        // SAFETY: posix_fallocate only reads its integer arguments; the file is open for writing.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-        assert_eq!(rc, 0, "filling the filesystem");
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).expect("filler");
+        let mut len = self.free().saturating_sub(leave);
+        // The file's own extent blocks come out of the free space too: the last
+        // bytes may not fit in one allocation.
+        loop {
+            // SAFETY: posix_fallocate only reads its integer arguments; the file is open for writing.
+            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+            if rc == 0 {
+                break;
+            }
+            assert!(
+                rc == libc::ENOSPC && len > 0,
+                "filling the filesystem: error {rc}"
+            );
+            len = len.saturating_sub(64 * 1024);
+        }
+        if leave == 0 {
+            // What the allocation left, written a block at a time until none fits.
+            let block = [0u8; 4096];
+            let mut at = len;
+            while std::os::unix::fs::FileExt::write_at(&file, &block, at).is_ok_and(|n| n > 0) {
+                at += block.len() as u64;
+            }
+            let _ = file.flush();
+        }
         Filler { path }
     }
 }

@@ -228,6 +228,24 @@ async fn s3_store_conforms_on_moto() {
     s3_store_conforms_on(S3Backend::Moto).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_conforms_on_a_seaweedfs_cluster() {
+    let cluster = crate::seaweedfs::SeaweedCluster::start().await;
+    cluster.create_bucket("conformance").await;
+    let store = S3Store::connect(S3Settings {
+        bucket: "conformance".into(),
+        region: "us-east-1".into(),
+        endpoint: cluster.endpoint.clone(),
+        force_path_style: true,
+        access_key_id: S3_ACCESS_KEY.into(),
+        secret_access_key: S3_SECRET_KEY.into(),
+        part_size: 5 * MIB as u64,
+        concurrency: 2,
+    })
+    .await;
+    conformance(&store, "conformance").await;
+}
+
 async fn s3_store_conforms_on(backend: S3Backend) {
     let server = S3Server::start_backend(backend).await;
     server.create_bucket("conformance").await;

@@ -21,6 +21,7 @@ mod restart;
 mod router;
 mod s3;
 mod sdk;
+mod seaweedfs;
 mod security;
 mod shutdown;
 mod store_api;

@@ -502,3 +502,52 @@ async fn a_stored_file_is_served_by_every_pop_after_its_origin_is_gone() {
         .expect("metadata");
     assert_eq!(resp.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_seaweedfs_cluster_a_file_survives_a_dead_volume_server_and_its_origin() {
+    let mut cluster = crate::seaweedfs::SeaweedCluster::start().await;
+    cluster.create_bucket("network").await;
+    let profile = cluster.profile("network");
+    let mut pops = network_with(&["aa", "bb", "cc"], &[], |_, c| {
+        c.storage.profiles.insert("default".into(), profile.clone());
+    })
+    .await;
+    let bytes = random_bytes(24 * crate::support::MIB, 80);
+    let handle = pops[0]
+        .store_raw("/api/store/s3?filename=big.bin", bytes.clone())
+        .await;
+    // Replication starts as the upload completes: a volume server dies under it.
+    cluster.kill_volume(1);
+    let meta = pops[0]
+        .wait_status(&handle, "Stored", std::time::Duration::from_secs(120))
+        .await;
+    let key = meta["key"].as_str().expect("key");
+    let object = cluster
+        .client()
+        .await
+        .get_object()
+        .bucket("network")
+        .key(key)
+        .send()
+        .await
+        .expect("the object is in the cluster");
+    let stored = object
+        .body
+        .collect()
+        .await
+        .expect("object body")
+        .into_bytes();
+    assert_eq!(sha256_hex(&stored), sha256_hex(&bytes));
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
+
+    pops.remove(0).stop().await;
+    for other in &pops {
+        let answer = other.metadata(&handle).await;
+        assert_eq!(answer["status"], "Stored");
+        assert_eq!(answer["pop"], "aa");
+        assert_eq!(
+            sha256_hex(&other.download(&handle).await),
+            sha256_hex(&bytes)
+        );
+    }
+}
