@@ -232,34 +232,29 @@ async fn s3_store_conforms_on_moto() {
 async fn s3_store_conforms_on_a_seaweedfs_cluster() {
     let cluster = crate::seaweedfs::SeaweedCluster::start().await;
     cluster.create_bucket("conformance").await;
-    let store = S3Store::connect(S3Settings {
+    let store = conformance_store(&cluster.endpoint).await;
+    conformance(&store, "conformance").await;
+}
+
+/// An S3 store on bucket `conformance` at `endpoint`, with 5 MiB parts.
+async fn conformance_store(endpoint: &str) -> S3Store {
+    S3Store::connect(S3Settings {
         bucket: "conformance".into(),
         region: "us-east-1".into(),
-        endpoint: cluster.endpoint.clone(),
+        endpoint: endpoint.to_owned(),
         force_path_style: true,
         access_key_id: S3_ACCESS_KEY.into(),
         secret_access_key: S3_SECRET_KEY.into(),
         part_size: 5 * MIB as u64,
         concurrency: 2,
     })
-    .await;
-    conformance(&store, "conformance").await;
+    .await
 }
 
 async fn s3_store_conforms_on(backend: S3Backend) {
     let server = S3Server::start_backend(backend).await;
     server.create_bucket("conformance").await;
-    let store = S3Store::connect(S3Settings {
-        bucket: "conformance".into(),
-        region: "us-east-1".into(),
-        endpoint: server.endpoint.clone(),
-        force_path_style: true,
-        access_key_id: S3_ACCESS_KEY.into(),
-        secret_access_key: S3_SECRET_KEY.into(),
-        part_size: 5 * MIB as u64,
-        concurrency: 2,
-    })
-    .await;
+    let store = conformance_store(&server.endpoint).await;
     conformance(&store, "conformance").await;
     assert!(
         server.open_multipart_uploads().await.is_empty(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::support::{MIB, S3_ACCESS_KEY, S3_SECRET_KEY};
+use crate::support::{create_bucket, s3_client, s3_profile, S3_ACCESS_KEY, S3_SECRET_KEY};
 
 pub struct SeaweedCluster {
     pub endpoint: String,
@@ -169,48 +169,16 @@ impl SeaweedCluster {
     }
 
     pub async fn client(&self) -> aws_sdk_s3::Client {
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                S3_ACCESS_KEY,
-                S3_SECRET_KEY,
-                None,
-                None,
-                "test",
-            ))
-            .load()
-            .await;
-        aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&shared)
-                .force_path_style(true)
-                .build(),
-        )
+        s3_client(&self.endpoint).await
     }
 
     pub async fn create_bucket(&self, bucket: &str) {
-        self.client()
-            .await
-            .create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .expect("create bucket");
+        create_bucket(&self.endpoint, bucket).await;
     }
 
     /// A storage profile delivering to `bucket` on this cluster.
     pub fn profile(&self, bucket: &str) -> cin_edge::config::StorageProfile {
-        cin_edge::config::StorageProfile {
-            kind: cin_edge::config::ProfileKind::S3,
-            bucket: bucket.to_owned(),
-            endpoint: self.endpoint.clone(),
-            force_path_style: true,
-            access_key_id: S3_ACCESS_KEY.to_owned(),
-            secret_access_key: S3_SECRET_KEY.to_owned(),
-            part_size: 5 * MIB as u64,
-            concurrency: 2,
-            ..Default::default()
-        }
+        s3_profile(&self.endpoint, bucket)
     }
 }
 

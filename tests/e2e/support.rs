@@ -644,48 +644,16 @@ impl S3Server {
 
     /// An SDK client, configured as it would be for AWS but for the endpoint.
     pub async fn client(&self) -> aws_sdk_s3::Client {
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                S3_ACCESS_KEY,
-                S3_SECRET_KEY,
-                None,
-                None,
-                "test",
-            ))
-            .load()
-            .await;
-        aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&shared)
-                .force_path_style(true)
-                .build(),
-        )
+        s3_client(&self.endpoint).await
     }
 
     pub async fn create_bucket(&self, bucket: &str) {
-        self.client()
-            .await
-            .create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .expect("create bucket");
+        create_bucket(&self.endpoint, bucket).await;
     }
 
     /// A storage profile delivering to `bucket` on this server.
     pub fn profile(&self, bucket: &str) -> cin_edge::config::StorageProfile {
-        cin_edge::config::StorageProfile {
-            kind: cin_edge::config::ProfileKind::S3,
-            bucket: bucket.to_owned(),
-            endpoint: self.endpoint.clone(),
-            force_path_style: true,
-            access_key_id: S3_ACCESS_KEY.to_owned(),
-            secret_access_key: S3_SECRET_KEY.to_owned(),
-            part_size: 5 * MIB as u64,
-            concurrency: 2,
-            ..Default::default()
-        }
+        s3_profile(&self.endpoint, bucket)
     }
 
     /// `CIN__*` variables that configure storage profile `name` for `bucket` on this server.
@@ -753,5 +721,52 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An SDK client for the S3 service at `endpoint` (the test credentials),
+/// configured as it would be for AWS but for the endpoint.
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+            None,
+            None,
+            "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+pub async fn create_bucket(endpoint: &str, bucket: &str) {
+    s3_client(endpoint)
+        .await
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("create bucket");
+}
+
+/// A storage profile delivering to `bucket` at the S3 service at `endpoint`.
+pub fn s3_profile(endpoint: &str, bucket: &str) -> cin_edge::config::StorageProfile {
+    cin_edge::config::StorageProfile {
+        kind: cin_edge::config::ProfileKind::S3,
+        bucket: bucket.to_owned(),
+        endpoint: endpoint.to_owned(),
+        force_path_style: true,
+        access_key_id: S3_ACCESS_KEY.to_owned(),
+        secret_access_key: S3_SECRET_KEY.to_owned(),
+        part_size: 5 * MIB as u64,
+        concurrency: 2,
+        ..Default::default()
     }
 }

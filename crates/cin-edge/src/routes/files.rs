@@ -33,13 +33,23 @@ fn find(
         ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
     })?;
     let file = state.uploads.file(&handle)?;
+    authorize(state, &file, q, call)?;
+    Ok(file)
+}
+
+/// The file's app lets these credentials make `call`.
+fn authorize(
+    state: &SharedState,
+    file: &FileRecord,
+    q: &PolicyQuery,
+    call: Call,
+) -> Result<(), ApiError> {
     state.services.apps.authorize_access(
         file.app.as_deref(),
         &q.credentials(),
         call,
         file.handle.as_str(),
-    )?;
-    Ok(file)
+    )
 }
 
 /// Query parameters that carry a security policy.
@@ -116,12 +126,7 @@ async fn stored_in_network(
         }
     };
     let file = manifest.record();
-    state.services.apps.authorize_access(
-        file.app.as_deref(),
-        &q.credentials(),
-        call,
-        file.handle.as_str(),
-    )?;
+    authorize(state, &file, q, call)?;
     Ok(Some(file))
 }
 
