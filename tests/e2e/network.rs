@@ -551,3 +551,60 @@ async fn on_a_seaweedfs_cluster_a_file_survives_a_dead_volume_server_and_its_ori
         );
     }
 }
+
+#[tokio::test]
+async fn while_its_origin_is_down_a_file_in_transit_gets_503_and_once_back_is_served() {
+    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a_addr = a_listener.local_addr().expect("addr");
+    let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let pops = vec![
+        cin_edge::config::NetworkPop {
+            id: "aa".into(),
+            url: format!("http://{a_addr}"),
+        },
+        cin_edge::config::NetworkPop {
+            id: "bb".into(),
+            url: format!("http://{}", b_listener.local_addr().expect("addr")),
+        },
+    ];
+    let configure = |id: &str, pops: Vec<cin_edge::config::NetworkPop>| {
+        let id = id.to_owned();
+        move |c: &mut cin_edge::Config| {
+            c.server.pop_id = id;
+            c.network.secret = SECRET.into();
+            c.network.pops = pops;
+            held_in_transit(c);
+        }
+    };
+    let a_dir = tempfile::tempdir().expect("A's data");
+    let a = crate::support::spawn_app_on(a_listener, a_dir.path(), configure("aa", pops.clone()));
+    let b = spawn_app_on_fresh_dir(b_listener, configure("bb", pops.clone()));
+    let bytes = random_bytes(200_000, 90);
+    let handle = a
+        .store_raw("/api/store/s3?filename=t.bin", bytes.clone())
+        .await;
+    assert_eq!(a.metadata(&handle).await["status"], "InTransit");
+    a.stop().await;
+
+    let down = b
+        .http
+        .get(b.url(&format!("/{handle}")))
+        .send()
+        .await
+        .expect("read at B");
+    assert_eq!(down.status(), 503);
+    assert!(down.headers().contains_key("retry-after"));
+    let body: Value = down.json().await.expect("json");
+    assert_eq!(body["error"]["origin"], "aa");
+
+    // A back, on its address and with its data: B serves the file again.
+    let listener = tokio::net::TcpListener::bind(a_addr)
+        .await
+        .expect("A's address again");
+    let _a = crate::support::spawn_app_on(listener, a_dir.path(), configure("aa", pops));
+    assert_eq!(sha256_hex(&b.download(&handle).await), sha256_hex(&bytes));
+}

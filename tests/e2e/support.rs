@@ -60,7 +60,7 @@ pub fn spawn_app_on_fresh_dir(
     app
 }
 
-fn spawn_app_on(
+pub fn spawn_app_on(
     listener: tokio::net::TcpListener,
     data_dir: &Path,
     tweak: impl FnOnce(&mut Config),
