@@ -141,6 +141,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         },
     );
     uploads.restore_reservations()?;
+    let network = Network::new(&config)?;
     let replicator = Arc::new(
         Replicator::new(
             meta.clone(),
@@ -151,14 +152,13 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             lifecycle.clone(),
             webhooks.clone(),
         )
-        .writing_manifests(!config.network.pops.is_empty()),
+        .writing_manifests(network.is_networked()),
     );
     let cache = Arc::new(LocalCache::new(
         meta.clone(),
         lifecycle,
         config.cache.max_bytes,
     ));
-    let network = Network::new(&config)?;
     let state = Arc::new(AppState {
         config,
         public_url,

@@ -217,29 +217,26 @@ impl IntoResponse for ApiError {
             error["origin"] = json!(origin);
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if let ApiError::OriginUnreachable { .. } = &self {
+        let retry_after = match &self {
+            ApiError::OriginUnreachable { .. } => Some(crate::network::RETRY_AFTER_SECS),
+            ApiError::Upload(
+                UploadError::InsufficientStorage {
+                    retry_after_secs, ..
+                }
+                | UploadError::Locked {
+                    retry_after_secs, ..
+                }
+                | UploadError::Overloaded {
+                    retry_after_secs, ..
+                },
+            ) => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(crate::network::RETRY_AFTER_SECS),
+                axum::http::HeaderValue::from(secs),
             );
-        }
-        if let ApiError::Upload(
-            UploadError::InsufficientStorage {
-                retry_after_secs, ..
-            }
-            | UploadError::Locked {
-                retry_after_secs, ..
-            }
-            | UploadError::Overloaded {
-                retry_after_secs, ..
-            },
-        ) = &self
-        {
-            if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
-                response
-                    .headers_mut()
-                    .insert(axum::http::header::RETRY_AFTER, v);
-            }
         }
         response
     }
