@@ -491,6 +491,16 @@ async fn a_stored_file_is_served_by_every_pop_after_its_origin_is_gone() {
             ranged.bytes().await.expect("body").as_ref(),
             &bytes[100..200]
         );
+        // The status stream says Stored and ends, without the origin.
+        let events = other
+            .http
+            .get(other.url(&format!("/{handle}/events")))
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(events.status(), 200);
+        let text = events.text().await.expect("the stream ends");
+        assert!(text.contains("\"Stored\""), "{text}");
     }
     // Not stored anywhere and its origin gone: 503 naming the origin.
     let never = format!("aa{}", &handle[2..].chars().rev().collect::<String>());
@@ -607,4 +617,218 @@ async fn while_its_origin_is_down_a_file_in_transit_gets_503_and_once_back_is_se
         .expect("A's address again");
     let _a = crate::support::spawn_app_on(listener, a_dir.path(), configure("aa", pops));
     assert_eq!(sha256_hex(&b.download(&handle).await), sha256_hex(&bytes));
+}
+
+/// A POP of the network (as listed) that accepts connections and then, for each
+/// request head it reads, sends `answer` and nothing more, holding the
+/// connection open. With an empty `answer` it never answers at all.
+async fn silent_pop(answer: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if socket.write_all(answer).await.is_err() {
+                    return;
+                }
+                // Held open, read no more: the peer's bytes pile up unread.
+                std::future::pending::<()>().await;
+                drop(socket);
+            });
+        }
+    });
+    url
+}
+
+/// A POP `bb` that lists `zz` at `zz_url`, with a short body idle time.
+async fn pop_beside(zz_url: String) -> crate::support::TestApp {
+    network_with(&["bb"], &["zz"], move |_, c| {
+        c.server.body_idle_secs = 1;
+        for pop in &mut c.network.pops {
+            if pop.id == "zz" {
+                pop.url = zz_url.clone();
+            }
+        }
+    })
+    .await
+    .remove(0)
+}
+
+#[tokio::test]
+async fn a_forwarded_request_its_origin_never_answers_gets_503_after_the_idle_time() {
+    let b = pop_beside(silent_pop(b"").await).await;
+    let patient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let resp = patient
+        .put(b.url("/upload/zz345678901234567890123456789012/1?offset=0&size=3"))
+        .body(b"abc".to_vec())
+        .send()
+        .await
+        .expect("B answers before the client gives up");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["origin"], "zz");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("sent no answer for 1 s"), "{message}");
+}
+
+#[tokio::test]
+async fn an_answer_its_origin_stops_sending_is_ended_after_the_idle_time() {
+    let stalls = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"handle\": ";
+    let b = pop_beside(silent_pop(stalls).await).await;
+    let patient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let handle = "zz345678901234567890";
+    let read = patient
+        .get(b.url(&format!("/{handle}")))
+        .send()
+        .await
+        .expect("the head comes through");
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.headers()["cin-pop"], "zz");
+    let cut = read.bytes().await.expect_err("the body is cut short");
+    assert!(!cut.is_timeout(), "B ended the body, not the client: {cut}");
+    let meta = patient
+        .get(b.url(&format!("/{handle}/metadata")))
+        .send()
+        .await
+        .expect("B answers before the client gives up");
+    assert_eq!(meta.status(), 503);
+    let body: Value = meta.json().await.expect("json");
+    assert_eq!(body["error"]["origin"], "zz");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its_origin_is_gone() {
+    use crate::fault_proxy::{FaultProxy, Faults};
+    use cin_client::upload::{Quiet, UploadJob, UploadOptions, Uploader};
+    use cin_client::{HttpTransport, MemorySource, StoreOptions, TokioClock};
+    use std::sync::Arc;
+
+    let cluster = crate::seaweedfs::SeaweedCluster::start().await;
+    cluster.create_bucket("network").await;
+    let profile = cluster.profile("network");
+    // A reaches the cluster through a switch that refuses connections until it
+    // is pointed at the cluster: A's replicator is paused meanwhile.
+    let switch = FaultProxy::start(Faults::default()).await;
+    let switch_url = switch.url();
+    let mut pops = network_with(&["aa", "bb", "cc"], &[], |id, c| {
+        let mut profile = profile.clone();
+        if id == "aa" {
+            profile.endpoint = switch_url.clone();
+        }
+        c.storage.profiles.insert("default".into(), profile);
+        c.replicator.retry_base_ms = 100;
+        c.replicator.retry_cap_ms = 300;
+    })
+    .await;
+
+    let multipart = random_bytes(9 * crate::support::MIB + 17, 90);
+    let report = Uploader::new(
+        Arc::new(HttpTransport::new("k").expect("http client")),
+        Arc::new(TokioClock::new()),
+        UploadOptions::default(),
+        Arc::new(Quiet),
+    )
+    .upload(UploadJob {
+        source: Arc::new(MemorySource(multipart.clone().into())),
+        filename: "m.bin".into(),
+        mimetype: "application/octet-stream".into(),
+        store: StoreOptions::s3(),
+        pops: vec![pops[0].base.clone()],
+        resume: None,
+    })
+    .await
+    .expect("multipart upload at A");
+    let tus = random_bytes(3_000_017, 91);
+    let a = &pops[0];
+    let created = a
+        .http
+        .post(a.url("/files/"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", tus.len().to_string())
+        .send()
+        .await
+        .expect("tus create");
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let tus_handle = created.headers()["cin-handle"]
+        .to_str()
+        .expect("handle")
+        .to_owned();
+    for (offset, piece) in [(0, &tus[..1_000_000]), (1_000_000, &tus[1_000_000..])] {
+        let patched = a
+            .http
+            .patch(&location)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-offset", offset.to_string())
+            .header("content-type", "application/offset+octet-stream")
+            .body(piece.to_vec())
+            .send()
+            .await
+            .expect("tus PATCH");
+        assert_eq!(patched.status(), 204);
+    }
+    let files = [(report.handle.clone(), &multipart), (tus_handle, &tus)];
+
+    let range_of = |pop: &crate::support::TestApp, handle: &str| {
+        pop.http
+            .get(pop.url(&format!("/{handle}")))
+            .header("range", "bytes=777-1000776")
+            .send()
+    };
+    for (handle, bytes) in &files {
+        for pop in &pops {
+            assert_eq!(pop.metadata(handle).await["status"], "InTransit");
+            assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
+            let ranged = range_of(pop, handle).await.expect("range read");
+            assert_eq!(ranged.status(), 206);
+            assert_eq!(
+                ranged.bytes().await.expect("range body").as_ref(),
+                &bytes[777..1_000_777]
+            );
+        }
+    }
+
+    switch.set_upstream(&profile.endpoint);
+    for (handle, bytes) in &files {
+        let meta = pops[0]
+            .wait_status(handle, "Stored", std::time::Duration::from_secs(60))
+            .await;
+        assert_eq!(meta["sha256"], sha256_hex(bytes));
+    }
+    pops.remove(0).stop().await;
+    for (handle, bytes) in &files {
+        for pop in &pops {
+            let meta = pop.metadata(handle).await;
+            assert_eq!(meta["status"], "Stored");
+            assert_eq!(meta["pop"], "aa");
+            assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
+            let ranged = range_of(pop, handle).await.expect("range read");
+            assert_eq!(ranged.status(), 206);
+            assert_eq!(
+                ranged.bytes().await.expect("range body").as_ref(),
+                &bytes[777..1_000_777]
+            );
+        }
+    }
 }

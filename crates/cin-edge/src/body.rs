@@ -140,3 +140,54 @@ fn find<'a, T: std::error::Error + 'static>(
     }
     None
 }
+
+/// When a body last moved, shared between the body and whoever waits on the
+/// peer it flows to: a forwarded request's answer may take as long as its body
+/// keeps flowing, but no longer than the idle time once it stops.
+#[derive(Clone)]
+pub struct Progress {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started` of the last movement.
+    last_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            started: tokio::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+}
+
+impl Progress {
+    fn mark(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        let ms = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.started + Duration::from_millis(ms)
+    }
+
+    /// `stream`, marking progress at each item it yields.
+    pub fn track<S: Stream + Send + 'static>(
+        &self,
+        stream: S,
+    ) -> impl Stream<Item = S::Item> + Send + 'static {
+        let progress = self.clone();
+        futures_util::StreamExt::inspect(stream, move |_| progress.mark())
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    pub async fn stalled(&self, idle: Duration) {
+        loop {
+            let due = self.last() + idle;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::{Network, ANSWERED_BY_HEADER};
 use crate::app::SharedState;
+use crate::body::Progress;
 use crate::error::ApiError;
 
 /// Control calls name their upload in a small body (JSON or a form).
@@ -142,13 +143,23 @@ impl Network {
                 forwarded = forwarded.header(name.as_str(), value.as_bytes());
             }
         }
-        // No deadline here: a chunk's body may take long to arrive, and the
-        // origin's own limits (idle body, head) end a request that stops.
-        let answer = forwarded
-            .body(reqwest::Body::wrap_stream(body.into_data_stream()))
-            .send()
-            .await
-            .map_err(|e| unreachable(super::root_cause(&e)))?;
+        // A chunk's body may take long to pass: the origin has as long to
+        // answer as the body keeps moving, and the idle time once it stops.
+        let progress = Progress::default();
+        let sent = forwarded
+            .body(reqwest::Body::wrap_stream(
+                progress.track(body.into_data_stream()),
+            ))
+            .send();
+        let answer = tokio::select! {
+            answer = sent => answer.map_err(|e| unreachable(super::root_cause(&e)))?,
+            () = progress.stalled(self.idle) => {
+                return Err(unreachable(format!(
+                    "it took no request bytes and sent no answer for {} s",
+                    self.idle.as_secs()
+                )))
+            }
+        };
         let status = axum::http::StatusCode::from_u16(answer.status().as_u16())
             .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
         let mut headers = axum::http::HeaderMap::new();
@@ -166,7 +177,7 @@ impl Network {
         if let Ok(pop) = HeaderValue::from_str(origin.as_str()) {
             headers.insert(ANSWERED_BY_HEADER, pop);
         }
-        let mut response = (status, Body::from_stream(answer.bytes_stream())).into_response();
+        let mut response = (status, super::relayed_body(answer, self.idle)).into_response();
         *response.headers_mut() = headers;
         Ok(response)
     }

@@ -3,6 +3,10 @@
 //! With it, a `Stored` file is answered by every POP from final storage
 //! without asking its origin, which may be gone for good.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Handle, UploadId, UploadMode};
 use serde::{Deserialize, Serialize};
@@ -122,5 +126,69 @@ impl Manifest {
             }
         }
         Ok(serde_json::from_slice(&body).ok())
+    }
+}
+
+/// Manifests already read, so a foreign `Stored` file costs this POP one read
+/// of final storage, not one per request; and, for a short while, handles
+/// that had none (files in transit at their origin) or whose lookup failed,
+/// so their reads go straight to the origin. A manifest never changes once
+/// stored.
+#[derive(Default)]
+pub struct ManifestCache {
+    entries: Mutex<HashMap<Handle, Cached>>,
+}
+
+enum Cached {
+    Found(Arc<Manifest>),
+    Missing { since: Instant },
+}
+
+/// Manifests kept at most; past it, one is dropped for each one added.
+const CACHED_MANIFESTS: usize = 10_000;
+/// How long a missing manifest is believed: a file just stored is still served
+/// by its origin meanwhile.
+const MISSING_FOR: Duration = Duration::from_secs(2);
+
+impl ManifestCache {
+    /// The handle's manifest, from memory or from the default store.
+    pub async fn find(
+        &self,
+        destinations: &Destinations,
+        handle: &Handle,
+    ) -> Result<Option<Arc<Manifest>>, ApiError> {
+        match self.entries().get(handle) {
+            Some(Cached::Found(manifest)) => return Ok(Some(manifest.clone())),
+            Some(Cached::Missing { since }) if since.elapsed() < MISSING_FOR => return Ok(None),
+            _ => {}
+        }
+        let found = Manifest::find(destinations, handle)
+            .await
+            .map(|found| found.map(Arc::new));
+        // A store that fails is not asked again by every read meanwhile.
+        let entry = match &found {
+            Ok(Some(manifest)) => Cached::Found(manifest.clone()),
+            Ok(None) | Err(_) => Cached::Missing {
+                since: Instant::now(),
+            },
+        };
+        let mut entries = self.entries();
+        if entries.len() >= CACHED_MANIFESTS && !entries.contains_key(handle) {
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(handle.clone(), entry);
+        found
+    }
+
+    /// Drops what is known of `handle`, so the next lookup reads final storage.
+    pub fn forget(&self, handle: &Handle) {
+        self.entries().remove(handle);
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Handle, Cached>> {
+        // The map holds no invariant a panic could break.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

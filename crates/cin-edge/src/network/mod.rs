@@ -51,6 +51,10 @@ pub struct Network {
     /// `None` on a POP on its own: it makes and accepts no calls.
     signer: Option<UrlSigner>,
     http: reqwest::Client,
+    /// How long a forwarded request or a relayed answer may go without a byte.
+    idle: Duration,
+    /// Manifests of `Stored` files read at this POP.
+    pub manifests: manifest::ManifestCache,
 }
 
 /// An answer relayed from another POP.
@@ -79,7 +83,14 @@ impl Network {
             others,
             signer,
             http,
+            idle: Duration::from_secs(config.server.body_idle_secs.max(1)),
+            manifests: manifest::ManifestCache::default(),
         })
+    }
+
+    /// How long a forwarded request or a relayed answer may go without a byte.
+    pub fn idle(&self) -> Duration {
+        self.idle
     }
 
     /// Whether this POP is in a network of POPs.
@@ -147,13 +158,18 @@ impl Network {
             .await?;
         let status =
             StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let body = resp.json().await.map_err(|e| ApiError::OriginUnreachable {
+        let unreadable = |why: String| {
+            ApiError::OriginUnreachable {
             origin: origin.to_string(),
             message: format!(
-                "POP {origin} sent an answer that is not JSON ({}); try again in a few seconds",
-                root_cause(&e)
+                "POP {origin} sent an answer that could not be read ({why}); try again in a few seconds"
             ),
-        })?;
+        }
+        };
+        let body = tokio::time::timeout(self.idle, resp.json())
+            .await
+            .map_err(|_| unreadable(format!("no answer body in {} s", self.idle.as_secs())))?
+            .map_err(|e| unreadable(root_cause(&e)))?;
         Ok(Relayed { status, body })
     }
 
@@ -205,6 +221,13 @@ impl Network {
                 ))
             })
     }
+}
+
+/// An answer's body from another POP, streamed as it arrives, ended when no
+/// byte comes for `idle`: an origin that stalls must not hold the client.
+pub fn relayed_body(answer: reqwest::Response, idle: Duration) -> axum::body::Body {
+    let stream = axum::body::Body::from_stream(answer.bytes_stream());
+    axum::body::Body::new(crate::body::IdleBody::new(stream, idle))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

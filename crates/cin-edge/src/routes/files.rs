@@ -18,7 +18,6 @@ use crate::app::SharedState;
 use crate::auth::{Call, Credentials};
 use crate::error::ApiError;
 use crate::input::{Path, Query};
-use crate::network::manifest::Manifest;
 use crate::observability::names;
 use crate::upload::UploadError;
 
@@ -80,25 +79,66 @@ pub async fn metadata(
     Query(q): Query<PolicyQuery>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    match find(&state, &handle, &q, Call::Stat) {
-        Ok(file) => Ok(Json(metadata_json(&state, &file)).into_response()),
-        Err(unknown) if is_unknown(&unknown) => {
-            if let Some(file) = stored_in_network(&state, &handle, &q, Call::Stat).await? {
-                let mut answer = metadata_json(&state, &file);
-                answer["pop"] = json!(file.handle.pop());
-                return Ok(Json(answer).into_response());
+    let local = find(&state, &handle, &q, Call::Stat);
+    let path = format!("/internal/files/{handle}/metadata");
+    // The origin checks the client's credentials itself.
+    let from_origin =
+        async |origin: PopId| relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await;
+    match answer_for(&state, &handle, &q, Call::Stat, local, from_origin).await? {
+        Answer::Here(file) => Ok(Json(metadata_json(&state, &file)).into_response()),
+        Answer::Stored(file) => {
+            let mut answer = metadata_json(&state, &file);
+            answer["pop"] = json!(file.handle.pop());
+            Ok(Json(answer).into_response())
+        }
+        Answer::Relayed(response) => Ok(response),
+    }
+}
+
+/// Who answered for a handle: this POP, final storage, or the POP that minted it.
+#[allow(clippy::large_enum_variant)] // Lives for one request, on its way to a response.
+enum Answer<T> {
+    Here(T),
+    /// `Stored` by the network: the record its manifest describes.
+    Stored(FileRecord),
+    /// Minted by another POP and not found in final storage: that POP's answer.
+    Relayed(Response),
+}
+
+/// `local`, this POP's own answer, unless it has no record of the handle;
+/// then final storage's (through the file's manifest), else the origin's
+/// (`from_origin`), else the `local` error.
+async fn answer_for<T>(
+    state: &SharedState,
+    handle: &str,
+    q: &PolicyQuery,
+    call: Call,
+    local: Result<T, ApiError>,
+    from_origin: impl AsyncFnOnce(PopId) -> Result<Response, ApiError>,
+) -> Result<Answer<T>, ApiError> {
+    let unknown = match local {
+        Ok(answer) => return Ok(Answer::Here(answer)),
+        Err(e) if is_unknown(&e) => e,
+        Err(e) => return Err(e),
+    };
+    if let Some(file) = stored_in_network(state, handle, q, call).await? {
+        return Ok(Answer::Stored(file));
+    }
+    let Some(origin) = other_origin(state, handle) else {
+        return Err(unknown);
+    };
+    match from_origin(origin).await {
+        // Stored since its manifest was last missed, perhaps: look again.
+        Err(unreachable @ ApiError::OriginUnreachable { .. }) => {
+            if let Ok(parsed) = Handle::parse(handle) {
+                state.network.manifests.forget(&parsed);
             }
-            // Minted by another POP of the network: that POP answers, with the
-            // client's credentials, which it checks itself.
-            match other_origin(&state, &handle) {
-                Some(origin) => {
-                    let path = format!("/internal/files/{handle}/metadata");
-                    relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await
-                }
-                None => Err(unknown),
+            match stored_in_network(state, handle, q, call).await? {
+                Some(file) => Ok(Answer::Stored(file)),
+                None => Err(unreachable),
             }
         }
-        Err(e) => Err(e),
+        relayed => relayed.map(Answer::Relayed),
     }
 }
 
@@ -117,7 +157,12 @@ async fn stored_in_network(
         return Ok(None);
     };
     // A store that does not answer leaves the origin to ask.
-    let manifest = match Manifest::find(&state.services.destinations, &handle).await {
+    let found = state
+        .network
+        .manifests
+        .find(&state.services.destinations, &handle)
+        .await;
+    let manifest = match found {
         Ok(Some(manifest)) => manifest,
         Ok(None) => return Ok(None),
         Err(e) => {
@@ -328,29 +373,18 @@ pub async fn serve(
     Query(q): Query<PolicyQuery>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    match serve_local(&state, &handle, &method, &headers, &q).await {
-        Err(unknown) if is_unknown(&unknown) => {
-            if let Some(file) = stored_in_network(&state, &handle, &q, Call::Read).await? {
-                return serve_file(&state, &file, &method, &headers).await;
-            }
-            // Minted by another POP of the network: its bytes come from there.
-            match other_origin(&state, &handle) {
-                Some(origin) => {
-                    let path = format!("/internal/files/{handle}");
-                    relay_bytes(
-                        &state,
-                        &origin,
-                        &method,
-                        &path,
-                        raw.as_deref().unwrap_or(""),
-                        &headers,
-                    )
-                    .await
-                }
-                None => Err(unknown),
-            }
+    let local = find(&state, &handle, &q, Call::Read);
+    let path = format!("/internal/files/{handle}");
+    let from_origin = async |origin: PopId| {
+        let query = raw.as_deref().unwrap_or("");
+        let idle = state.network.idle();
+        relay_bytes(&state, &origin, &method, &path, query, &headers, idle).await
+    };
+    match answer_for(&state, &handle, &q, Call::Read, local, from_origin).await? {
+        Answer::Here(file) | Answer::Stored(file) => {
+            serve_file(&state, &file, &method, &headers).await
         }
-        answered => answered,
+        Answer::Relayed(response) => Ok(response),
     }
 }
 
@@ -364,7 +398,8 @@ pub async fn internal_serve(
 ) -> Result<Response, ApiError> {
     let path = format!("/internal/files/{handle}");
     state.network.check_call(method.as_str(), &path, &headers)?;
-    serve_local(&state, &handle, &method, &headers, &q).await
+    let file = find(&state, &handle, &q, Call::Read)?;
+    serve_file(&state, &file, &method, &headers).await
 }
 
 /// The request headers a relayed read passes on, and the answer headers it returns.
@@ -381,7 +416,8 @@ const RELAYED_ANSWER_HEADERS: [axum::http::HeaderName; 8] = [
 ];
 
 /// Another POP's answer to a read, streamed through as it arrives (nothing
-/// is held whole), naming the POP that served it.
+/// is held whole), naming the POP that served it; ended when the origin sends
+/// nothing for `idle`.
 async fn relay_bytes(
     state: &SharedState,
     origin: &PopId,
@@ -389,6 +425,7 @@ async fn relay_bytes(
     path: &str,
     query: &str,
     headers: &HeaderMap,
+    idle: std::time::Duration,
 ) -> Result<Response, ApiError> {
     let mut passed = HeaderMap::new();
     for name in RELAYED_REQUEST_HEADERS {
@@ -413,21 +450,10 @@ async fn relay_bytes(
     if let Ok(pop) = HeaderValue::from_str(origin.as_str()) {
         answer_headers.insert(crate::network::ANSWERED_BY_HEADER, pop);
     }
-    let body = Body::from_stream(upstream.bytes_stream());
+    let body = crate::network::relayed_body(upstream, idle);
     let mut response = (status, body).into_response();
     response.headers_mut().extend(answer_headers);
     Ok(response)
-}
-
-async fn serve_local(
-    state: &SharedState,
-    handle: &str,
-    method: &Method,
-    headers: &HeaderMap,
-    q: &PolicyQuery,
-) -> Result<Response, ApiError> {
-    let file = find(state, handle, q, Call::Read)?;
-    serve_file(state, &file, method, headers).await
 }
 
 /// The bytes of `file`, from the local copy or from final storage.
@@ -556,18 +582,23 @@ pub async fn events(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    match local_events(state.clone(), handle.clone(), q).await {
-        Ok(stream) => Ok(stream.into_response()),
-        // Minted by another POP of the network: its stream comes from there.
-        Err(unknown) if is_unknown(&unknown) => match other_origin(&state, &handle) {
-            Some(origin) => {
-                let path = format!("/internal/files/{handle}/events");
-                let query = raw.as_deref().unwrap_or("");
-                relay_bytes(&state, &origin, &Method::GET, &path, query, &headers).await
-            }
-            None => Err(unknown),
-        },
-        Err(e) => Err(e),
+    // Subscribe before reading the record, so no change falls in between.
+    let changes = state.services.events.subscribe();
+    // The stream tells what metadata tells: the same authorization.
+    let local = find(&state, &handle, &q, Call::Stat);
+    let path = format!("/internal/files/{handle}/events");
+    let from_origin = async |origin: PopId| {
+        let query = raw.as_deref().unwrap_or("");
+        // The origin's keep-alives are the only bytes of a quiet stream.
+        let idle = EVENTS_KEEP_ALIVE * 3;
+        relay_bytes(&state, &origin, &Method::GET, &path, query, &headers, idle).await
+    };
+    match answer_for(&state, &handle, &q, Call::Stat, local, from_origin).await? {
+        // A file stored by the network says so and the stream ends.
+        Answer::Here(file) | Answer::Stored(file) => {
+            Ok(status_events(state, file, changes).into_response())
+        }
+        Answer::Relayed(response) => Ok(response),
     }
 }
 
@@ -580,18 +611,20 @@ pub async fn internal_events(
 ) -> Result<Response, ApiError> {
     let path = format!("/internal/files/{handle}/events");
     state.network.check_call("GET", &path, &headers)?;
-    Ok(local_events(state, handle, q).await?.into_response())
+    let changes = state.services.events.subscribe();
+    let file = find(&state, &handle, &q, Call::Stat)?;
+    Ok(status_events(state, file, changes).into_response())
 }
 
-async fn local_events(
+/// Keep-alive comments of a quiet status stream.
+const EVENTS_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `file`'s status, then every change `changes` brings, until a final status.
+fn status_events(
     state: SharedState,
-    handle: String,
-    q: PolicyQuery,
-) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    // Subscribe before reading the record, so no change falls in between.
-    let mut changes = state.services.events.subscribe();
-    // The stream tells what metadata tells: the same authorization.
-    let file = find(&state, &handle, &q, Call::Stat)?;
+    file: FileRecord,
+    mut changes: tokio::sync::broadcast::Receiver<crate::events::StatusChange>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let handle = file.handle.clone();
     let stream = async_stream_of(move |tx| async move {
         let _open = OpenStream::count();
@@ -633,7 +666,7 @@ async fn local_events(
             }
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(EVENTS_KEEP_ALIVE))
 }
 
 /// Counts an open `/events` stream for as long as its task lives.
