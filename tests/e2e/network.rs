@@ -809,12 +809,35 @@ async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its
         }
     }
 
+    // Every read at B and C so far came through them from A.
+    let relayed = pops[1]
+        .metric_with(
+            "cin_network_relayed_bytes_total",
+            "direction=\"from_origin\"",
+        )
+        .await;
+    let read_elsewhere: usize = files.iter().map(|(_, b)| 2 * (b.len() + 1_000_000)).sum();
+    assert!(
+        relayed >= read_elsewhere as f64,
+        "{relayed} < {read_elsewhere}"
+    );
+
     switch.set_upstream(&profile.endpoint);
     for (handle, bytes) in &files {
         let meta = pops[0]
             .wait_status(handle, "Stored", std::time::Duration::from_secs(60))
             .await;
         assert_eq!(meta["sha256"], sha256_hex(bytes));
+        // Once a read from A says Stored, B and C read from final storage.
+        for pop in &pops[1..] {
+            assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
+            let again = range_of(pop, handle).await.expect("range read");
+            assert_eq!(again.status(), 206);
+            assert!(
+                !again.headers().contains_key("cin-pop"),
+                "still relayed from A after it said Stored"
+            );
+        }
     }
     pops.remove(0).stop().await;
     for (handle, bytes) in &files {

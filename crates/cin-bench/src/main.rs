@@ -12,6 +12,7 @@ mod connections;
 #[path = "../../../tests/e2e/fault_proxy.rs"]
 mod fault_proxy;
 mod hostile;
+mod network;
 mod pop;
 mod report;
 mod s3;
@@ -27,7 +28,7 @@ use serde_json::json;
 use report::Row;
 use scenarios::Ctx;
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "limit",
     "single",
     "complete-latency",
@@ -37,6 +38,7 @@ const SCENARIOS: [&str; 9] = [
     "replicate",
     "connections",
     "hostile",
+    "network",
 ];
 
 /// Benchmarks a CIN edge POP (started in-process on a temporary data directory
@@ -45,7 +47,7 @@ const SCENARIOS: [&str; 9] = [
 #[command(version, about)]
 pub struct Args {
     /// Scenarios to run, in order: limit, single, complete-latency, concurrent,
-    /// memory, small, replicate, connections, hostile, or all.
+    /// memory, small, replicate, connections, hostile, network, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
 
@@ -126,6 +128,28 @@ pub struct Args {
     /// hostile: a run not finished by then counts as not completed.
     #[arg(long, default_value_t = 300)]
     hostile_limit_s: u64,
+
+    /// network: size of the file read to measure forwarding's throughput.
+    #[arg(long, default_value_t = 256)]
+    network_read_mib: u64,
+    /// network: reads of a 16 KiB file per latency figure.
+    #[arg(long, default_value_t = 500)]
+    network_reads: usize,
+    /// network: the origin's link to final storage, in MB/s (10^6 bytes).
+    #[arg(long, default_value_t = 40)]
+    network_cap_mb: u64,
+    /// network model check: uploads per second at the origin (Poisson).
+    #[arg(long, default_value_t = 4.0)]
+    network_rate: f64,
+    /// network model check: size of each upload.
+    #[arg(long, default_value_t = 4)]
+    network_file_mib: u64,
+    /// network model check: mean delay of a read after its upload (exponential).
+    #[arg(long, default_value_t = 2.0)]
+    network_read_delay_s: f64,
+    /// network model check: how long uploads arrive.
+    #[arg(long, default_value_t = 60)]
+    network_duration_s: u64,
 
     /// A scenario with no request finishing for this long is reported as stalled.
     #[arg(long, default_value_t = 60)]
@@ -224,6 +248,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "replicate" => scenarios::replicate(&mut ctx).await,
                 "connections" => connections::connections(&mut ctx).await,
                 "hostile" => hostile::hostile(&mut ctx).await,
+                "network" => network::network(&mut ctx).await,
                 _ => unreachable!("checked above"),
             }
         };

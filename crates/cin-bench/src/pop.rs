@@ -51,7 +51,7 @@ pub struct S3Profile {
 }
 
 impl S3Profile {
-    fn apply(&self, config: &mut Config) {
+    pub fn apply(&self, config: &mut Config) {
         config.storage.profiles.insert(
             self.name.clone(),
             StorageProfile {
@@ -93,14 +93,26 @@ impl Pop {
     /// under `work`. It gets its own runtime (as the `cin-edge` binary has), so a
     /// POP that stalls its worker threads cannot stall the benchmark's clock.
     pub async fn in_process(work: &Path, profile: Option<&S3Profile>) -> anyhow::Result<Pop> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Pop::in_process_on(listener, work, |config| {
+            if let Some(profile) = profile {
+                profile.apply(config);
+            }
+        })
+        .await
+    }
+
+    /// [`Pop::in_process`] on `listener`, with `configure` applied to its config.
+    pub async fn in_process_on(
+        listener: std::net::TcpListener,
+        work: &Path,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Pop> {
         let data = tempfile::Builder::new().prefix("pop.").tempdir_in(work)?;
         let mut config = Config::default();
         config.server.data_dir = data.path().to_path_buf();
         config.server.shutdown_grace_secs = 5;
-        if let Some(profile) = profile {
-            profile.apply(&mut config);
-        }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        configure(&mut config);
         listener.set_nonblocking(true)?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();

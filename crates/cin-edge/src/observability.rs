@@ -49,6 +49,12 @@ pub mod names {
     pub const CONNECTIONS_CLOSED: &str = "cin_connections_closed_total";
     /// Connections open now.
     pub const CONNECTIONS_OPEN: &str = "cin_connections_open";
+    /// Bytes this POP passed between clients and other POPs of the network, by
+    /// `direction`: `from_origin` (answers relayed: reads, events, forwarded
+    /// uploads' answers), `to_origin` (forwarded upload bodies).
+    pub const NETWORK_BYTES: &str = "cin_network_relayed_bytes_total";
+    /// Calls to another POP of the network that went unanswered (each a 503 `origin_unreachable`).
+    pub const NETWORK_UNREACHABLE: &str = "cin_network_origin_unreachable_total";
     pub const HTTP_REQUESTS: &str = "cin_http_requests_total";
     pub const HTTP_SECONDS: &str = "cin_http_request_duration_seconds";
 }

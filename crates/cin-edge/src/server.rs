@@ -139,7 +139,14 @@ where
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok((stream, _)) => {
+                        // An answer's head and a small body leave at once, not
+                        // 40 ms apart (Nagle's algorithm against a delayed ACK).
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY could not be set");
+                        }
+                        stream
+                    }
                     Err(e) => {
                         // Out of descriptors, most likely: give closing connections a moment.
                         tracing::warn!(error = %e, "accepting a connection failed");

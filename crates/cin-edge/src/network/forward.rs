@@ -119,6 +119,7 @@ impl Network {
     /// Passes `request` to POP `origin` and gives its answer, both streaming.
     pub async fn forward(&self, origin: &PopId, request: Request) -> Result<Response, ApiError> {
         let unreachable = |why: String| {
+            metrics::counter!(crate::observability::names::NETWORK_UNREACHABLE).increment(1);
             ApiError::OriginUnreachable {
             origin: origin.to_string(),
             message: format!(
@@ -148,7 +149,7 @@ impl Network {
         let progress = Progress::default();
         let sent = forwarded
             .body(reqwest::Body::wrap_stream(
-                progress.track(body.into_data_stream()),
+                progress.track(super::counted_to_origin(body.into_data_stream())),
             ))
             .send();
         let answer = tokio::select! {

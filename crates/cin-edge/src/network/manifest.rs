@@ -144,6 +144,9 @@ enum Cached {
     Missing { since: Instant },
 }
 
+/// A read waits no longer for final storage to say whether a manifest is
+/// there (its client's own retries included): its origin may answer instead.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Manifests kept at most; past it, one is dropped for each one added.
 const CACHED_MANIFESTS: usize = 10_000;
 /// How long a missing manifest is believed: a file just stored is still served
@@ -162,9 +165,18 @@ impl ManifestCache {
             Some(Cached::Missing { since }) if since.elapsed() < MISSING_FOR => return Ok(None),
             _ => {}
         }
-        let found = Manifest::find(destinations, handle)
+        let found = match tokio::time::timeout(LOOKUP_TIMEOUT, Manifest::find(destinations, handle))
             .await
-            .map(|found| found.map(Arc::new));
+        {
+            Ok(found) => found.map(|found| found.map(Arc::new)),
+            Err(_) => Err(ApiError::Unavailable {
+                code: "manifest_unreadable",
+                message: format!(
+                    "final storage did not answer for the manifest of {handle} in {} ms",
+                    LOOKUP_TIMEOUT.as_millis()
+                ),
+            }),
+        };
         // A store that fails is not asked again by every read meanwhile.
         let entry = match &found {
             Ok(Some(manifest)) => Cached::Found(manifest.clone()),

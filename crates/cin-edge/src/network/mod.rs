@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::observability::names;
 use crate::signing::{now_unix, Signed, UrlSigner};
+use futures_util::StreamExt;
 
 pub mod forward;
 pub mod manifest;
@@ -22,6 +24,9 @@ pub const EXPIRES_HEADER: &str = "cin-internal-expires";
 pub const SIGNATURE_HEADER: &str = "cin-internal-signature";
 /// Names the POP whose answer a forwarded response is.
 pub const ANSWERED_BY_HEADER: &str = "cin-pop";
+/// The file's status, on an origin's answer to a read: a POP that sees
+/// `Stored` reads the file from final storage next time.
+pub const FILE_STATUS_HEADER: &str = "cin-file-status";
 
 /// How long a signed call stays valid: long enough for clocks a little apart.
 const CALL_TTL_SECS: u64 = 60;
@@ -216,6 +221,7 @@ impl Network {
             .map_err(|_| format!("no answer in {} s", CALL_TIMEOUT.as_secs()))
             .and_then(|sent| sent.map_err(|e| root_cause(&e)))
             .map_err(|why| {
+                metrics::counter!(names::NETWORK_UNREACHABLE).increment(1);
                 unreachable(format!(
                     "POP {origin}, where this file was uploaded, did not answer ({why}); try again in a few seconds"
                 ))
@@ -226,8 +232,27 @@ impl Network {
 /// An answer's body from another POP, streamed as it arrives, ended when no
 /// byte comes for `idle`: an origin that stalls must not hold the client.
 pub fn relayed_body(answer: reqwest::Response, idle: Duration) -> axum::body::Body {
-    let stream = axum::body::Body::from_stream(answer.bytes_stream());
+    let counted = answer.bytes_stream().inspect(|piece| {
+        if let Ok(bytes) = piece {
+            metrics::counter!(names::NETWORK_BYTES, "direction" => "from_origin")
+                .increment(bytes.len() as u64);
+        }
+    });
+    let stream = axum::body::Body::from_stream(counted);
     axum::body::Body::new(crate::body::IdleBody::new(stream, idle))
+}
+
+/// A request body on its way to another POP, counted.
+pub fn counted_to_origin<S>(stream: S) -> impl futures_util::Stream<Item = S::Item> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static,
+{
+    stream.inspect(|piece| {
+        if let Ok(bytes) = piece {
+            metrics::counter!(names::NETWORK_BYTES, "direction" => "to_origin")
+                .increment(bytes.len() as u64);
+        }
+    })
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

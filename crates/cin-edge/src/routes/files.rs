@@ -138,7 +138,17 @@ async fn answer_for<T>(
                 None => Err(unreachable),
             }
         }
-        relayed => relayed.map(Answer::Relayed),
+        relayed => {
+            let response = relayed?;
+            let status = response.headers().get(crate::network::FILE_STATUS_HEADER);
+            if status.is_some_and(|s| s == FileStatus::Stored.as_str()) {
+                // Its manifest is there now: the next read takes it.
+                if let Ok(parsed) = Handle::parse(handle) {
+                    state.network.manifests.forget(&parsed);
+                }
+            }
+            Ok(Answer::Relayed(response))
+        }
     }
 }
 
@@ -399,12 +409,18 @@ pub async fn internal_serve(
     let path = format!("/internal/files/{handle}");
     state.network.check_call(method.as_str(), &path, &headers)?;
     let file = find(&state, &handle, &q, Call::Read)?;
-    serve_file(&state, &file, &method, &headers).await
+    let mut response = serve_file(&state, &file, &method, &headers).await?;
+    response.headers_mut().insert(
+        crate::network::FILE_STATUS_HEADER,
+        HeaderValue::from_static(file.status.as_str()),
+    );
+    Ok(response)
 }
 
 /// The request headers a relayed read passes on, and the answer headers it returns.
 const RELAYED_REQUEST_HEADERS: [axum::http::HeaderName; 3] = [RANGE, IF_NONE_MATCH, IF_RANGE];
-const RELAYED_ANSWER_HEADERS: [axum::http::HeaderName; 8] = [
+const RELAYED_ANSWER_HEADERS: [axum::http::HeaderName; 9] = [
+    axum::http::HeaderName::from_static(crate::network::FILE_STATUS_HEADER),
     axum::http::header::CACHE_CONTROL,
     CONTENT_TYPE,
     CONTENT_LENGTH,
