@@ -203,6 +203,91 @@ async fn a_forged_internal_call_is_refused() {
     }
 }
 
+/// `bytes` uploaded at `base` by cin's uploader (Filestack multipart): the handle.
+async fn cin_upload(base: &str, name: &str, bytes: &[u8]) -> String {
+    use cin_client::upload::{Quiet, UploadJob, UploadOptions, Uploader};
+    use cin_client::{HttpTransport, MemorySource, StoreOptions, TokioClock};
+    use std::sync::Arc;
+
+    Uploader::new(
+        Arc::new(HttpTransport::new("k").expect("http client")),
+        Arc::new(TokioClock::new()),
+        UploadOptions::default(),
+        Arc::new(Quiet),
+    )
+    .upload(UploadJob {
+        source: Arc::new(MemorySource(bytes.to_vec().into())),
+        filename: name.into(),
+        mimetype: "application/octet-stream".into(),
+        store: StoreOptions::s3(),
+        pops: vec![base.to_owned()],
+        resume: None,
+    })
+    .await
+    .expect("multipart upload")
+    .handle
+}
+
+/// A tus upload of `length` bytes created at `pop`: its `Location` and handle.
+async fn tus_create(pop: &crate::support::TestApp, length: usize) -> (String, String) {
+    let created = pop
+        .http
+        .post(pop.url("/files/"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", length.to_string())
+        .send()
+        .await
+        .expect("tus create");
+    assert_eq!(created.status(), 201);
+    let header = |name: &str| created.headers()[name].to_str().expect("header").to_owned();
+    (header("location"), header("cin-handle"))
+}
+
+/// A tus `PATCH` of `piece` at `offset` to `url`, sent by `pop`'s client.
+async fn tus_patch(
+    pop: &crate::support::TestApp,
+    url: &str,
+    offset: usize,
+    piece: &[u8],
+) -> reqwest::Response {
+    pop.http
+        .patch(url)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", offset.to_string())
+        .header("content-type", "application/offset+octet-stream")
+        .body(piece.to_vec())
+        .send()
+        .await
+        .expect("tus PATCH")
+}
+
+/// `bytes[start..end]`, read from `pop` with a `Range` request.
+async fn assert_range(
+    pop: &crate::support::TestApp,
+    handle: &str,
+    bytes: &[u8],
+    (start, end): (usize, usize),
+) -> reqwest::header::HeaderMap {
+    let ranged = pop
+        .http
+        .get(pop.url(&format!("/{handle}")))
+        .header("range", format!("bytes={start}-{}", end - 1))
+        .send()
+        .await
+        .expect("range read");
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(
+        ranged.headers()["content-range"],
+        format!("bytes {start}-{}/{}", end - 1, bytes.len()).as_str()
+    );
+    let headers = ranged.headers().clone();
+    assert_eq!(
+        ranged.bytes().await.expect("range body").as_ref(),
+        &bytes[start..end]
+    );
+    headers
+}
+
 /// Files delivered to it stay `InTransit` at their origin: replication never succeeds.
 fn held_in_transit(config: &mut cin_edge::Config) {
     config.storage.profiles.insert(
@@ -222,10 +307,6 @@ fn held_in_transit(config: &mut cin_edge::Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_in_transit_at_its_origin_reads_the_same_at_every_pop() {
-    use cin_client::upload::{Quiet, UploadJob, UploadOptions, Uploader};
-    use cin_client::{HttpTransport, MemorySource, StoreOptions, TokioClock};
-    use std::sync::Arc;
-
     let pops = network_with(&["aa", "bb", "cc"], &[], |_, c| held_in_transit(c)).await;
     let (a, b, c) = (&pops[0], &pops[1], &pops[2]);
     let whole = random_bytes(2_500_000, 41);
@@ -233,23 +314,8 @@ async fn a_file_in_transit_at_its_origin_reads_the_same_at_every_pop() {
         .store_raw("/api/store/s3?filename=w.bin", whole.clone())
         .await;
     let chunked = random_bytes(9 * 1024 * 1024 + 17, 42);
-    let report = Uploader::new(
-        Arc::new(HttpTransport::new("k").expect("http client")),
-        Arc::new(TokioClock::new()),
-        UploadOptions::default(),
-        Arc::new(Quiet),
-    )
-    .upload(UploadJob {
-        source: Arc::new(MemorySource(chunked.clone().into())),
-        filename: "m.bin".into(),
-        mimetype: "application/octet-stream".into(),
-        store: StoreOptions::s3(),
-        pops: vec![a.base.clone()],
-        resume: None,
-    })
-    .await
-    .expect("multipart upload at A");
-    for (handle, bytes) in [(&stored, &whole), (&report.handle, &chunked)] {
+    let multipart = cin_upload(&a.base, "m.bin", &chunked).await;
+    for (handle, bytes) in [(&stored, &whole), (&multipart, &chunked)] {
         assert_eq!(a.metadata(handle).await["status"], "InTransit");
         for other in [b, c] {
             let full = other
@@ -268,22 +334,7 @@ async fn a_file_in_transit_at_its_origin_reads_the_same_at_every_pop() {
                 sha256_hex(&full.bytes().await.expect("body")),
                 sha256_hex(bytes)
             );
-            let ranged = other
-                .http
-                .get(other.url(&format!("/{handle}")))
-                .header("range", "bytes=1000-1999999")
-                .send()
-                .await
-                .expect("range read at another POP");
-            assert_eq!(ranged.status(), 206);
-            assert_eq!(
-                ranged.headers()["content-range"],
-                format!("bytes 1000-1999999/{}", bytes.len()).as_str()
-            );
-            assert_eq!(
-                ranged.bytes().await.expect("range body").as_ref(),
-                &bytes[1000..2_000_000]
-            );
+            assert_range(other, handle, bytes, (1000, 2_000_000)).await;
             let head = other
                 .http
                 .head(other.url(&format!("/{handle}")))
@@ -397,39 +448,17 @@ async fn chunks_of_one_upload_sent_to_two_pops_complete_at_the_origin() {
     assert_eq!(sha256_hex(&b.download(handle).await), sha256_hex(&whole));
 
     // tus: created at A, continued at B.
-    let created = a
-        .http
-        .post(a.url("/files/"))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", "6")
-        .send()
-        .await
-        .expect("tus create");
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_owned();
+    let (location, tus_handle) = tus_create(a, 6).await;
     assert!(location.starts_with(&a.base), "{location} names the origin");
     for (offset, piece) in [(0, &b"abc"[..]), (3, &b"def"[..])] {
-        let patched = b
-            .http
-            .patch(at(&b.base, &location))
-            .header("tus-resumable", "1.0.0")
-            .header("upload-offset", offset.to_string())
-            .header("content-type", "application/offset+octet-stream")
-            .body(piece.to_vec())
-            .send()
-            .await
-            .expect("tus PATCH at B");
+        let patched = tus_patch(b, &at(&b.base, &location), offset, piece).await;
         assert_eq!(patched.status(), 204);
         assert_eq!(
             patched.headers()["upload-offset"],
             (offset + 3).to_string().as_str()
         );
     }
-    let tus_handle = created.headers()["cin-handle"].to_str().expect("handle");
-    assert_eq!(b.download(tus_handle).await, b"abcdef");
+    assert_eq!(b.download(&tus_handle).await, b"abcdef");
 }
 
 #[tokio::test]
@@ -479,18 +508,7 @@ async fn a_stored_file_is_served_by_every_pop_after_its_origin_is_gone() {
             sha256_hex(&other.download(&handle).await),
             sha256_hex(&bytes)
         );
-        let ranged = other
-            .http
-            .get(other.url(&format!("/{handle}")))
-            .header("range", "bytes=100-199")
-            .send()
-            .await
-            .expect("range read");
-        assert_eq!(ranged.status(), 206);
-        assert_eq!(
-            ranged.bytes().await.expect("body").as_ref(),
-            &bytes[100..200]
-        );
+        assert_range(other, &handle, &bytes, (100, 200)).await;
         // The status stream says Stored and ends, without the origin.
         let events = other
             .http
@@ -717,9 +735,6 @@ async fn an_answer_its_origin_stops_sending_is_ended_after_the_idle_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its_origin_is_gone() {
     use crate::fault_proxy::{FaultProxy, Faults};
-    use cin_client::upload::{Quiet, UploadJob, UploadOptions, Uploader};
-    use cin_client::{HttpTransport, MemorySource, StoreOptions, TokioClock};
-    use std::sync::Arc;
 
     let cluster = crate::seaweedfs::SeaweedCluster::start().await;
     cluster.create_bucket("network").await;
@@ -740,72 +755,20 @@ async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its
     .await;
 
     let multipart = random_bytes(9 * crate::support::MIB + 17, 90);
-    let report = Uploader::new(
-        Arc::new(HttpTransport::new("k").expect("http client")),
-        Arc::new(TokioClock::new()),
-        UploadOptions::default(),
-        Arc::new(Quiet),
-    )
-    .upload(UploadJob {
-        source: Arc::new(MemorySource(multipart.clone().into())),
-        filename: "m.bin".into(),
-        mimetype: "application/octet-stream".into(),
-        store: StoreOptions::s3(),
-        pops: vec![pops[0].base.clone()],
-        resume: None,
-    })
-    .await
-    .expect("multipart upload at A");
+    let multipart_handle = cin_upload(&pops[0].base, "m.bin", &multipart).await;
     let tus = random_bytes(3_000_017, 91);
-    let a = &pops[0];
-    let created = a
-        .http
-        .post(a.url("/files/"))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", tus.len().to_string())
-        .send()
-        .await
-        .expect("tus create");
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_owned();
-    let tus_handle = created.headers()["cin-handle"]
-        .to_str()
-        .expect("handle")
-        .to_owned();
+    let (location, tus_handle) = tus_create(&pops[0], tus.len()).await;
     for (offset, piece) in [(0, &tus[..1_000_000]), (1_000_000, &tus[1_000_000..])] {
-        let patched = a
-            .http
-            .patch(&location)
-            .header("tus-resumable", "1.0.0")
-            .header("upload-offset", offset.to_string())
-            .header("content-type", "application/offset+octet-stream")
-            .body(piece.to_vec())
-            .send()
-            .await
-            .expect("tus PATCH");
+        let patched = tus_patch(&pops[0], &location, offset, piece).await;
         assert_eq!(patched.status(), 204);
     }
-    let files = [(report.handle.clone(), &multipart), (tus_handle, &tus)];
-
-    let range_of = |pop: &crate::support::TestApp, handle: &str| {
-        pop.http
-            .get(pop.url(&format!("/{handle}")))
-            .header("range", "bytes=777-1000776")
-            .send()
-    };
+    let files = [(multipart_handle, &multipart), (tus_handle, &tus)];
+    let range = (777, 1_000_777);
     for (handle, bytes) in &files {
         for pop in &pops {
             assert_eq!(pop.metadata(handle).await["status"], "InTransit");
             assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
-            let ranged = range_of(pop, handle).await.expect("range read");
-            assert_eq!(ranged.status(), 206);
-            assert_eq!(
-                ranged.bytes().await.expect("range body").as_ref(),
-                &bytes[777..1_000_777]
-            );
+            assert_range(pop, handle, bytes, range).await;
         }
     }
 
@@ -831,10 +794,9 @@ async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its
         // Once a read from A says Stored, B and C read from final storage.
         for pop in &pops[1..] {
             assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
-            let again = range_of(pop, handle).await.expect("range read");
-            assert_eq!(again.status(), 206);
+            let again = assert_range(pop, handle, bytes, range).await;
             assert!(
-                !again.headers().contains_key("cin-pop"),
+                !again.contains_key("cin-pop"),
                 "still relayed from A after it said Stored"
             );
         }
@@ -846,12 +808,7 @@ async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its
             assert_eq!(meta["status"], "Stored");
             assert_eq!(meta["pop"], "aa");
             assert_eq!(sha256_hex(&pop.download(handle).await), sha256_hex(bytes));
-            let ranged = range_of(pop, handle).await.expect("range read");
-            assert_eq!(ranged.status(), 206);
-            assert_eq!(
-                ranged.bytes().await.expect("range body").as_ref(),
-                &bytes[777..1_000_777]
-            );
+            assert_range(pop, handle, bytes, range).await;
         }
     }
 }
