@@ -26,5 +26,6 @@ mod security;
 mod shutdown;
 mod store_api;
 mod support;
+mod tls;
 mod tus;
 mod webhooks;

@@ -75,7 +75,8 @@ pub fn spawn_app_on(
     // No space set aside for the metadata store (the disk tests set their own).
     config.disk.metadata_reserve_bytes = 0;
     tweak(&mut config);
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let scheme = if config.server.tls() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(cin_edge::run(listener, config, async move {
         let _ = stopped.await;

@@ -31,6 +31,7 @@ use crate::replicator::Replicator;
 use crate::routes;
 use crate::server;
 use crate::signing::UrlSigner;
+use crate::tls::{CertificateWatch, Certificates};
 use crate::upload::{Lifecycle, Services, SweepWorker, UploadLimits, Uploads};
 use crate::webhooks::Webhooks;
 use crate::worker::Workers;
@@ -58,6 +59,9 @@ struct Node {
     meta: Arc<dyn MetadataStore>,
     replicator: Arc<Replicator>,
     webhooks: Arc<Webhooks>,
+    /// The certificate served, when the listener speaks HTTPS.
+    certificates: Option<Arc<Certificates>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Opens the stores and builds the state request handlers share, without a
@@ -86,8 +90,22 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     // Before anything writes: bytes a crash left without an owner are collected.
     crate::upload::reconcile(meta.as_ref(), &parts, &config).await?;
     let wakeup = Arc::new(Notify::new());
+    // Read before anything else starts: a bad certificate stops the POP here.
+    let certificates = if config.server.tls() {
+        Some(Certificates::load(
+            &config.server.tls_cert,
+            &config.server.tls_key,
+        )?)
+    } else {
+        None
+    };
+    let tls = certificates
+        .as_ref()
+        .map(Certificates::acceptor)
+        .transpose()?;
     let public_url = if config.server.public_url.is_empty() {
-        format!("http://{bound}")
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{bound}")
     } else {
         config.server.public_url.trim_end_matches('/').to_owned()
     };
@@ -174,6 +192,8 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         meta,
         replicator,
         webhooks,
+        certificates,
+        tls,
     })
 }
 
@@ -350,6 +370,13 @@ fn start_workers(node: &Node) -> Workers {
     );
     workers.spawn(ProbeWorker(state.services.destinations.clone()), deadline);
     workers.spawn(DiskWatch(state.services.disk.clone()), deadline);
+    if let Some(certificates) = &node.certificates {
+        let interval = Duration::from_secs(state.config.server.tls_reload_secs);
+        workers.spawn(
+            CertificateWatch::new(certificates.clone(), interval),
+            deadline,
+        );
+    }
     workers
 }
 
@@ -365,8 +392,9 @@ pub async fn run(
     observability::metrics_handle();
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let node = open_node(config, bound).await?;
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
     tracing::info!(
-        "listening on http://{bound} (public url {}, data dir {})",
+        "listening on {scheme}://{bound} (public url {}, data dir {})",
         node.state.public_url,
         node.state.config.server.data_dir.display()
     );
@@ -389,7 +417,14 @@ pub async fn run(
         max_connections: server_config.max_connections,
     }
     .fitted_to_descriptors();
-    let connections = server::serve(listener, service(node.state.clone()), limits, draining).await;
+    let connections = server::serve(
+        listener,
+        service(node.state.clone()),
+        limits,
+        node.tls.clone(),
+        draining,
+    )
+    .await;
 
     // Ordered shutdown: no new connections; requests in flight get the grace
     // period, then are cancelled; workers stop, each within its deadline; the

@@ -142,8 +142,9 @@ impl Default for DiskConfig {
 pub struct ServerConfig {
     /// Address to listen on; port 0 picks a free port (the bound address is logged).
     pub listen: SocketAddr,
-    /// Base URL clients reach this POP at, used in filelinks and upload URLs.
-    /// Empty: `http://{bound address}`.
+    /// Base URL clients reach this POP at, used in filelinks and upload URLs;
+    /// `location_url` is its host and port. Empty: `http://{bound address}`
+    /// (`https://` with a TLS certificate).
     pub public_url: String,
     /// Directory for the metadata store, part files and the local origin store.
     pub data_dir: PathBuf,
@@ -169,6 +170,22 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests that may write upload bodies at once; more get 503 with Retry-After.
     pub max_body_writers: usize,
+    /// PEM certificate chain (the server's certificate first). With `tls_key`,
+    /// the listener speaks HTTPS (HTTP/2 or HTTP/1.1 by ALPN); empty: plain HTTP,
+    /// e.g. behind a load balancer that ends TLS.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// Seconds between checks of the certificate files: changed files are read
+    /// again without a restart (SIGHUP reads them at once).
+    pub tls_reload_secs: u64,
+}
+
+impl ServerConfig {
+    /// Whether the listener speaks HTTPS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -301,6 +318,9 @@ impl Default for ServerConfig {
             keep_alive_secs: 60,
             max_connections: 10_000,
             max_body_writers: 256,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_reload_secs: 10,
         }
     }
 }
@@ -404,10 +424,17 @@ impl Config {
             ("keep_alive_secs", server.keep_alive_secs),
             ("max_connections", server.max_connections as u64),
             ("max_body_writers", server.max_body_writers as u64),
+            ("tls_reload_secs", server.tls_reload_secs),
         ] {
             if value == 0 {
                 return Err(format!("server.{name} must be at least 1"));
             }
+        }
+        if server.tls_cert.as_os_str().is_empty() != server.tls_key.as_os_str().is_empty() {
+            return Err(
+                "server.tls_cert and server.tls_key go together: set both for HTTPS, or neither for plain HTTP"
+                    .into(),
+            );
         }
         if !self
             .storage

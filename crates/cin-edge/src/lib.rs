@@ -24,6 +24,7 @@ pub mod routes;
 pub mod server;
 pub mod signing;
 pub mod telemetry;
+pub mod tls;
 pub mod upload;
 pub mod webhooks;
 pub mod worker;

@@ -30,6 +30,17 @@ enum Command {
         #[arg(long)]
         public_url: Option<String>,
     },
+    /// Make a development CA and a certificate signed by it, for trying HTTPS
+    /// locally: point `server.tls_cert`/`server.tls_key` at the files and make
+    /// clients trust `ca.pem`. Never for production.
+    DevCert {
+        /// Directory to write `ca.pem`, `cert.pem` and `key.pem` into.
+        #[arg(long, default_value = "./dev-cert")]
+        dir: PathBuf,
+        /// Names the certificate is for: DNS names or IP addresses.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+        names: Vec<String>,
+    },
 }
 
 // Many threads allocate and free request buffers concurrently: glibc's malloc
@@ -63,7 +74,37 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", config.server.listen))?;
             cin_edge::run(listener, config, shutdown_signal()).await
         }
+        Command::DevCert { dir, names } => write_dev_cert(&dir, &names),
     }
+}
+
+fn write_dev_cert(dir: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
+    let made = cin_edge::tls::dev_certificate(names)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, pem) in [
+        ("ca.pem", &made.ca_pem),
+        ("cert.pem", &made.cert_pem),
+        ("key.pem", &made.key_pem),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+    }
+    // The key is a secret, even a development one.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.join("key.pem");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", key.display()))?;
+    }
+    println!(
+        "wrote {dir}/ca.pem, cert.pem and key.pem for {names}\n\
+         serve with:   CIN__SERVER__TLS_CERT={dir}/cert.pem CIN__SERVER__TLS_KEY={dir}/key.pem cin-edge serve\n\
+         trust with:   curl --cacert {dir}/ca.pem, REQUESTS_CA_BUNDLE={dir}/ca.pem, NODE_EXTRA_CA_CERTS={dir}/ca.pem",
+        dir = dir.display(),
+        names = names.join(", "),
+    );
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -22,11 +22,12 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::IdleBody;
@@ -125,6 +126,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
     mut draining: watch::Receiver<bool>,
 ) -> Connections
 where
@@ -163,6 +165,7 @@ where
                     stream,
                     service.clone(),
                     connection,
+                    tls.clone(),
                     draining.clone(),
                 ));
             }
@@ -334,8 +337,49 @@ async fn serve_connection<S>(
     stream: TcpStream,
     service: S,
     connection: Connection,
+    tls: Option<TlsAcceptor>,
+    draining: watch::Receiver<bool>,
+) where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let Some(acceptor) = tls else {
+        return serve_http(stream, false, service, connection, draining).await;
+    };
+    // The handshake is part of the first request head: it has the head's time.
+    let head_timeout = connection.registry.limits.head_timeout;
+    let handshake = tokio::select! {
+        shaken = tokio::time::timeout(head_timeout, acceptor.accept(stream)) => shaken,
+        _ = connection.state.evict.cancelled() => {
+            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => "evicted").increment(1);
+            return;
+        }
+    };
+    match handshake {
+        Ok(Ok(stream)) => {
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(stream, h2, service, connection, draining).await;
+        }
+        Ok(Err(e)) => {
+            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => "tls_handshake").increment(1);
+            tracing::debug!(error = %e, "a TLS handshake failed");
+        }
+        Err(_) => {
+            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => "head_timeout").increment(1);
+        }
+    }
+}
+
+/// Serves HTTP/1.1 (or HTTP/2, as ALPN chose) on `io` until the connection
+/// ends, its deadline passes, it is evicted, or the POP drains.
+async fn serve_http<IO, S>(
+    io: IO,
+    h2: bool,
+    service: S,
+    connection: Connection,
     mut draining: watch::Receiver<bool>,
 ) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
@@ -344,7 +388,7 @@ async fn serve_connection<S>(
     let body_idle = registry.limits.body_idle;
     let max_connections = registry.limits.max_connections;
     let io = TrackedIo {
-        inner: stream,
+        inner: io,
         state: state.clone(),
         registry: registry.clone(),
     };
@@ -369,28 +413,41 @@ async fn serve_connection<S>(
                 }))
             }
         });
-    let served = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), hyper_service)
-        .with_upgrades();
-    tokio::pin!(served);
-    tokio::select! {
-        _ = served.as_mut() => return,
-        reason = connection.expired() => {
-            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
-            tracing::debug!(reason, "closing a connection");
-            return;
-        }
-        _ = connection.state.evict.cancelled() => {
-            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => "evicted").increment(1);
-            return;
-        }
-        _ = stopped(&mut draining) => served.as_mut().graceful_shutdown(),
+    // The same watch over either protocol's connection (their types differ).
+    macro_rules! drive {
+        ($served:expr) => {{
+            let served = $served;
+            tokio::pin!(served);
+            tokio::select! {
+                _ = served.as_mut() => return,
+                reason = connection.expired() => {
+                    metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+                    tracing::debug!(reason, "closing a connection");
+                    return;
+                }
+                _ = connection.state.evict.cancelled() => {
+                    metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => "evicted").increment(1);
+                    return;
+                }
+                _ = stopped(&mut draining) => served.as_mut().graceful_shutdown(),
+            }
+            tokio::select! {
+                _ = served => {}
+                reason = connection.expired() => {
+                    metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+                }
+            }
+        }};
     }
-    tokio::select! {
-        _ = served => {}
-        reason = connection.expired() => {
-            metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
-        }
+    if h2 {
+        drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), hyper_service)
+        );
+    } else {
+        drive!(hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), hyper_service)
+            .with_upgrades());
     }
 }
 
@@ -475,13 +532,13 @@ impl HttpBody for TrackedBody {
 
 /// The connection's socket, noting when a request head starts arriving and
 /// when writes wait on a peer that does not read.
-struct TrackedIo {
-    inner: TcpStream,
+struct TrackedIo<IO> {
+    inner: IO,
     state: Arc<ConnectionState>,
     registry: Arc<Registry>,
 }
 
-impl TrackedIo {
+impl<IO> TrackedIo<IO> {
     fn note_write<T>(&self, result: &Poll<io::Result<T>>) {
         let blocked = &self.state.write_blocked_since_ms;
         match result {
@@ -501,7 +558,7 @@ impl TrackedIo {
     }
 }
 
-impl AsyncRead for TrackedIo {
+impl<IO: AsyncRead + Unpin> AsyncRead for TrackedIo<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -526,7 +583,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for TrackedIo<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
