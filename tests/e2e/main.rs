@@ -13,6 +13,7 @@ mod hostile_clients;
 mod lifecycle;
 mod lossy_fs;
 mod multipart;
+mod netns;
 mod network;
 mod operations;
 mod power_cut;
