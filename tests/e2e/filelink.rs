@@ -138,3 +138,40 @@ async fn filelink_before_completion_says_upload_incomplete() {
     assert_eq!(api_meta["handle"], handle);
     assert_eq!(api_meta["size"], 10);
 }
+
+#[tokio::test]
+async fn the_sdks_download_forms_serve_the_same_bytes_and_dl_makes_an_attachment() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(70_000, 21);
+    let handle = app.upload_regular("report.pdf", &bytes, 30_000).await;
+    for path in [
+        format!("/{handle}"),
+        format!("/api/file/{handle}"),
+        format!("/someapikey/{handle}"),
+    ] {
+        let resp = app.http.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let disposition = resp.headers()["content-disposition"].to_str().unwrap();
+        assert!(disposition.starts_with("inline;"), "{path}: {disposition}");
+        assert_eq!(resp.bytes().await.unwrap(), &bytes[..], "{path}");
+
+        let download = app
+            .http
+            .get(app.url(&format!("{path}?dl=true")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(download.status(), 200, "{path}?dl=true");
+        let disposition = download.headers()["content-disposition"].to_str().unwrap();
+        assert!(
+            disposition.starts_with("attachment;") && disposition.contains("report.pdf"),
+            "{path}?dl=true: {disposition}"
+        );
+        assert_eq!(download.bytes().await.unwrap(), &bytes[..]);
+    }
+    // Two segments that are not a key and a handle are no route.
+    let resp = app.http.get(app.url("/some/thing")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "route_not_found");
+}

@@ -60,9 +60,16 @@ pub struct PolicyQuery {
     policy: Option<String>,
     #[serde(default)]
     signature: Option<String>,
+    /// `?dl=true`: served as an attachment (a download), not inline.
+    #[serde(default)]
+    dl: Option<String>,
 }
 
 impl PolicyQuery {
+    fn attachment(&self) -> bool {
+        matches!(self.dl.as_deref(), Some("true" | "1" | "yes"))
+    }
+
     fn credentials(&self) -> Credentials<'_> {
         Credentials {
             apikey: self.key.as_deref(),
@@ -346,8 +353,10 @@ fn etag_matches(list: &str, etag: &str) -> bool {
     })
 }
 
-/// `Content-Disposition` with the filename, ASCII-safe plus RFC 5987 UTF-8 form.
-fn disposition(filename: &str) -> HeaderValue {
+/// `Content-Disposition` with the filename, ASCII-safe plus RFC 5987 UTF-8
+/// form: `inline`, or `attachment` for a download.
+fn disposition(filename: &str, attachment: bool) -> HeaderValue {
+    let kind = if attachment { "attachment" } else { "inline" };
     let ascii: String = filename
         .chars()
         .map(|c| {
@@ -369,7 +378,7 @@ fn disposition(filename: &str) -> HeaderValue {
         })
         .collect();
     HeaderValue::from_str(&format!(
-        "inline; filename=\"{ascii}\"; filename*=UTF-8''{encoded}"
+        "{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("inline"))
 }
@@ -383,16 +392,76 @@ pub async fn serve(
     Query(q): Query<PolicyQuery>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let local = find(&state, &handle, &q, Call::Read);
+    serve_handle(
+        &state,
+        &handle,
+        &method,
+        &headers,
+        &q,
+        raw.as_deref().unwrap_or(""),
+    )
+    .await
+}
+
+/// The same as `/{handle}`, at Filestack's API path.
+#[utoipa::path(get, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("dl" = Option<bool>, Query, description = "true: served as an attachment")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 416, description = "Range not satisfiable")))]
+pub async fn api_serve(
+    state: State<SharedState>,
+    handle: Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    query: Query<PolicyQuery>,
+    raw: RawQuery,
+) -> Result<Response, ApiError> {
+    serve(state, handle, method, headers, query, raw).await
+}
+
+/// `/{apikey}/{handle}`, the filelink form the Filestack SDKs build: the key
+/// in the path counts as the request's API key.
+#[utoipa::path(get, path = "/{apikey}/{handle}", tag = "files", params(("apikey" = String, Path), ("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 404, description = "Unknown handle")))]
+pub async fn serve_keyed(
+    State(state): State<SharedState>,
+    Path((apikey, handle)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    Query(mut q): Query<PolicyQuery>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    // Only a handle makes this a filelink; any other two segments are no route.
+    if Handle::parse(&handle).is_err() {
+        return Err(super::route_not_found(&format!("/{apikey}/{handle}")));
+    }
+    let mut query = raw.unwrap_or_default();
+    if q.key.is_none() {
+        // The origin, if another POP answers, gets the key as a query parameter.
+        let key = serde_urlencoded::to_string([("key", apikey.as_str())]).unwrap_or_default();
+        query = if query.is_empty() {
+            key
+        } else {
+            format!("{query}&{key}")
+        };
+        q.key = Some(apikey);
+    }
+    serve_handle(&state, &handle, &method, &headers, &q, &query).await
+}
+
+async fn serve_handle(
+    state: &SharedState,
+    handle: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    q: &PolicyQuery,
+    query: &str,
+) -> Result<Response, ApiError> {
+    let local = find(state, handle, q, Call::Read);
     let path = format!("/internal/files/{handle}");
     let from_origin = async |origin: PopId| {
-        let query = raw.as_deref().unwrap_or("");
         let idle = state.network.idle();
-        relay_bytes(&state, &origin, &method, &path, query, &headers, idle).await
+        relay_bytes(state, &origin, method, &path, query, headers, idle).await
     };
-    match answer_for(&state, &handle, &q, Call::Read, local, from_origin).await? {
+    match answer_for(state, handle, q, Call::Read, local, from_origin).await? {
         Answer::Here(file) | Answer::Stored(file) => {
-            serve_file(&state, &file, &method, &headers).await
+            serve_file(state, &file, method, headers, q.attachment()).await
         }
         Answer::Relayed(response) => Ok(response),
     }
@@ -409,7 +478,7 @@ pub async fn internal_serve(
     let path = format!("/internal/files/{handle}");
     state.network.check_call(method.as_str(), &path, &headers)?;
     let file = find(&state, &handle, &q, Call::Read)?;
-    let mut response = serve_file(&state, &file, &method, &headers).await?;
+    let mut response = serve_file(&state, &file, &method, &headers, q.attachment()).await?;
     response.headers_mut().insert(
         crate::network::FILE_STATUS_HEADER,
         HeaderValue::from_static(file.status.as_str()),
@@ -478,6 +547,7 @@ async fn serve_file(
     file: &FileRecord,
     method: &Method,
     headers: &HeaderMap,
+    attachment: bool,
 ) -> Result<Response, ApiError> {
     if file.status == FileStatus::Uploading {
         return Err(ApiError::conflict(
@@ -510,7 +580,7 @@ async fn serve_file(
         HeaderValue::from_str(&file.mimetype)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    response_headers.insert(CONTENT_DISPOSITION, disposition(&file.filename));
+    response_headers.insert(CONTENT_DISPOSITION, disposition(&file.filename, attachment));
 
     if header_str(headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag)) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());

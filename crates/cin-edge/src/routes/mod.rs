@@ -43,6 +43,7 @@ pub fn router() -> Router<SharedState> {
                 .options(tus::options),
         )
         .route("/api/file/{handle}/metadata", get(files::api_metadata))
+        .route("/api/file/{handle}", get(files::api_serve))
         .route(
             "/internal/files/{handle}/metadata",
             get(files::internal_metadata),
@@ -56,6 +57,8 @@ pub fn router() -> Router<SharedState> {
         .route("/{handle}/metadata", get(files::metadata))
         .route("/{handle}/events", get(files::events))
         .route("/{handle}", get(files::serve))
+        // The SDKs' `https://cdn/{apikey}/{handle}`; the static routes above win.
+        .route("/{handle}/{file}", get(files::serve_keyed))
         // After every route: it applies to the routes added before it.
         .method_not_allowed_fallback(wrong_method)
         .fallback(no_route)
@@ -63,12 +66,13 @@ pub fn router() -> Router<SharedState> {
 
 /// No route has this path.
 async fn no_route(uri: Uri) -> ApiError {
+    route_not_found(uri.path())
+}
+
+pub(crate) fn route_not_found(path: &str) -> ApiError {
     ApiError::not_found(
         "route_not_found",
-        format!(
-            "this POP serves nothing at {}; /openapi.json lists its API",
-            uri.path()
-        ),
+        format!("this POP serves nothing at {path}; /openapi.json lists its API"),
     )
 }
 

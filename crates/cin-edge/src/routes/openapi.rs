@@ -25,6 +25,8 @@ use super::{files, health, multipart, store_api, tus};
         files::metadata,
         files::api_metadata,
         files::serve,
+        files::api_serve,
+        files::serve_keyed,
         files::events,
         tus::options,
         tus::create,
