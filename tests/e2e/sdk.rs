@@ -68,48 +68,80 @@ async fn filestack_python_sdk_intelligent_mode() {
     sdk_upload(true, 51).await;
 }
 
-/// The names the SDK calls, all at the POP inside the test's network namespace.
-const SDK_NAMES: [&str; 4] = [
+/// The names the SDKs call, all at the POP inside the test's network namespace:
+/// the cname's hosts, and those the SDKs use whatever the cname.
+const SDK_NAMES: [&str; 6] = [
     "cin.test",
     "upload.cin.test",
     "cdn.cin.test",
+    "www.cin.test",
     "www.filestackapi.com",
+    "cdn.filestackcontent.com",
 ];
 
-/// filestack-python as shipped, over HTTPS to a POP on 127.0.0.1:443 of a
-/// network namespace of the test's own: regular and intelligent uploads of
-/// several parts, an empty file and a unicode filename, read back with the
-/// SDK's filelink and metadata helpers and again by this test.
-#[test]
-fn filestack_python_sdk_unpatched_over_https() {
+/// One file an SDK uploads.
+struct SdkCase {
+    name: &'static str,
+    filename: &'static str,
+    size: usize,
+    intelligent: bool,
+}
+
+const SDK_CASES: [SdkCase; 4] = [
+    SdkCase {
+        name: "regular",
+        filename: "regular.bin",
+        size: 12 * MIB + 5,
+        intelligent: false,
+    },
+    SdkCase {
+        name: "intelligent",
+        filename: "intelligent.bin",
+        size: 12 * MIB + 7,
+        intelligent: true,
+    },
+    SdkCase {
+        name: "empty",
+        filename: "empty.bin",
+        size: 0,
+        intelligent: false,
+    },
+    SdkCase {
+        name: "unicode",
+        // Not text/plain: filestack-js's download turns such a body into a
+        // string of UTF-16 code units, whatever its bytes.
+        filename: "résumé 📄 notes.dat",
+        size: 1000,
+        intelligent: false,
+    },
+];
+
+/// Runs an SDK driver (made by `driver` from the namespace, the CA file and
+/// the cases file) against a POP serving HTTPS on 127.0.0.1:443 of a network
+/// namespace of the test's own, as `https://cin.test`. Checks every file it
+/// uploaded: the bytes its helper read back, the bytes this test reads back,
+/// and the metadata its helper got. Returns the driver's results.
+fn sdk_over_https(
+    cases: &[SdkCase],
+    driver: impl FnOnce(&crate::netns::Netns, &std::path::Path, &std::path::Path) -> Command,
+) -> Vec<Value> {
     let ns = crate::netns::Netns::create(&SDK_NAMES);
     let dir = tempfile::tempdir().expect("temp dir");
     let (ca, cert, key) = crate::tls::write_dev_cert(&dir.path().join("certs"), &SDK_NAMES);
-    let cases = [
-        ("regular", "regular.bin", 12 * MIB + 5, false),
-        ("intelligent", "intelligent.bin", 12 * MIB + 7, true),
-        ("empty", "empty.bin", 0, false),
-        ("unicode", "résumé 📄 notes.txt", 1000, false),
-    ];
     let mut listed = Vec::new();
     let mut expected = std::collections::HashMap::new();
-    for (i, (name, filename, size, intelligent)) in cases.iter().enumerate() {
-        let bytes = random_bytes(*size, 70 + i as u64);
-        let path = dir.path().join(filename);
+    for (i, case) in cases.iter().enumerate() {
+        let bytes = random_bytes(case.size, 70 + i as u64);
+        let path = dir.path().join(case.filename);
         std::fs::write(&path, &bytes).expect("write case file");
-        listed.push(serde_json::json!({"name": name, "path": path, "intelligent": intelligent}));
-        expected.insert(name.to_string(), (filename.to_string(), bytes));
+        listed.push(serde_json::json!({
+            "name": case.name, "path": path, "intelligent": case.intelligent,
+        }));
+        expected.insert(case.name, (case.filename, bytes));
     }
     let cases_file = dir.path().join("cases.json");
     std::fs::write(&cases_file, serde_json::to_vec(&listed).expect("json")).expect("cases");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/filestack_cases.py");
-    let mut driver = ns.command(python());
-    driver
-        .env("REQUESTS_CA_BUNDLE", &ca)
-        .arg(script)
-        .args(["--cname", "cin.test", "--cases"])
-        .arg(&cases_file);
+    let mut driver = driver(&ns, &ca, &cases_file);
     let data_dir = dir.path().join("pop");
 
     let (results, downloads) = ns.run(move || {
@@ -170,18 +202,61 @@ fn filestack_python_sdk_unpatched_over_https() {
         let sha = sha256_hex(bytes);
         assert_eq!(
             result["content_sha256"], sha,
-            "{name}: the SDK's get_content"
+            "{name}: read back by the SDK"
         );
         assert_eq!(downloaded, sha, "{name}: read back over HTTPS");
-        let handle = result["handle"].as_str().expect("handle");
-        assert_eq!(result["url"], format!("https://cdn.cin.test/{handle}"));
         let meta = &result["metadata"];
         assert_eq!(meta["size"], bytes.len(), "{name}: metadata size");
-        assert_eq!(
-            meta["filename"],
-            filename.as_str(),
-            "{name}: metadata filename"
-        );
-        assert_eq!(meta["sha256"], sha, "{name}: metadata sha256");
+        assert_eq!(meta["filename"], *filename, "{name}: metadata filename");
+        // Known once the POP has hashed the whole file (by Stored at the latest).
+        if !meta["sha256"].is_null() {
+            assert_eq!(meta["sha256"], sha, "{name}: metadata sha256");
+        }
+    }
+    results
+}
+
+/// filestack-python as shipped: regular and intelligent uploads of several
+/// parts, an empty file and a unicode filename, read back with its filelink
+/// and metadata helpers.
+#[test]
+fn filestack_python_sdk_unpatched_over_https() {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/filestack_cases.py");
+    let results = sdk_over_https(&SDK_CASES, |ns, ca, cases| {
+        let mut driver = ns.command(python());
+        driver
+            .env("REQUESTS_CA_BUNDLE", ca)
+            .arg(&script)
+            .args(["--cname", "cin.test", "--cases"])
+            .arg(cases);
+        driver
+    });
+    for result in results {
+        let handle = result["handle"].as_str().expect("handle");
+        assert_eq!(result["url"], format!("https://cdn.cin.test/{handle}"));
+    }
+}
+
+/// filestack-js (3.x, Node) as shipped: the same cases but the empty file
+/// (the SDK refuses one itself: "Invalid file size - 0"), read back with its
+/// metadata and download helpers.
+#[test]
+fn filestack_js_sdk_unpatched_over_https() {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/js/filestack_cases.mjs");
+    let cases: Vec<SdkCase> = SDK_CASES.into_iter().filter(|c| c.size > 0).collect();
+    let results = sdk_over_https(&cases, |ns, ca, cases| {
+        let mut driver = ns.command("node");
+        driver
+            .env("NODE_EXTRA_CA_CERTS", ca)
+            .arg(&script)
+            .args(["--cname", "cin.test", "--cases"])
+            .arg(cases);
+        driver
+    });
+    for result in results {
+        let handle = result["handle"].as_str().expect("handle");
+        assert_eq!(result["url"], format!("https://cin.test/{handle}"));
     }
 }
