@@ -651,3 +651,48 @@ async fn asking_what_a_part_holds_ends_a_stalled_write_and_counts_its_blocks() {
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     complete_and_compare(&app, upload_id, handle, "s.bin", &bytes).await;
 }
+
+#[tokio::test]
+async fn upload_tags_come_back_from_complete_and_metadata_which_selects_attributes() {
+    let app = spawn_app().await;
+    let started = app
+        .start(json!({"apikey": "k", "filename": "t.bin", "size": 5, "mimetype": "application/octet-stream"}))
+        .await;
+    let upload_id = started["upload_id"].as_str().unwrap().to_owned();
+    let handle = started["handle"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.send_chunk(&upload_id, 1, None, b"hello").await.status(),
+        200
+    );
+    let refused = app
+        .complete(&upload_id, json!({"upload_tags": ["not", "an", "object"]}))
+        .await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_upload_tags");
+
+    let completed = app
+        .complete(
+            &upload_id,
+            json!({"upload_tags": {"project": "cin", "n": 3}}),
+        )
+        .await;
+    assert_eq!(completed.status(), 200);
+    let completed: Value = completed.json().await.unwrap();
+    let tags = json!({"project": "cin", "n": "3"});
+    assert_eq!(completed["upload_tags"], tags);
+    assert_eq!(app.metadata(&handle).await["upload_tags"], tags);
+
+    let selected: Value = app
+        .http
+        .get(app.url(&format!(
+            "/{handle}/metadata?size=true&filename=true&sha256=false"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(selected, json!({"size": 5, "filename": "t.bin"}));
+}

@@ -85,6 +85,8 @@ struct SdkCase {
     filename: &'static str,
     size: usize,
     intelligent: bool,
+    /// Sent as `upload_tags`; complete and metadata give them back.
+    tagged: bool,
 }
 
 const SDK_CASES: [SdkCase; 4] = [
@@ -93,18 +95,21 @@ const SDK_CASES: [SdkCase; 4] = [
         filename: "regular.bin",
         size: 12 * MIB + 5,
         intelligent: false,
+        tagged: true,
     },
     SdkCase {
         name: "intelligent",
         filename: "intelligent.bin",
         size: 12 * MIB + 7,
         intelligent: true,
+        tagged: true,
     },
     SdkCase {
         name: "empty",
         filename: "empty.bin",
         size: 0,
         intelligent: false,
+        tagged: false,
     },
     SdkCase {
         name: "unicode",
@@ -113,6 +118,7 @@ const SDK_CASES: [SdkCase; 4] = [
         filename: "résumé 📄 notes.dat",
         size: 1000,
         intelligent: false,
+        tagged: false,
     },
 ];
 
@@ -134,10 +140,13 @@ fn sdk_over_https(
         let bytes = random_bytes(case.size, 70 + i as u64);
         let path = dir.path().join(case.filename);
         std::fs::write(&path, &bytes).expect("write case file");
+        let tags = case
+            .tagged
+            .then(|| serde_json::json!({"project": "cin", "case": case.name}));
         listed.push(serde_json::json!({
-            "name": case.name, "path": path, "intelligent": case.intelligent,
+            "name": case.name, "path": path, "intelligent": case.intelligent, "tags": tags,
         }));
-        expected.insert(case.name, (case.filename, bytes));
+        expected.insert(case.name, (case.filename, bytes, tags));
     }
     let cases_file = dir.path().join("cases.json");
     std::fs::write(&cases_file, serde_json::to_vec(&listed).expect("json")).expect("cases");
@@ -198,7 +207,17 @@ fn sdk_over_https(
     assert_eq!(results.len(), cases.len());
     for (result, downloaded) in results.iter().zip(downloads) {
         let name = result["name"].as_str().expect("case name");
-        let (filename, bytes) = &expected[name];
+        let (filename, bytes, tags) = &expected[name];
+        if let Some(tags) = tags {
+            assert_eq!(
+                &result["upload_tags"], tags,
+                "{name}: complete's upload_tags"
+            );
+            assert_eq!(
+                &result["metadata"]["upload_tags"], tags,
+                "{name}: metadata's"
+            );
+        }
         let sha = sha256_hex(bytes);
         assert_eq!(
             result["content_sha256"], sha,

@@ -11,8 +11,9 @@ POP too. The POP's certificate is trusted through `REQUESTS_CA_BUNDLE`.
 Usage:
   python filestack_cases.py --cname cin.test --cases CASES.json [--apikey KEY]
 
-CASES.json is a list of {"name", "path", "intelligent"}; on stdout one JSON
-list, per case: {"name", "handle", "url", "content_sha256", "metadata"}. Any
+CASES.json is a list of {"name", "path", "intelligent", "tags"?}; on stdout one
+JSON list, per case: {"name", "handle", "url", "upload_tags", "content_sha256",
+"metadata"}. Any
 failure ends the run with its error on stderr and exit status 1.
 """
 
@@ -44,12 +45,16 @@ def main(argv=None):
         cases = json.load(f)
     results = []
     for case in cases:
-        filelink = client.upload(filepath=case["path"], intelligent=case["intelligent"])
+        store_params = {"upload_tags": case["tags"]} if case.get("tags") else None
+        filelink = client.upload(
+            filepath=case["path"], intelligent=case["intelligent"], store_params=store_params
+        )
         content = filelink.get_content()
         results.append({
             "name": case["name"],
             "handle": filelink.handle,
             "url": filelink.url,
+            "upload_tags": (filelink.upload_response or {}).get("upload_tags"),
             "content_sha256": hashlib.sha256(content).hexdigest(),
             "metadata": filelink.metadata(),
         })

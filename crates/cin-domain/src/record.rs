@@ -99,6 +99,10 @@ pub struct FileRecord {
     /// once the file is `Stored`); checked again at every start.
     #[serde(default)]
     pub local_bytes_missing: bool,
+    /// Tags the client gave at completion (Filestack's `upload_tags`), returned
+    /// by `complete` and metadata.
+    #[serde(default)]
+    pub upload_tags: std::collections::BTreeMap<String, String>,
 }
 
 impl FileRecord {
@@ -137,6 +141,7 @@ impl FileRecord {
             deleted_at_ms: None,
             referenced_by: Vec::new(),
             local_bytes_missing: false,
+            upload_tags: Default::default(),
         }
     }
 

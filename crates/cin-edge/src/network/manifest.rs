@@ -30,6 +30,8 @@ pub struct Manifest {
     pub app: Option<String>,
     pub uploaded_ms: u64,
     pub stored_at_ms: u64,
+    #[serde(default)]
+    pub upload_tags: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a handle's manifest is, inside the default store's bucket.
@@ -51,6 +53,7 @@ impl Manifest {
             app: file.app.clone(),
             uploaded_ms: file.created_at_ms,
             stored_at_ms,
+            upload_tags: file.upload_tags.clone(),
         }
     }
 
@@ -74,6 +77,7 @@ impl Manifest {
         file.filename = self.filename.clone();
         file.app = self.app.clone();
         file.stored_at_ms = Some(self.stored_at_ms);
+        file.upload_tags = self.upload_tags.clone();
         file.evicted_at_ms = Some(self.stored_at_ms);
         file
     }

@@ -91,14 +91,37 @@ pub async fn metadata(
     // The origin checks the client's credentials itself.
     let from_origin =
         async |origin: PopId| relay(&state, &origin, &path, raw.as_deref().unwrap_or("")).await;
+    let selected = |answer: Value| Json(select_attributes(answer, raw.as_deref())).into_response();
     match answer_for(&state, &handle, &q, Call::Stat, local, from_origin).await? {
-        Answer::Here(file) => Ok(Json(metadata_json(&state, &file)).into_response()),
+        Answer::Here(file) => Ok(selected(metadata_json(&state, &file))),
         Answer::Stored(file) => {
             let mut answer = metadata_json(&state, &file);
             answer["pop"] = json!(file.handle.pop());
-            Ok(Json(answer).into_response())
+            Ok(selected(answer))
         }
         Answer::Relayed(response) => Ok(response),
+    }
+}
+
+/// Query parameters that are not attribute names.
+const NOT_ATTRIBUTES: [&str; 4] = ["key", "policy", "signature", "dl"];
+
+/// Filestack's attribute selection: with `?size=true&filename=true`, only those
+/// attributes (the ones this POP knows); with none asked, all of them.
+fn select_attributes(answer: Value, query: Option<&str>) -> Value {
+    let asked: Vec<String> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query.unwrap_or(""))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(name, value)| value == "true" && !NOT_ATTRIBUTES.contains(&name.as_str()))
+            .map(|(name, _)| name)
+            .collect();
+    match answer {
+        Value::Object(mut all) if !asked.is_empty() => {
+            all.retain(|name, _| asked.contains(name));
+            Value::Object(all)
+        }
+        other => other,
     }
 }
 
@@ -208,12 +231,16 @@ pub async fn internal_metadata(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
     Query(q): Query<PolicyQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let path = format!("/internal/files/{handle}/metadata");
     state.network.check_call("GET", &path, &headers)?;
     let file = find(&state, &handle, &q, Call::Stat)?;
-    Ok(Json(metadata_json(&state, &file)))
+    Ok(Json(select_attributes(
+        metadata_json(&state, &file),
+        raw.as_deref(),
+    )))
 }
 
 /// This POP has no record of the handle.
@@ -282,6 +309,7 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         // Whether this POP still holds the bytes (evicted copies are read from final storage).
         "local_copy": file.evicted_at_ms.is_none() && file.expired_at_ms.is_none() && !file.local_bytes_missing,
         "local_bytes_missing": file.local_bytes_missing,
+        "upload_tags": file.upload_tags,
         "replication": {
             "attempts": file.replication_attempts,
             "last_error": file.last_error,

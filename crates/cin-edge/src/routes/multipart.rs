@@ -1,6 +1,8 @@
 //! The Filestack-compatible multipart calls: start, upload (hands out a signed PUT
 //! URL), the PUT itself, commit (intelligent ingestion) and complete.
 
+use std::collections::BTreeMap;
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::{CONTENT_LENGTH, ETAG};
@@ -390,6 +392,55 @@ pub struct CompleteRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub parts: Option<Value>,
+    /// Tags kept with the file and returned by metadata: string keys, string
+    /// (or number, or boolean) values.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub upload_tags: Option<Value>,
+}
+
+/// Tags a file may carry at most, and the longest key or value.
+const MAX_UPLOAD_TAGS: usize = 50;
+const MAX_UPLOAD_TAG_LEN: usize = 256;
+
+/// `upload_tags` as kept: an object of strings (numbers and booleans as text).
+fn parse_upload_tags(tags: Option<Value>) -> Result<BTreeMap<String, String>, ApiError> {
+    let invalid = |message: String| ApiError::invalid("invalid_upload_tags", message);
+    let object = match tags {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Object(object)) => object,
+        Some(other) => {
+            return Err(invalid(format!(
+                "upload_tags must be an object of string values, like {{\"project\": \"x\"}}; got {other}"
+            )))
+        }
+    };
+    if object.len() > MAX_UPLOAD_TAGS {
+        return Err(invalid(format!(
+            "upload_tags has {} tags; a file carries at most {MAX_UPLOAD_TAGS}",
+            object.len()
+        )));
+    }
+    let mut tags = BTreeMap::new();
+    for (key, value) in object {
+        let value = match value {
+            Value::String(text) => text,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            other => {
+                return Err(invalid(format!(
+                    "upload_tags.{key} must be a string; got {other}"
+                )))
+            }
+        };
+        if key.len() > MAX_UPLOAD_TAG_LEN || value.len() > MAX_UPLOAD_TAG_LEN {
+            return Err(invalid(format!(
+                "upload_tags.{key}: keys and values are at most {MAX_UPLOAD_TAG_LEN} bytes"
+            )));
+        }
+        tags.insert(key, value);
+    }
+    Ok(tags)
 }
 
 #[utoipa::path(post, path = "/multipart/complete", tag = "multipart", request_body(content = CompleteRequest, description = "JSON or form fields"), responses((status = 200, description = "handle, url, filename, size, mimetype, status, container, key"), (status = 400, description = "Missing parts or size mismatch")))]
@@ -402,7 +453,11 @@ pub async fn complete(
         .map(parse_claimed_parts)
         .transpose()?
         .filter(|p| !p.is_empty());
-    let file = state.uploads.complete(&req.upload_id, claimed).await?;
+    let tags = parse_upload_tags(req.upload_tags)?;
+    let file = state
+        .uploads
+        .complete(&req.upload_id, claimed, tags)
+        .await?;
     Ok(Json(json!({
         "handle": file.handle,
         "url": filelink(&state, &file),
@@ -412,6 +467,7 @@ pub async fn complete(
         "status": file.status.as_str(),
         "container": file.container,
         "key": file.key,
+        "upload_tags": file.upload_tags,
     })))
 }
 

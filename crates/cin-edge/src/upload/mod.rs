@@ -662,6 +662,7 @@ impl Uploads {
         &self,
         upload: &UploadId,
         claimed: Option<Vec<ClaimedPart>>,
+        upload_tags: std::collections::BTreeMap<String, String>,
     ) -> Result<FileRecord, UploadError> {
         let guard = self.lifecycle.lock(upload).await;
         let mut file = self.file_for_upload(upload)?;
@@ -722,6 +723,7 @@ impl Uploads {
             ));
         }
         file.segments = segments;
+        file.upload_tags = upload_tags;
         self.finish(&guard, &mut file).await?;
         self.assessment.forget(upload);
         Ok(file)
