@@ -1,6 +1,5 @@
-//! The official Filestack Python SDK (filestack-python 4.0.0) uploading to the POP.
-//! The driver script points the SDK at the POP by rewriting its https:// URLs to
-//! http:// (see tests/sdk/filestack_upload.py); the POP serves plain HTTP here.
+//! The official Filestack SDKs (filestack-python 4.0.0, filestack-js 3.x) as
+//! shipped, uploading to a POP over HTTPS.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{random_bytes, sha256_hex, spawn_app, MIB};
+use crate::support::{random_bytes, sha256_hex, MIB};
 
 fn python() -> PathBuf {
     if let Ok(python) = std::env::var("CIN_TEST_PYTHON") {
@@ -20,52 +19,6 @@ fn python() -> PathBuf {
         "the SDK tests need a Python with filestack-python: run scripts/test, or set CIN_TEST_PYTHON"
     );
     venv
-}
-
-async fn sdk_upload(intelligent: bool, seed: u64) {
-    let app = spawn_app().await;
-    let bytes = random_bytes(20 * MIB + 4321, seed);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sdk-upload.bin");
-    std::fs::write(&path, &bytes).unwrap();
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/filestack_upload.py");
-    let mut cmd = Command::new(python());
-    cmd.arg(script)
-        .arg("--pop")
-        .arg(&app.base)
-        .arg("--file")
-        .arg(&path);
-    if intelligent {
-        cmd.arg("--intelligent");
-    }
-    let output = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "SDK upload failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).expect("driver prints JSON");
-    let handle = result["handle"].as_str().expect("handle");
-    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&bytes));
-    let meta = app
-        .wait_status(handle, "Stored", Duration::from_secs(60))
-        .await;
-    assert_eq!(meta["sha256"], sha256_hex(&bytes));
-    assert_eq!(meta["filename"], "sdk-upload.bin");
-}
-
-#[tokio::test]
-async fn filestack_python_sdk_regular_mode() {
-    sdk_upload(false, 50).await;
-}
-
-#[tokio::test]
-async fn filestack_python_sdk_intelligent_mode() {
-    sdk_upload(true, 51).await;
 }
 
 /// The names the SDKs call, all at the POP inside the test's network namespace:
@@ -133,7 +86,10 @@ fn sdk_over_https(
 ) -> Vec<Value> {
     let ns = crate::netns::Netns::create(&SDK_NAMES);
     let dir = tempfile::tempdir().expect("temp dir");
-    let (ca, cert, key) = crate::tls::write_dev_cert(&dir.path().join("certs"), &SDK_NAMES);
+    // 127.0.0.1 too: this test reads metadata at the POP's own address.
+    let mut cert_names = SDK_NAMES.to_vec();
+    cert_names.push("127.0.0.1");
+    let (ca, cert, key) = crate::tls::write_dev_cert(&dir.path().join("certs"), &cert_names);
     let mut listed = Vec::new();
     let mut expected = std::collections::HashMap::new();
     for (i, case) in cases.iter().enumerate() {
@@ -163,7 +119,7 @@ fn sdk_over_https(
             let listener = tokio::net::TcpListener::bind("127.0.0.1:443")
                 .await
                 .expect("bind 127.0.0.1:443 in the namespace");
-            let app = crate::support::spawn_app_on(listener, &data_dir, |c| {
+            let mut app = crate::support::spawn_app_on(listener, &data_dir, |c| {
                 c.server.tls_cert = cert;
                 c.server.tls_key = key;
                 c.server.public_url = "https://cin.test".into();
@@ -187,6 +143,7 @@ fn sdk_over_https(
                 .resolve("cin.test", "127.0.0.1:443".parse().expect("addr"))
                 .build()
                 .expect("client");
+            app.pop.http = http.clone();
             let mut downloads = Vec::new();
             for result in &results {
                 let handle = result["handle"].as_str().expect("handle");
@@ -198,6 +155,11 @@ fn sdk_over_https(
                     .bytes()
                     .await
                     .expect("body");
+                // And once in final storage, its checksum is the bytes'.
+                let stored = app
+                    .wait_status(handle, "Stored", Duration::from_secs(60))
+                    .await;
+                assert_eq!(stored["sha256"], sha256_hex(&body), "{handle} stored");
                 downloads.push(sha256_hex(&body));
             }
             app.stop().await;
