@@ -378,6 +378,8 @@ async fn openapi_document_lists_every_route() {
         ("/{handle}/metadata", "get"),
         ("/{handle}/events", "get"),
         ("/{handle}", "get"),
+        ("/api/file/{handle}", "get"),
+        ("/{apikey}/{handle}", "get"),
         ("/files/", "options"),
         ("/files/", "post"),
         ("/files/{id}", "head"),
