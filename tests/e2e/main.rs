@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod client;
+mod delete;
 mod disk_full;
 mod error_shape;
 mod fault_proxy;

@@ -812,3 +812,47 @@ async fn three_pops_on_a_seaweedfs_cluster_serve_a_file_in_transit_and_after_its
         }
     }
 }
+
+#[tokio::test]
+async fn a_file_deleted_at_another_pop_is_deleted_at_its_origin_and_gone_everywhere() {
+    let store = tempfile::tempdir().expect("shared store");
+    let shared = store.path().to_path_buf();
+    let pops = network_with(&["aa", "bb"], &[], |_, c| {
+        if let Some(profile) = c.storage.profiles.get_mut("default") {
+            profile.path = shared.clone();
+        }
+    })
+    .await;
+    let (a, b) = (&pops[0], &pops[1]);
+    let bytes = random_bytes(20_000, 75);
+    let handle = a
+        .store_raw("/api/store/s3?filename=gone.bin", bytes.clone())
+        .await;
+    a.wait_status(&handle, "Stored", std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(b.download(&handle).await, bytes, "B reads it first");
+    let deleted = b
+        .http
+        .delete(b.url(&format!("/api/file/{handle}?key=k")))
+        .send()
+        .await
+        .expect("delete at B");
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(deleted.headers()["cin-pop"], "aa", "deleted at the origin");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a.metric("cin_final_storage_removals_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no removal ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for pop in [a, b] {
+        let read = pop
+            .http
+            .get(pop.url(&format!("/{handle}")))
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(read.status(), 404, "{}", pop.base);
+        let error: Value = read.json().await.expect("json");
+        assert_eq!(error["error"]["code"], "deleted", "{}", pop.base);
+    }
+}

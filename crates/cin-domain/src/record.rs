@@ -188,6 +188,10 @@ pub struct ReplicationJob {
     /// bytes than the file's); at the replicator's limit the job is given up.
     #[serde(default)]
     pub mismatched_attempts: u32,
+    /// The file was deleted: this job takes its object (and manifest) out of
+    /// final storage instead of delivering it.
+    #[serde(default)]
+    pub remove: bool,
 }
 
 impl ReplicationJob {
@@ -199,7 +203,16 @@ impl ReplicationJob {
             last_error: None,
             checkpoint: None,
             failing_reported: false,
+            remove: false,
             mismatched_attempts: 0,
+        }
+    }
+
+    /// A job that removes a deleted file's object from final storage.
+    pub fn removal(handle: Handle) -> Self {
+        ReplicationJob {
+            remove: true,
+            ..ReplicationJob::new(handle)
         }
     }
 }

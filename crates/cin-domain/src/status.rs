@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   Uploading --Complete--> InTransit --Store--> Stored
-//!       |                       |
-//!       +--Expire--> Expired    +--Delete--> Deleted   (tus partial uploads only)
+//!       |                       |                  |
+//!       +--Expire--> Expired    +--Delete-->       +--Delete--> Deleted
 //!       +--Delete--> Deleted
 //! ```
 
@@ -24,8 +24,9 @@ pub enum FileStatus {
     Stored,
     /// Abandoned before it was complete and swept: its bytes are gone.
     Expired,
-    /// Terminated by the client (tus DELETE): its bytes are gone, or kept only
-    /// for the final uploads that still reference them.
+    /// Deleted by the client (tus DELETE, `DELETE /api/file`): its bytes are
+    /// gone from this POP and final storage, or kept only for the final
+    /// uploads that still reference them.
     Deleted,
 }
 
@@ -63,7 +64,7 @@ pub enum Transition {
     Store,
     /// The sweep found the upload abandoned.
     Expire,
-    /// The client terminated the upload.
+    /// The client terminated the upload or deleted the file.
     Delete,
 }
 
@@ -83,16 +84,13 @@ impl FileRecord {
     /// of the change; otherwise leaves the record as it was.
     pub fn apply(&mut self, transition: Transition, now_ms: u64) -> Result<(), DomainError> {
         use FileStatus::*;
-        let allowed = match (self.status, transition) {
-            (Uploading, Transition::Complete) => true,
-            (InTransit, Transition::Store) => true,
-            (Uploading, Transition::Expire) => true,
-            (Uploading, Transition::Delete) => true,
-            // A complete partial upload is never delivered on its own, so the
-            // client may still terminate it.
-            (InTransit, Transition::Delete) => self.is_tus_partial(),
-            _ => false,
-        };
+        let allowed = matches!(
+            (self.status, transition),
+            (Uploading, Transition::Complete)
+                | (InTransit, Transition::Store)
+                | (Uploading, Transition::Expire)
+                | (Uploading | InTransit | Stored, Transition::Delete)
+        );
         if !allowed {
             return Err(DomainError::IllegalTransition {
                 from: self.status.as_str(),
@@ -132,7 +130,6 @@ impl FileRecord {
 mod tests {
     use super::*;
     use crate::record::tests::record;
-    use crate::{TusConcat, TusState};
 
     #[test]
     fn the_happy_path_moves_forward_and_stamps_times() {
@@ -149,12 +146,8 @@ mod tests {
     fn nothing_moves_backwards_or_out_of_a_terminal_state() {
         let mut stored = record();
         stored.status = FileStatus::Stored;
-        for t in [
-            Transition::Complete,
-            Transition::Store,
-            Transition::Expire,
-            Transition::Delete,
-        ] {
+        // Only Delete leaves Stored.
+        for t in [Transition::Complete, Transition::Store, Transition::Expire] {
             assert!(stored.clone().apply(t, 1).is_err(), "Stored {t:?}");
         }
         let mut expired = record();
@@ -166,17 +159,20 @@ mod tests {
     }
 
     #[test]
-    fn only_partial_uploads_are_deleted_once_complete() {
-        let mut whole = record();
-        whole.apply(Transition::Complete, 1).unwrap();
-        assert!(whole.clone().apply(Transition::Delete, 2).is_err());
-        whole.tus = Some(TusState {
-            metadata: String::new(),
-            concat: TusConcat::Partial,
-        });
-        whole.apply(Transition::Delete, 2).unwrap();
-        assert_eq!(whole.status, FileStatus::Deleted);
-        assert!(!whole.has_local_copy());
+    fn a_file_is_deleted_at_any_live_status_and_only_once() {
+        let mut uploading = record();
+        uploading.apply(Transition::Delete, 1).unwrap();
+        assert_eq!(uploading.status, FileStatus::Deleted);
+        let mut stored = record();
+        stored.apply(Transition::Complete, 1).unwrap();
+        stored.apply(Transition::Store, 2).unwrap();
+        stored.apply(Transition::Delete, 3).unwrap();
+        assert_eq!(stored.deleted_at_ms, Some(3));
+        assert!(!stored.has_local_copy());
+        assert!(stored.apply(Transition::Delete, 4).is_err());
+        let mut expired = record();
+        expired.apply(Transition::Expire, 1).unwrap();
+        assert!(expired.apply(Transition::Delete, 2).is_err());
     }
 
     #[test]

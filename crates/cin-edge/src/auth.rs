@@ -27,6 +27,8 @@ pub enum Call {
     Read,
     /// Read a file's metadata.
     Stat,
+    /// Delete a file.
+    Remove,
 }
 
 impl Call {
@@ -36,6 +38,7 @@ impl Call {
             Call::Store => &["store", "pick", "write"],
             Call::Read => &["read"],
             Call::Stat => &["stat"],
+            Call::Remove => &["remove"],
         }
     }
 }
@@ -154,6 +157,39 @@ impl Apps {
             ..Default::default()
         };
         check_policy(app, creds, call, &target)
+    }
+
+    /// Deleting a file of `app`: needs an API key, the app's own when the file
+    /// has one, and a policy allowing `remove` when the app requires security.
+    pub fn authorize_removal(
+        &self,
+        app: Option<&str>,
+        creds: &Credentials<'_>,
+        handle: &str,
+    ) -> Result<(), ApiError> {
+        let key = creds
+            .apikey
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiError::Unauthorized {
+                message: "deleting a file needs the API key of its app: send ?key=".into(),
+            })?;
+        let Some(app) = app.and_then(|name| self.apps.get(name)) else {
+            return Ok(());
+        };
+        if !bool::from(app.apikey.as_bytes().ct_eq(key.as_bytes())) {
+            return Err(ApiError::forbidden(
+                "apikey_mismatch",
+                "this file belongs to another app: delete it with that app's API key",
+            ));
+        }
+        if app.require_security {
+            let target = Target {
+                handle: Some(handle),
+                ..Default::default()
+            };
+            check_policy(app, creds, Call::Remove, &target)?;
+        }
+        Ok(())
     }
 
     /// Whether `app` may deliver to storage profile `profile`.

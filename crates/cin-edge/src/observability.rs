@@ -31,6 +31,10 @@ pub mod names {
     pub const DISK_USED: &str = "cin_disk_used_bytes";
     pub const DISK_FREE: &str = "cin_disk_free_bytes";
     pub const CACHE_EVICTIONS: &str = "cin_cache_evictions_total";
+    /// Files deleted by their clients (`DELETE /api/file`, tus `DELETE`).
+    pub const FILES_DELETED: &str = "cin_files_deleted_total";
+    /// Deleted files whose object (and manifest) final storage no longer holds.
+    pub const FINAL_REMOVALS: &str = "cin_final_storage_removals_total";
     /// Bytes no record owned, removed at start, by `kind`: `upload_dir`, `part_file`,
     /// `log_file`, `log_file_trimmed` (a log file still in use gave back ranges), `temp_file`.
     pub const ORPHANS_REMOVED: &str = "cin_orphans_removed_total";

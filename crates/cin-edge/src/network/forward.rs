@@ -1,6 +1,6 @@
 //! Uploads stay with the POP that started them. A request about an upload
-//! minted by another POP of the network (DNS or anycast moved the client) is
-//! passed to that POP whole, its body streaming through, and its answer comes
+//! minted by another POP of the network (DNS or anycast moved the client), or
+//! the deletion of a file it minted, is passed to that POP whole, its body streaming through, and its answer comes
 //! back as the origin gave it, so the client sees what it would have seen there.
 
 use axum::body::Body;
@@ -9,7 +9,7 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cin_domain::{PopId, UploadId};
+use cin_domain::{Handle, PopId, UploadId};
 use serde_json::Value;
 
 use super::{Network, ANSWERED_BY_HEADER};
@@ -68,6 +68,16 @@ async fn origin_of(
     request: Request,
 ) -> Result<(Option<PopId>, Request), ApiError> {
     let path = request.uri().path();
+    // A file is deleted where it was uploaded: its origin holds its record.
+    if request.method() == axum::http::Method::DELETE {
+        if let Some(handle) = path.strip_prefix("/api/file/") {
+            let origin = Handle::parse(handle)
+                .ok()
+                .map(|h| h.pop())
+                .filter(|pop| network.other_origin(pop).is_some());
+            return Ok((origin, request));
+        }
+    }
     let in_path = path
         .strip_prefix("/upload/")
         .or_else(|| path.strip_prefix("/files/"))

@@ -100,6 +100,21 @@ impl Manifest {
             .map_err(|e| format!("storing the manifest of {}: {e}", self.handle))
     }
 
+    /// Removes the handle's manifest from the default store (done if it is not there).
+    pub async fn remove(destinations: &Destinations, handle: &Handle) -> Result<(), String> {
+        let Some(destination) = destinations.default_destination() else {
+            return Ok(());
+        };
+        match destination
+            .store
+            .delete(&destination.profile.bucket, &key(handle))
+            .await
+        {
+            Ok(()) | Err(FinalStoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(format!("removing the manifest of {handle}: {e}")),
+        }
+    }
+
     /// The handle's manifest in the default store, if it was stored.
     pub async fn find(
         destinations: &Destinations,
@@ -134,18 +149,28 @@ impl Manifest {
 }
 
 /// Manifests already read, so a foreign `Stored` file costs this POP one read
-/// of final storage, not one per request; and, for a short while, handles
-/// that had none (files in transit at their origin) or whose lookup failed,
-/// so their reads go straight to the origin. A manifest never changes once
-/// stored.
+/// of final storage a minute, not one per request; and, for a short while,
+/// handles that had none (files in transit at their origin) or whose lookup
+/// failed, so their reads go straight to the origin. A manifest changes only
+/// by its file's deletion.
 #[derive(Default)]
 pub struct ManifestCache {
     entries: Mutex<HashMap<Handle, Cached>>,
 }
 
 enum Cached {
-    Found(Arc<Manifest>),
-    Missing { since: Instant },
+    Found {
+        manifest: Arc<Manifest>,
+        since: Instant,
+    },
+    Missing {
+        since: Instant,
+    },
+    /// Its origin said the file was deleted: reads go to the origin, which
+    /// knows, until final storage has surely let go of the manifest too.
+    Deleted {
+        since: Instant,
+    },
 }
 
 /// A read waits no longer for final storage to say whether a manifest is
@@ -153,6 +178,9 @@ enum Cached {
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Manifests kept at most; past it, one is dropped for each one added.
 const CACHED_MANIFESTS: usize = 10_000;
+/// How long a manifest read is believed: a file deleted at its origin is gone
+/// from every POP within this.
+const FOUND_FOR: Duration = Duration::from_secs(60);
 /// How long a missing manifest is believed: a file just stored is still served
 /// by its origin meanwhile.
 const MISSING_FOR: Duration = Duration::from_secs(2);
@@ -165,8 +193,11 @@ impl ManifestCache {
         handle: &Handle,
     ) -> Result<Option<Arc<Manifest>>, ApiError> {
         match self.entries().get(handle) {
-            Some(Cached::Found(manifest)) => return Ok(Some(manifest.clone())),
+            Some(Cached::Found { manifest, since }) if since.elapsed() < FOUND_FOR => {
+                return Ok(Some(manifest.clone()))
+            }
             Some(Cached::Missing { since }) if since.elapsed() < MISSING_FOR => return Ok(None),
+            Some(Cached::Deleted { since }) if since.elapsed() < FOUND_FOR => return Ok(None),
             _ => {}
         }
         let found = match tokio::time::timeout(LOOKUP_TIMEOUT, Manifest::find(destinations, handle))
@@ -183,7 +214,10 @@ impl ManifestCache {
         };
         // A store that fails is not asked again by every read meanwhile.
         let entry = match &found {
-            Ok(Some(manifest)) => Cached::Found(manifest.clone()),
+            Ok(Some(manifest)) => Cached::Found {
+                manifest: manifest.clone(),
+                since: Instant::now(),
+            },
             Ok(None) | Err(_) => Cached::Missing {
                 since: Instant::now(),
             },
@@ -196,6 +230,16 @@ impl ManifestCache {
         }
         entries.insert(handle.clone(), entry);
         found
+    }
+
+    /// The file was deleted at its origin: no manifest of it is believed for a while.
+    pub fn deleted(&self, handle: &Handle) {
+        self.entries().insert(
+            handle.clone(),
+            Cached::Deleted {
+                since: Instant::now(),
+            },
+        );
     }
 
     /// Drops what is known of `handle`, so the next lookup reads final storage.

@@ -178,6 +178,34 @@ impl Network {
         Ok(Relayed { status, body })
     }
 
+    /// Tells every other POP that `handle`'s file was deleted here, so none
+    /// serves it from a manifest it read before. Waits for their answers (each
+    /// bounded like any call); a POP that does not answer stops believing its
+    /// copy of the manifest within a minute anyway.
+    pub async fn announce_deletion(&self, handle: &cin_domain::Handle) {
+        let path = format!("/internal/files/{handle}/manifest");
+        let calls = self.others.keys().map(|pop| {
+            let path = path.clone();
+            async move {
+                let answer = self
+                    .call(pop, &reqwest::Method::DELETE, &path, "", &HeaderMap::new())
+                    .await;
+                (pop, answer)
+            }
+        });
+        for (pop, answer) in futures_util::future::join_all(calls).await {
+            match answer {
+                Ok(resp) if resp.status().is_success() => {}
+                Ok(resp) => {
+                    tracing::warn!(%pop, %handle, status = %resp.status(), "a POP refused the news of a deletion")
+                }
+                Err(e) => {
+                    tracing::warn!(%pop, %handle, error = %e, "a POP did not hear of a deletion; it forgets the file's manifest within a minute")
+                }
+            }
+        }
+    }
+
     /// Sends a signed call to POP `origin` with the given request headers; the
     /// answer's body is left to stream. Only a POP that does not answer is an error.
     pub async fn call(

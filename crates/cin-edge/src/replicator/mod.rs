@@ -171,6 +171,9 @@ impl Replicator {
             tracing::warn!(handle = %job.handle, "dropping a replication job for a file that no longer exists");
             return self.drop_job(&job.handle).await;
         };
+        if job.remove {
+            return self.remove_deleted(job, file).await;
+        }
         if file.status != FileStatus::InTransit {
             // Stored already, or (after a crash between the two writes) not complete:
             // completing it writes a new job.
@@ -232,11 +235,17 @@ impl Replicator {
         metrics::counter!(names::REPLICATION_ATTEMPTS).increment(1);
         match result {
             Ok(outcome) => {
+                let guard = self.lifecycle.lock(&file.upload_id).await;
+                file = self.lifecycle.current(&guard, &file.handle)?;
+                if file.status == FileStatus::Deleted {
+                    // Deleted while it was written: its removal job (queued in
+                    // this job's place, run once this attempt is over) takes
+                    // the object out again.
+                    return Ok(());
+                }
                 metrics::counter!(names::REPLICATED_BYTES).increment(file.size);
                 metrics::histogram!(names::REPLICATION_SECONDS)
                     .record(started.elapsed().as_secs_f64());
-                let guard = self.lifecycle.lock(&file.upload_id).await;
-                file = self.lifecycle.current(&guard, &file.handle)?;
                 file.replication_attempts = job.attempts;
                 file.sha256 = Some(outcome.sha256);
                 file.last_error = None;
@@ -267,6 +276,10 @@ impl Replicator {
                 job.last_error = Some(error.clone());
                 let guard = self.lifecycle.lock(&file.upload_id).await;
                 file = self.lifecycle.current(&guard, &file.handle)?;
+                if file.status == FileStatus::Deleted {
+                    // Its removal job stands in this job's place now.
+                    return Ok(());
+                }
                 file.replication_attempts = job.attempts;
                 file.last_error = Some(error.clone());
                 let failing_for = now_ms().saturating_sub(file.completed_at_ms.unwrap_or(0));
@@ -304,6 +317,55 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    /// Takes a deleted file's object, and its manifest, out of final storage;
+    /// retried with backoff while final storage does not answer.
+    async fn remove_deleted(
+        &self,
+        mut job: ReplicationJob,
+        file: cin_domain::FileRecord,
+    ) -> Result<(), UploadError> {
+        let removed = async {
+            match self.destinations.get(&file.profile) {
+                Some(destination) => {
+                    match destination.store.delete(&file.container, &file.key).await {
+                        Ok(()) | Err(FinalStoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                None => tracing::warn!(
+                    handle = %file.handle,
+                    profile = %file.profile,
+                    "a deleted file's storage profile is not configured any more; its object, if any, stays"
+                ),
+            }
+            if self.write_manifests {
+                Manifest::remove(&self.destinations, &file.handle).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match removed {
+            Ok(()) => {
+                metrics::counter!(names::FINAL_REMOVALS).increment(1);
+                tracing::info!(handle = %file.handle, key = %file.key, "deleted file removed from final storage");
+                self.drop_job(&file.handle).await
+            }
+            Err(error) => {
+                job.attempts += 1;
+                let delay = backoff(&self.config, job.attempts);
+                job.not_before_ms = now_ms() + delay.as_millis() as u64;
+                job.last_error = Some(error.clone());
+                let guard = self.lifecycle.lock(&file.upload_id).await;
+                let file = self.lifecycle.current(&guard, &file.handle)?;
+                self.lifecycle
+                    .update(&guard, &file, JobChange::Upsert(job))
+                    .await?;
+                tracing::warn!(handle = %file.handle, retry_in_ms = delay.as_millis() as u64, %error, "removing a deleted file from final storage failed; will retry");
+                Ok(())
+            }
+        }
     }
 
     async fn drop_job(&self, handle: &Handle) -> Result<(), UploadError> {

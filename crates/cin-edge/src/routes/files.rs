@@ -495,6 +495,44 @@ async fn serve_handle(
     }
 }
 
+/// Deletes a file everywhere: this POP's copy, the object in final storage
+/// (by a removal job), a pending delivery. Later reads answer 404 `deleted`.
+#[utoipa::path(delete, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("key" = String, Query, description = "API key of the file's app"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "handle, status Deleted"), (status = 401, description = "No API key"), (status = 403, description = "Another app's key, or a policy without remove"), (status = 404, description = "Unknown handle, or deleted or expired already")))]
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    Query(q): Query<PolicyQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let parsed = Handle::parse(&handle).map_err(|_| {
+        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
+    })?;
+    let file = state.uploads.file(&parsed)?;
+    state
+        .services
+        .apps
+        .authorize_removal(file.app.as_deref(), &q.credentials(), &handle)?;
+    let file = state.uploads.delete(&parsed).await?;
+    state.network.announce_deletion(&parsed).await;
+    Ok(Json(
+        json!({"handle": file.handle, "status": file.status.as_str()}),
+    ))
+}
+
+/// Another POP deleted a file it minted: this POP believes no manifest of it.
+pub async fn internal_deleted(
+    State(state): State<SharedState>,
+    Path(handle): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let path = format!("/internal/files/{handle}/manifest");
+    state.network.check_call("DELETE", &path, &headers)?;
+    let parsed = Handle::parse(&handle).map_err(|_| {
+        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
+    })?;
+    state.network.manifests.deleted(&parsed);
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// A file's bytes for another POP of the network (signed calls only).
 pub async fn internal_serve(
     State(state): State<SharedState>,

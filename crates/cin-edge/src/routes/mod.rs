@@ -9,7 +9,7 @@ pub mod tus;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, head, options, post, put};
+use axum::routing::{delete, get, head, options, post, put};
 use axum::Router;
 
 use crate::app::SharedState;
@@ -43,12 +43,19 @@ pub fn router() -> Router<SharedState> {
                 .options(tus::options),
         )
         .route("/api/file/{handle}/metadata", get(files::api_metadata))
-        .route("/api/file/{handle}", get(files::api_serve))
+        .route(
+            "/api/file/{handle}",
+            get(files::api_serve).delete(files::delete),
+        )
         .route(
             "/internal/files/{handle}/metadata",
             get(files::internal_metadata),
         )
         .route("/internal/files/{handle}", get(files::internal_serve))
+        .route(
+            "/internal/files/{handle}/manifest",
+            delete(files::internal_deleted),
+        )
         .route(
             "/internal/files/{handle}/events",
             get(files::internal_events),

@@ -26,6 +26,7 @@ use super::{files, health, multipart, store_api, tus};
         files::api_metadata,
         files::serve,
         files::api_serve,
+        files::delete,
         files::serve_keyed,
         files::events,
         tus::options,

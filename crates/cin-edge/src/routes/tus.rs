@@ -525,7 +525,11 @@ pub async fn terminate(
     State(state): State<SharedState>,
     Path(id): Path<String>,
 ) -> TusResult {
-    state.uploads.tus_terminate(&parse_id(&id)?).await?;
+    let file = state.uploads.tus_terminate(&parse_id(&id)?).await?;
+    if file.completed_at_ms.is_some() {
+        // A finished file may be in final storage, with a manifest others read.
+        state.network.announce_deletion(&file.handle).await;
+    }
     Ok(TusResponse::new(StatusCode::NO_CONTENT))
 }
 

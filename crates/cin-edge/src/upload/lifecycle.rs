@@ -55,7 +55,7 @@ fn event_name(transition: Transition) -> Option<&'static str> {
         Transition::Complete => Some("InTransit"),
         Transition::Store => Some("Stored"),
         Transition::Expire => Some("expired"),
-        Transition::Delete => None,
+        Transition::Delete => Some("deleted"),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod assessment;
 pub mod blocks;
+mod delete;
 mod error;
 mod expiry;
 mod lifecycle;
@@ -274,7 +275,9 @@ impl Uploads {
             }),
             FileStatus::Deleted => Err(UploadError::Gone {
                 code: "deleted",
-                message: format!("the upload of {handle} was terminated by its client"),
+                message: format!(
+                    "file {handle} was deleted by its client (or its upload terminated); it is gone from this POP and final storage"
+                ),
             }),
             _ => Ok(file),
         }

@@ -349,14 +349,15 @@ impl Uploads {
 
     /// Terminates an unfinished upload (or a partial one): its bytes go, unless
     /// final uploads still reference them (they go with the last of those).
-    pub async fn tus_terminate(&self, upload: &UploadId) -> Result<(), UploadError> {
+    /// Terminates a tus upload; a finished one is deleted as a file. Returns
+    /// the record as it was left.
+    pub async fn tus_terminate(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
         let guard = self.lifecycle.lock(upload).await;
         let mut file = self.file_for_upload(upload)?;
         if file.status != FileStatus::Uploading && !file.is_tus_partial() {
-            return Err(UploadError::forbidden(
-                "upload_complete",
-                "this upload is a complete file on its way to final storage; it cannot be terminated",
-            ));
+            // Termination covers finished uploads: the file is deleted everywhere.
+            drop(guard);
+            return self.delete(&file.handle).await;
         }
         if file.referenced_by.is_empty() {
             // Nothing else needs the record: forget it outright.
@@ -375,6 +376,6 @@ impl Uploads {
         metrics::counter!(names::UPLOADS_FAILED, "reason" => "terminated").increment(1);
         self.lifecycle.release_bytes(&file).await?;
         tracing::info!(handle = %file.handle, kept_for = file.referenced_by.len(), "tus upload terminated");
-        Ok(())
+        Ok(file)
     }
 }
