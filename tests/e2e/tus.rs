@@ -86,7 +86,8 @@ async fn options_advertises_the_protocol() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 204);
+    // 200 (the spec allows 204 too; some clients accept only 200).
+    assert_eq!(resp.status(), 200);
     assert_eq!(h(&resp, "tus-version"), "1.0.0");
     assert_eq!(h(&resp, "tus-max-size"), (1u64 << 30).to_string());
     let extensions: Vec<&str> = h(&resp, "tus-extension").split(',').collect();
@@ -655,4 +656,64 @@ async fn tus_js_client_uploads_interrupted_and_resumed() {
         .arg(&path);
     let report = run_client(cmd).await;
     check_real_client(&app, report, &bytes).await;
+}
+
+#[tokio::test]
+async fn what_the_spec_asks_of_creation_and_patch() {
+    let app = spawn_app_with(|_| {}).await;
+    // creation-with-upload under another Content-Type: 415, nothing created.
+    let refused = app
+        .http
+        .post(app.url("/files/"))
+        .header(TUS.0, TUS.1)
+        .header("upload-length", "5")
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    assert!(!refused.headers().contains_key("location"));
+    assert_eq!(app.upload_dirs(), 0, "nothing was created");
+    assert_eq!(app.metric("cin_uploads_started_total").await, 0.0);
+
+    // A 409 for a wrong offset says where the upload is.
+    let created = app
+        .http
+        .post(app.url("/files/"))
+        .header(TUS.0, TUS.1)
+        .header("upload-length", "10")
+        .header("content-type", "application/offset+octet-stream")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let url = h(&created, "location").to_owned();
+    let mismatch = app
+        .http
+        .patch(&url)
+        .header(TUS.0, TUS.1)
+        .header("upload-offset", "3")
+        .header("content-type", "application/offset+octet-stream")
+        .body("lo wo")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mismatch.status(), 409);
+    assert_eq!(h(&mismatch, "upload-offset"), "5");
+
+    // A final concatenation is as long as its partials: no Upload-Length.
+    let final_with_length = app
+        .http
+        .post(app.url("/files/"))
+        .header(TUS.0, TUS.1)
+        .header("upload-concat", format!("final;{url}"))
+        .header("upload-length", "10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(final_with_length.status(), 400);
+    let body: serde_json::Value = final_with_length.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_length");
 }

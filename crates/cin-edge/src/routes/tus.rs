@@ -112,6 +112,26 @@ impl IntoResponse for TusError {
 
 pub type TusResult = Result<TusResponse, TusError>;
 
+impl TusError {
+    /// `error`'s JSON body under a status the common error type does not carry.
+    fn with_status(error: ApiError, status: StatusCode) -> TusError {
+        let mut response = TusError::Api(error).into_response();
+        *response.status_mut() = status;
+        TusError::Raw(Box::new(response))
+    }
+}
+
+/// 415 for a body that is not `application/offset+octet-stream`.
+fn unsupported_body(content_type: &str, what: &str) -> TusError {
+    TusError::with_status(
+        ApiError::invalid(
+            "unsupported_media_type",
+            format!("{what} must be {OFFSET_OCTET_STREAM}, got {content_type:?}"),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    )
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
@@ -289,7 +309,8 @@ fn with_file_headers(
 
 #[utoipa::path(options, path = "/files/", tag = "tus", responses((status = 204, description = "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")))]
 pub async fn options(State(state): State<SharedState>) -> Response {
-    TusResponse::new(StatusCode::NO_CONTENT)
+    // 200, not 204: the spec allows both, and some clients accept only 200.
+    TusResponse::new(StatusCode::OK)
         .header("tus-version", TUS_VERSION)
         .header("tus-extension", TUS_EXTENSIONS)
         .header("tus-max-size", state.config.uploads.max_file_size)
@@ -308,6 +329,13 @@ pub async fn create(
 }
 
 async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> TusResult {
+    // creation-with-upload: a body is the first chunk, so it must say so;
+    // refused before anything is created.
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let content_type = header(headers, "content-type").unwrap_or_default();
+    if has_body && content_type != OFFSET_OCTET_STREAM {
+        return Err(unsupported_body(content_type, "a creation request's body"));
+    }
     let raw_metadata = header(headers, "upload-metadata")
         .unwrap_or_default()
         .to_owned();
@@ -335,6 +363,13 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
     )?;
 
     if let Some(list) = concat.strip_prefix("final;") {
+        if headers.contains_key("upload-length") {
+            return Err(ApiError::invalid(
+                "invalid_length",
+                "a final upload is as long as its partial uploads together: send no Upload-Length",
+            )
+            .into());
+        }
         let partials = list
             .split_whitespace()
             .map(upload_id_of)
@@ -414,9 +449,7 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
     let mut response = TusResponse::new(StatusCode::CREATED)
         .header("location", upload_url(state, &file.upload_id));
     // creation-with-upload: the POST body is the first chunk.
-    let carries_bytes = header(headers, "content-type") == Some(OFFSET_OCTET_STREAM)
-        && parse_u64(headers, "content-length")?.is_none_or(|len| len > 0);
-    if carries_bytes {
+    if has_body {
         let appended = state
             .uploads
             .tus_append(
@@ -488,19 +521,13 @@ pub async fn patch(
         let upload = parse_id(&id)?;
         let content_type = header(&headers, "content-type").unwrap_or_default();
         if content_type != OFFSET_OCTET_STREAM {
-            let mut response = TusError::Api(ApiError::invalid(
-                "unsupported_media_type",
-                format!("PATCH bodies must be {OFFSET_OCTET_STREAM}, got {content_type:?}"),
-            ))
-            .into_response();
-            *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-            return Err(TusError::Raw(Box::new(response)));
+            return Err(unsupported_body(content_type, "PATCH bodies"));
         }
         let offset = parse_u64(&headers, "upload-offset")?
             .ok_or_else(|| ApiError::invalid("offset_required", "PATCH needs Upload-Offset"))?;
         let checksum = parse_checksum(&headers)?;
         let length = parse_u64(&headers, "upload-length")?;
-        let appended = state
+        let appended = match state
             .uploads
             .tus_append(
                 &upload,
@@ -509,7 +536,25 @@ pub async fn patch(
                 checksum,
                 crate::body::data_stream(body),
             )
-            .await?;
+            .await
+        {
+            Err(
+                mismatch @ UploadError::Conflict {
+                    code: "offset_mismatch",
+                    ..
+                },
+            ) => {
+                // The 409 says where the upload is, so the client continues from there.
+                let file = state.uploads.file_for_upload(&upload)?;
+                let current = state.uploads.tus_resume_offset(&file).await?;
+                let mut response = TusError::from(mismatch).into_response();
+                response
+                    .headers_mut()
+                    .insert("upload-offset", HeaderValue::from(current));
+                return Err(TusError::Raw(Box::new(response)));
+            }
+            appended => appended?,
+        };
         let offset = match appended {
             Appended::Complete(o) | Appended::BrokenOff(o) => o,
         };
