@@ -27,6 +27,7 @@ mod seaweedfs;
 mod security;
 mod shutdown;
 mod store_api;
+mod store_url;
 mod support;
 mod tls;
 mod tus;

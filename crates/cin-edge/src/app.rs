@@ -49,6 +49,8 @@ pub struct AppState {
     pub signer: UrlSigner,
     pub cache: Arc<LocalCache>,
     pub network: Network,
+    /// Fetches the remote files of store-from-URL requests.
+    pub fetcher: crate::fetch::Fetcher,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -160,6 +162,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     );
     uploads.restore_reservations()?;
     let network = Network::new(&config)?;
+    let fetcher = crate::fetch::Fetcher::new(&config.uploads)?;
     let replicator = Arc::new(
         Replicator::new(
             meta.clone(),
@@ -186,6 +189,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         signer,
         cache,
         network,
+        fetcher,
     });
     Ok(Node {
         state,

@@ -203,6 +203,13 @@ pub struct UploadsConfig {
     pub expire_after_secs: u64,
     /// Seconds between sweeps for expired uploads.
     pub sweep_interval_secs: u64,
+    /// Store from URL (`POST /api/store/{location}` with `url=`): address ranges
+    /// the POP may fetch from although they are private, loopback or link-local
+    /// (CIDRs such as `10.1.0.0/16`); others of those are refused, so the POP is
+    /// no way into its own network.
+    pub fetch_allow: Vec<String>,
+    /// Seconds a fetch from a URL may take in all (connecting, redirects, body).
+    pub fetch_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -333,6 +340,8 @@ impl Default for UploadsConfig {
             url_signing_secret: String::new(),
             expire_after_secs: 86_400,
             sweep_interval_secs: 300,
+            fetch_allow: Vec::new(),
+            fetch_timeout_secs: 300,
         }
     }
 }
@@ -419,16 +428,25 @@ impl Config {
         self.validate_network()?;
         let server = &self.server;
         for (name, value) in [
-            ("head_timeout_secs", server.head_timeout_secs),
-            ("body_idle_secs", server.body_idle_secs),
-            ("keep_alive_secs", server.keep_alive_secs),
-            ("max_connections", server.max_connections as u64),
-            ("max_body_writers", server.max_body_writers as u64),
-            ("tls_reload_secs", server.tls_reload_secs),
+            ("server.head_timeout_secs", server.head_timeout_secs),
+            ("server.body_idle_secs", server.body_idle_secs),
+            ("server.keep_alive_secs", server.keep_alive_secs),
+            ("server.max_connections", server.max_connections as u64),
+            ("server.max_body_writers", server.max_body_writers as u64),
+            ("server.tls_reload_secs", server.tls_reload_secs),
+            (
+                "uploads.fetch_timeout_secs",
+                self.uploads.fetch_timeout_secs,
+            ),
         ] {
             if value == 0 {
-                return Err(format!("server.{name} must be at least 1"));
+                return Err(format!("{name} must be at least 1"));
             }
+        }
+        for (i, range) in self.uploads.fetch_allow.iter().enumerate() {
+            range.parse::<ipnet::IpNet>().map_err(|_| {
+                format!("uploads.fetch_allow[{i}] is {range:?}, not an address range such as 10.1.0.0/16")
+            })?;
         }
         if server.tls_cert.as_os_str().is_empty() != server.tls_key.as_os_str().is_empty() {
             return Err(

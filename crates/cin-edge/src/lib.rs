@@ -16,6 +16,7 @@ pub mod destinations;
 pub mod disk;
 pub mod error;
 pub mod events;
+pub mod fetch;
 pub mod input;
 pub mod network;
 pub mod observability;

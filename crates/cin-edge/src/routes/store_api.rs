@@ -43,9 +43,57 @@ pub struct StoreQuery {
     policy: Option<String>,
     #[serde(default)]
     signature: Option<String>,
+    /// Store from URL: the POP fetches this file.
+    #[serde(default)]
+    url: Option<String>,
 }
 
 const FILE_FIELD: &str = "fileUpload";
+
+/// A form or JSON body at most this big may name a URL (`url=`) to store from;
+/// a bigger one is the file itself.
+const MAX_URL_BODY: u64 = 8 * 1024;
+
+/// The URL a request asks to store from: `?url=`, or the `url` of a small form
+/// or JSON body. A body that names none is given back, to be the file.
+async fn url_to_store(
+    query_url: Option<String>,
+    content_type: Option<&str>,
+    declared: Option<u64>,
+    request: Request,
+) -> Result<(Option<String>, Request), ApiError> {
+    if query_url.is_some() {
+        return Ok((query_url, request));
+    }
+    let kind = content_type.unwrap_or_default().to_ascii_lowercase();
+    let form = kind.starts_with("application/x-www-form-urlencoded");
+    let json = kind.starts_with("application/json");
+    if !(form || json) || declared.is_none_or(|len| len > MAX_URL_BODY) {
+        return Ok((None, request));
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_URL_BODY as usize)
+        .await
+        .map_err(|e| ChunkError::Body(crate::body::classify(e)))?;
+    let url = if json {
+        serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["url"].as_str().map(str::to_owned))
+    } else {
+        serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
+            .ok()
+            .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "url").map(|(_, v)| v))
+    };
+    Ok((url, Request::from_parts(parts, Body::from(bytes))))
+}
+
+/// The last segment of a URL's path, as a filename.
+fn filename_in(url: &reqwest::Url) -> String {
+    url.path_segments()
+        .and_then(|mut segments| segments.next_back().map(str::to_owned))
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "file".into())
+}
 
 /// Room a form gets beyond its file: boundaries, part headers, small other fields.
 const FORM_OVERHEAD: u64 = 1 << 20;
@@ -151,7 +199,7 @@ impl SizeCap {
 pub async fn store(
     State(state): State<SharedState>,
     Path(location): Path<String>,
-    Query(q): Query<StoreQuery>,
+    Query(mut q): Query<StoreQuery>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
     let content_type = request
@@ -164,6 +212,10 @@ pub async fn store(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let (url, request) =
+        url_to_store(q.url.take(), content_type.as_deref(), declared, request).await?;
+    // A URL's file has the size its server says, not this request's.
+    let declared = if url.is_some() { None } else { declared };
     let store = StoreOptions {
         location: Some(location),
         container: q.container,
@@ -188,7 +240,31 @@ pub async fn store(
         .as_deref()
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/form-data"));
     let cap = SizeCap::for_request(&state, app.as_deref());
-    let stored = if is_form {
+    let stored = if let Some(url) = url {
+        let answer = state.fetcher.get(&url).await?;
+        let length = answer.content_length();
+        let upload = NewUpload {
+            filename: q.filename.unwrap_or_else(|| filename_in(answer.url())),
+            mimetype: q.mimetype.or_else(|| {
+                answer
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            }),
+            size: length.unwrap_or(0),
+            store,
+            mode: UploadMode::Direct,
+            app: app.clone(),
+        };
+        // Streams to disk as it arrives, within the same size limit as any upload.
+        let body = cap.guard(
+            answer
+                .bytes_stream()
+                .map_err(|e| BodyError::Interrupted(format!("fetching {url}: {e}"))),
+        );
+        state.uploads.store_whole(upload, length, body).await
+    } else if is_form {
         // The route has axum's own body limit off: this one is the file's.
         let request =
             request.map(|body| Body::new(http_body_util::Limited::new(body, cap.form_limit())));
