@@ -347,10 +347,10 @@ impl Uploads {
         Ok(record)
     }
 
-    /// Terminates an unfinished upload (or a partial one): its bytes go, unless
-    /// final uploads still reference them (they go with the last of those).
-    /// Terminates a tus upload; a finished one is deleted as a file. Returns
-    /// the record as it was left.
+    /// Terminates a tus upload. An unfinished (or partial) one loses its
+    /// bytes, unless final uploads still reference them (they go with the last
+    /// of those); a finished one is deleted as a file. Returns the record as
+    /// it was left.
     pub async fn tus_terminate(&self, upload: &UploadId) -> Result<FileRecord, UploadError> {
         let guard = self.lifecycle.lock(upload).await;
         let mut file = self.file_for_upload(upload)?;
