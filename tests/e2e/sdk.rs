@@ -197,17 +197,23 @@ fn sdk_over_https(
     results
 }
 
-/// filestack-python as shipped: regular and intelligent uploads of several
-/// parts, an empty file and a unicode filename, read back with its filelink
-/// and metadata helpers.
-#[test]
-fn filestack_python_sdk_unpatched_over_https() {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/filestack_cases.py");
-    let results = sdk_over_https(&SDK_CASES, |ns, ca, cases| {
-        let mut driver = ns.command(python());
+/// Runs `program script --cname cin.test --cases FILE` in the namespace,
+/// trusting the test CA through `ca_variable`, and checks each filelink the
+/// SDK built starts with `link_base`.
+fn unpatched_sdk(
+    program: PathBuf,
+    ca_variable: &str,
+    script: &str,
+    cases: &[SdkCase],
+    link_base: &str,
+) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/sdk")
+        .join(script);
+    let results = sdk_over_https(cases, |ns, ca, cases| {
+        let mut driver = ns.command(&program);
         driver
-            .env("REQUESTS_CA_BUNDLE", ca)
+            .env(ca_variable, ca)
             .arg(&script)
             .args(["--cname", "cin.test", "--cases"])
             .arg(cases);
@@ -215,8 +221,22 @@ fn filestack_python_sdk_unpatched_over_https() {
     });
     for result in results {
         let handle = result["handle"].as_str().expect("handle");
-        assert_eq!(result["url"], format!("https://cdn.cin.test/{handle}"));
+        assert_eq!(result["url"], format!("{link_base}/{handle}"));
     }
+}
+
+/// filestack-python as shipped: regular and intelligent uploads of several
+/// parts, an empty file and a unicode filename, read back with its filelink
+/// and metadata helpers.
+#[test]
+fn filestack_python_sdk_unpatched_over_https() {
+    unpatched_sdk(
+        python(),
+        "REQUESTS_CA_BUNDLE",
+        "filestack_cases.py",
+        &SDK_CASES,
+        "https://cdn.cin.test",
+    );
 }
 
 /// filestack-js (3.x, Node) as shipped: the same cases but the empty file
@@ -224,20 +244,12 @@ fn filestack_python_sdk_unpatched_over_https() {
 /// metadata and download helpers.
 #[test]
 fn filestack_js_sdk_unpatched_over_https() {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/js/filestack_cases.mjs");
     let cases: Vec<SdkCase> = SDK_CASES.into_iter().filter(|c| c.size > 0).collect();
-    let results = sdk_over_https(&cases, |ns, ca, cases| {
-        let mut driver = ns.command("node");
-        driver
-            .env("NODE_EXTRA_CA_CERTS", ca)
-            .arg(&script)
-            .args(["--cname", "cin.test", "--cases"])
-            .arg(cases);
-        driver
-    });
-    for result in results {
-        let handle = result["handle"].as_str().expect("handle");
-        assert_eq!(result["url"], format!("https://cin.test/{handle}"));
-    }
+    unpatched_sdk(
+        "node".into(),
+        "NODE_EXTRA_CA_CERTS",
+        "js/filestack_cases.mjs",
+        &cases,
+        "https://cin.test",
+    );
 }

@@ -99,6 +99,7 @@ async fn options_advertises_the_protocol() {
         "checksum",
         "expiration",
         "concatenation",
+        "concatenation-unfinished",
     ] {
         assert!(extensions.contains(&ext), "{ext} missing");
     }
@@ -387,7 +388,7 @@ async fn concatenation_of_three_partials() {
         "a final upload cannot be patched"
     );
 
-    // A final upload over an unfinished partial is refused.
+    // A final upload over an unfinished partial waits for it.
     let open = app
         .http
         .post(app.url("/files/"))
@@ -406,7 +407,10 @@ async fn concatenation_of_three_partials() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 400);
+    // concatenation-unfinished: the final upload waits for the open partial.
+    assert_eq!(resp.status(), 201);
+    let waiting = h(&resp, "cin-handle").to_owned();
+    assert_eq!(app.metadata(&waiting).await["status"], "Uploading");
 }
 
 #[tokio::test]
@@ -716,4 +720,64 @@ async fn what_the_spec_asks_of_creation_and_patch() {
     assert_eq!(final_with_length.status(), 400);
     let body: serde_json::Value = final_with_length.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_length");
+}
+
+#[tokio::test]
+async fn a_final_upload_made_before_its_partials_finish_completes_when_they_do() {
+    let app = spawn_app_with(|_| {}).await;
+    let mut partials = Vec::new();
+    for _ in 0..2 {
+        let created = app
+            .http
+            .post(app.url("/files/"))
+            .header(TUS.0, TUS.1)
+            .header("upload-concat", "partial")
+            .header("upload-length", "3")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        partials.push(h(&created, "location").to_owned());
+    }
+    let final_upload = app
+        .http
+        .post(app.url("/files/"))
+        .header(TUS.0, TUS.1)
+        .header(
+            "upload-concat",
+            format!("final;{} {}", partials[0], partials[1]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(final_upload.status(), 201);
+    let final_url = h(&final_upload, "location").to_owned();
+    let handle = h(&final_upload, "cin-handle").to_owned();
+    let waiting = head(&app, &final_url).await;
+    assert_eq!(waiting.status(), 200);
+    assert!(
+        !waiting.headers().contains_key("upload-offset"),
+        "no offset while its partials upload"
+    );
+    assert_eq!(h(&waiting, "upload-length"), "6");
+    assert_eq!(app.metadata(&handle).await["status"], "Uploading");
+    // The second partial first: the final completes with the last of them.
+    for (url, piece) in [(&partials[1], "def"), (&partials[0], "abc")] {
+        let patched = app
+            .http
+            .patch(url)
+            .header(TUS.0, TUS.1)
+            .header("upload-offset", "0")
+            .header("content-type", "application/offset+octet-stream")
+            .body(piece)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(patched.status(), 204);
+    }
+    assert_eq!(app.download(&handle).await, b"abcdef");
+    let done = head(&app, &final_url).await;
+    assert_eq!(h(&done, "upload-offset"), "6");
+    app.wait_status(&handle, "Stored", std::time::Duration::from_secs(30))
+        .await;
 }

@@ -161,6 +161,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
         },
     );
     uploads.restore_reservations()?;
+    uploads.complete_ready_finals().await?;
     let network = Network::new(&config)?;
     let fetcher = crate::fetch::Fetcher::new(&config.uploads)?;
     let replicator = Arc::new(

@@ -241,3 +241,13 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// The innermost error of a chain, the one that says what happened (e.g.
+/// "connection refused" under a client library's layers).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

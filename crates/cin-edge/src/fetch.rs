@@ -14,7 +14,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::redirect;
 
 use crate::config::UploadsConfig;
-use crate::error::ApiError;
+use crate::error::{root_cause, ApiError};
 
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 5;
@@ -182,14 +182,6 @@ impl Fetcher {
         }
         Ok(answer)
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]

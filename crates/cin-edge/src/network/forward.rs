@@ -163,7 +163,7 @@ impl Network {
             ))
             .send();
         let answer = tokio::select! {
-            answer = sent => answer.map_err(|e| unreachable(super::root_cause(&e)))?,
+            answer = sent => answer.map_err(|e| unreachable(crate::error::root_cause(&e)))?,
             () = progress.stalled(self.idle) => {
                 return Err(unreachable(format!(
                     "it took no request bytes and sent no answer for {} s",

@@ -11,7 +11,7 @@ use cin_domain::PopId;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{root_cause, ApiError};
 use crate::observability::names;
 use crate::signing::{now_unix, Signed, UrlSigner};
 use futures_util::StreamExt;
@@ -281,14 +281,6 @@ where
                 .increment(bytes.len() as u64);
         }
     })
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]

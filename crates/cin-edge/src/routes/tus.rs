@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use cin_domain::{FileRecord, StoreOptions, TusConcat, UploadId, UploadMode};
+use cin_domain::{FileRecord, FileStatus, StoreOptions, TusConcat, UploadId, UploadMode};
 use cin_storage::DigestKind;
 
 use crate::app::SharedState;
@@ -22,7 +22,7 @@ use crate::upload::{Appended, DeclaredChecksum, NewUpload, UploadError};
 
 pub const TUS_VERSION: &str = "1.0.0";
 const TUS_EXTENSIONS: &str =
-    "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation";
+    "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation,concatenation-unfinished";
 const TUS_CHECKSUMS: &str = "sha1,md5,sha256";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 
@@ -482,10 +482,17 @@ pub async fn head(
 ) -> TusResult {
     {
         let file = state.uploads.file_for_upload(&parse_id(&id)?)?;
-        let offset = state.uploads.tus_resume_offset(&file).await?;
-        let mut response = TusResponse::new(StatusCode::OK)
-            .header("upload-offset", offset)
-            .header("cache-control", "no-store");
+        let mut response = TusResponse::new(StatusCode::OK).header("cache-control", "no-store");
+        // A final upload still waiting for its partials has no offset to give.
+        let waiting_final = file.status == FileStatus::Uploading
+            && matches!(
+                file.tus.as_ref().map(|t| &t.concat),
+                Some(TusConcat::Final(_))
+            );
+        if !waiting_final {
+            let offset = state.uploads.tus_resume_offset(&file).await?;
+            response = response.header("upload-offset", offset);
+        }
         response = if file.length_deferred {
             response.header("upload-defer-length", 1)
         } else {

@@ -235,7 +235,9 @@ impl Lifecycle {
     }
 
     /// Adds `final_handle` to the partial upload's references, so its bytes stay
-    /// while the final upload needs them. Refused unless the partial is complete.
+    /// while the final upload needs them, and a final upload waiting for the
+    /// partial is completed when the partial is. Refused unless the partial is
+    /// complete or still uploading.
     pub async fn add_reference(
         &self,
         partial: &UploadId,
@@ -243,11 +245,13 @@ impl Lifecycle {
     ) -> Result<(), UploadError> {
         let guard = self.lock(partial).await;
         let mut file = self.partial_record(&guard)?;
-        if !file.is_tus_partial() || file.status != FileStatus::InTransit {
+        if !file.is_tus_partial()
+            || !matches!(file.status, FileStatus::InTransit | FileStatus::Uploading)
+        {
             return Err(UploadError::invalid(
                 "partial_unavailable",
                 format!(
-                    "upload {partial} is not a complete partial upload; it cannot be concatenated"
+                    "upload {partial} is not a partial upload that is complete or uploading; it cannot be concatenated"
                 ),
             ));
         }

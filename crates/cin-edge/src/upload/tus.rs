@@ -256,7 +256,11 @@ impl Uploads {
                 len: file.size,
             }];
             self.finish_tus(&guard, &mut file).await?;
+            drop(guard);
             self.assessment.forget(upload);
+            if file.is_tus_partial() {
+                self.complete_waiting_finals(&file).await?;
+            }
         } else {
             self.services.meta.flush().await?;
         }
@@ -302,6 +306,8 @@ impl Uploads {
         metadata: String,
     ) -> Result<FileRecord, UploadError> {
         let mut segments = Vec::new();
+        let mut size = 0u64;
+        let mut unfinished = false;
         for id in &partials {
             let part = self.file_for_upload(id)?;
             if !part.is_tus_partial() {
@@ -311,23 +317,34 @@ impl Uploads {
                 ));
             }
             if part.status == FileStatus::Uploading {
-                return Err(UploadError::invalid(
-                    "partial_incomplete",
-                    format!(
-                        "partial upload {id} is not complete yet; finish it before concatenating"
-                    ),
-                ));
+                // concatenation-unfinished: the final upload waits for it.
+                if part.length_deferred {
+                    return Err(UploadError::invalid(
+                        "partial_length_unknown",
+                        format!(
+                            "partial upload {id} has no length yet; declare it (Upload-Length) or finish it before concatenating"
+                        ),
+                    ));
+                }
+                unfinished = true;
             }
+            size += part.size;
             segments.extend(part.segments.iter().cloned());
         }
-        let size: u64 = segments.iter().map(|s| s.len).sum();
         self.check_size(size)?;
         let mut record = self.new_record(&NewUpload { size, ..upload })?;
         record.tus = Some(TusState {
             metadata,
             concat: TusConcat::Final(partials.clone()),
         });
-        record.segments = segments;
+        if unfinished {
+            // Written before the references, so a partial that completes
+            // meanwhile finds the final upload waiting for it.
+            self.services.meta.put_file(&record, JobChange::Keep)?;
+            self.services.meta.flush().await?;
+        } else {
+            record.segments = segments;
+        }
         let mut referenced: Vec<&UploadId> = Vec::new();
         for id in &partials {
             if referenced.contains(&id) {
@@ -338,13 +355,85 @@ impl Uploads {
                 for done in referenced {
                     let _ = self.lifecycle.drop_reference(done, &record.handle).await;
                 }
+                if unfinished {
+                    let _ = self.services.meta.delete_file(&record);
+                }
                 return Err(e);
             }
             referenced.push(id);
         }
+        if unfinished {
+            tracing::info!(handle = %record.handle, size, "final tus upload waits for its partial uploads");
+            // Every partial may have completed while the references were made.
+            return Ok(self.complete_final(&record).await?.unwrap_or(record));
+        }
         let guard = self.lifecycle.lock(&record.upload_id).await;
         self.finish(&guard, &mut record).await?;
         Ok(record)
+    }
+
+    /// At start: final uploads whose partials all completed, with a crash
+    /// before the last one's completion reached them, complete now.
+    pub async fn complete_ready_finals(&self) -> Result<(), UploadError> {
+        for file in self.services.meta.files()? {
+            let waiting = file.status == FileStatus::Uploading
+                && matches!(
+                    file.tus.as_ref().map(|t| &t.concat),
+                    Some(TusConcat::Final(_))
+                );
+            if waiting {
+                if let Err(e) = self.complete_final(&file).await {
+                    tracing::warn!(handle = %file.handle, error = %e, "a final tus upload whose partials are complete could not be completed at start");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After partial upload `partial` completed: the final uploads waiting for
+    /// it complete, those whose partials are now all complete.
+    async fn complete_waiting_finals(&self, partial: &FileRecord) -> Result<(), UploadError> {
+        for handle in &partial.referenced_by {
+            if let Some(waiting) = self.services.meta.get_file(handle)? {
+                if waiting.status == FileStatus::Uploading {
+                    self.complete_final(&waiting).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes a final upload whose partial uploads are all complete (its
+    /// bytes are theirs: nothing is copied); None while one is not.
+    async fn complete_final(
+        &self,
+        waiting: &FileRecord,
+    ) -> Result<Option<FileRecord>, UploadError> {
+        let Some(TusConcat::Final(partials)) = waiting.tus.as_ref().map(|t| &t.concat) else {
+            return Ok(None);
+        };
+        let mut segments = Vec::new();
+        for id in partials {
+            // A partial gone (terminated, expired) leaves the final waiting,
+            // until it expires like any unfinished upload.
+            let Ok(part) = self.file_for_upload(id) else {
+                return Ok(None);
+            };
+            if part.status != FileStatus::InTransit {
+                return Ok(None);
+            }
+            segments.extend(part.segments.iter().cloned());
+        }
+        let guard = self.lifecycle.lock(&waiting.upload_id).await;
+        let mut file = self.lifecycle.current(&guard, &waiting.handle)?;
+        if file.status != FileStatus::Uploading {
+            // Another partial's completion finished it first.
+            return Ok(Some(file));
+        }
+        file.segments = segments;
+        self.finish(&guard, &mut file).await?;
+        tracing::info!(handle = %file.handle, size = file.size, "final tus upload complete: its partial uploads are");
+        Ok(Some(file))
     }
 
     /// Terminates a tus upload. An unfinished (or partial) one loses its
