@@ -411,7 +411,7 @@ fn disposition(filename: &str, attachment: bool) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("inline"))
 }
 
-#[utoipa::path(get, path = "/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
+#[utoipa::path(get, path = "/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable"), (status = 404, description = "Unknown, expired or deleted handle")))]
 pub async fn serve(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
@@ -726,7 +726,7 @@ async fn serve_file(
 }
 
 /// Server-Sent Events: the file's current status, then every change, until `Stored`.
-#[utoipa::path(get, path = "/{handle}/events", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "text/event-stream of status events until Stored", content_type = "text/event-stream")))]
+#[utoipa::path(get, path = "/{handle}/events", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "text/event-stream of status events until Stored", content_type = "text/event-stream"), (status = 404, description = "Unknown, expired or deleted handle")))]
 pub async fn events(
     State(state): State<SharedState>,
     Path(handle): Path<String>,

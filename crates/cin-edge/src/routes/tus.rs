@@ -307,7 +307,7 @@ fn with_file_headers(
     Ok(response)
 }
 
-#[utoipa::path(options, path = "/files/", tag = "tus", responses((status = 204, description = "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")))]
+#[utoipa::path(options, path = "/files/", tag = "tus", responses((status = 200, description = "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")))]
 pub async fn options(State(state): State<SharedState>) -> Response {
     // 200, not 204: the spec allows both, and some clients accept only 200.
     TusResponse::new(StatusCode::OK)
@@ -318,7 +318,7 @@ pub async fn options(State(state): State<SharedState>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(post, path = "/files/", tag = "tus", responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 412, description = "Unsupported Tus-Resumable"), (status = 413, description = "Above Tus-Max-Size")))]
+#[utoipa::path(post, path = "/files/", tag = "tus", params(("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 400, description = "Bad Upload-Length, Upload-Metadata or Upload-Concat"), (status = 412, description = "Tus-Resumable missing or not 1.0.0"), (status = 413, description = "Above Tus-Max-Size"), (status = 415, description = "A body that is not application/offset+octet-stream")))]
 pub async fn create(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -474,7 +474,7 @@ fn parse_id(id: &str) -> Result<UploadId, ApiError> {
         .map_err(|_| ApiError::not_found("upload_not_found", format!("no upload has id {id:?}")))
 }
 
-#[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 200, description = "Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired upload")))]
+#[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 200, description = "Upload-Offset (not while a final upload waits for its partials), Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted upload"), (status = 412, description = "Tus-Resumable missing or not 1.0.0")))]
 pub async fn head(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -516,7 +516,7 @@ pub async fn head(
     }
 }
 
-#[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 409, description = "Offset mismatch"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch")))]
+#[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0"), ("Upload-Offset" = u64, Header, description = "Where the body starts")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 400, description = "Bad headers"), (status = 403, description = "A final upload"), (status = 404, description = "Unknown upload"), (status = 409, description = "Offset mismatch (Upload-Offset says the current one)"), (status = 410, description = "Expired or deleted upload"), (status = 412, description = "Tus-Resumable missing or not 1.0.0"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch")))]
 pub async fn patch(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -571,7 +571,7 @@ pub async fn patch(
     }
 }
 
-#[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 204, description = "Terminated"), (status = 404, description = "Unknown upload")))]
+#[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 204, description = "Terminated (a finished upload is deleted as a file)"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted already"), (status = 412, description = "Tus-Resumable missing or not 1.0.0")))]
 pub async fn terminate(
     _: TusVersion,
     State(state): State<SharedState>,
