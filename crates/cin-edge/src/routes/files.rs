@@ -28,12 +28,17 @@ fn find(
     q: &PolicyQuery,
     call: Call,
 ) -> Result<FileRecord, ApiError> {
-    let handle = Handle::parse(handle).map_err(|_| {
-        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
-    })?;
+    let handle = parse_handle(handle)?;
     let file = state.uploads.file(&handle)?;
     authorize(state, &file, q, call)?;
     Ok(file)
+}
+
+/// A handle as clients send it; anything else names no file.
+fn parse_handle(handle: &str) -> Result<Handle, ApiError> {
+    Handle::parse(handle).map_err(|_| {
+        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
+    })
 }
 
 /// The file's app lets these credentials make `call`.
@@ -151,19 +156,19 @@ async fn answer_for<T>(
         Err(e) if is_unknown(&e) => e,
         Err(e) => return Err(e),
     };
-    if let Some(file) = stored_in_network(state, handle, q, call).await? {
+    // `local` found no record, so the handle is well formed.
+    let handle = parse_handle(handle)?;
+    if let Some(file) = stored_in_network(state, &handle, q, call).await? {
         return Ok(Answer::Stored(file));
     }
-    let Some(origin) = other_origin(state, handle) else {
+    let Some(origin) = other_origin(state, &handle) else {
         return Err(unknown);
     };
     match from_origin(origin).await {
         // Stored since its manifest was last missed, perhaps: look again.
         Err(unreachable @ ApiError::OriginUnreachable { .. }) => {
-            if let Ok(parsed) = Handle::parse(handle) {
-                state.network.manifests.forget(&parsed);
-            }
-            match stored_in_network(state, handle, q, call).await? {
+            state.network.manifests.forget(&handle);
+            match stored_in_network(state, &handle, q, call).await? {
                 Some(file) => Ok(Answer::Stored(file)),
                 None => Err(unreachable),
             }
@@ -173,9 +178,7 @@ async fn answer_for<T>(
             let status = response.headers().get(crate::network::FILE_STATUS_HEADER);
             if status.is_some_and(|s| s == FileStatus::Stored.as_str()) {
                 // Its manifest is there now: the next read takes it.
-                if let Ok(parsed) = Handle::parse(handle) {
-                    state.network.manifests.forget(&parsed);
-                }
+                state.network.manifests.forget(&handle);
             }
             Ok(Answer::Relayed(response))
         }
@@ -186,21 +189,18 @@ async fn answer_for<T>(
 /// manifest in final storage describes (read from there, whatever its origin's state).
 async fn stored_in_network(
     state: &SharedState,
-    handle: &str,
+    handle: &Handle,
     q: &PolicyQuery,
     call: Call,
 ) -> Result<Option<FileRecord>, ApiError> {
     if !state.network.is_networked() {
         return Ok(None);
     }
-    let Ok(handle) = Handle::parse(handle) else {
-        return Ok(None);
-    };
     // A store that does not answer leaves the origin to ask.
     let found = state
         .network
         .manifests
-        .find(&state.services.destinations, &handle)
+        .find(&state.services.destinations, handle)
         .await;
     let manifest = match found {
         Ok(Some(manifest)) => manifest,
@@ -249,8 +249,8 @@ fn is_unknown(error: &ApiError) -> bool {
 }
 
 /// The other POP of the network that minted `handle`, if any.
-fn other_origin(state: &SharedState, handle: &str) -> Option<PopId> {
-    let origin = Handle::parse(handle).ok()?.pop();
+fn other_origin(state: &SharedState, handle: &Handle) -> Option<PopId> {
+    let origin = handle.pop();
     state.network.other_origin(&origin)?;
     Some(origin)
 }
@@ -503,9 +503,7 @@ pub async fn delete(
     Path(handle): Path<String>,
     Query(q): Query<PolicyQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let parsed = Handle::parse(&handle).map_err(|_| {
-        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
-    })?;
+    let parsed = parse_handle(&handle)?;
     let file = state.uploads.file(&parsed)?;
     state
         .services
@@ -526,9 +524,7 @@ pub async fn internal_deleted(
 ) -> Result<StatusCode, ApiError> {
     let path = format!("/internal/files/{handle}/manifest");
     state.network.check_call("DELETE", &path, &headers)?;
-    let parsed = Handle::parse(&handle).map_err(|_| {
-        ApiError::not_found("file_not_found", format!("no file has handle {handle:?}"))
-    })?;
+    let parsed = parse_handle(&handle)?;
     state.network.manifests.deleted(&parsed);
     Ok(StatusCode::NO_CONTENT)
 }
