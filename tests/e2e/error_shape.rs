@@ -4,13 +4,11 @@
 //! goes over the wire (broken chunked encoding, an announced 100 MB body), the
 //! requests are written by hand on a raw TCP connection.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support::{spawn_app, TestApp};
+use crate::support::{raw_exchange, read_response, spawn_app, RawResponse, TestApp};
 
 /// Asserts the error shape on a reqwest answer and returns `error`.
 async fn json_error(resp: reqwest::Response, status: u16) -> Value {
@@ -43,21 +41,7 @@ fn check_error_shape(got: u16, content_type: &str, body: &[u8], status: u16) -> 
     error
 }
 
-/// An answer read off a raw connection.
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
 impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
     fn json_error(&self, status: u16) -> Value {
         check_error_shape(
             self.status,
@@ -66,67 +50,6 @@ impl RawResponse {
             status,
         )
     }
-}
-
-/// Writes `request` as is on a new connection, then reads the answer until the
-/// server closes the connection or the answer is complete (by its Content-Length).
-async fn raw_exchange(app: &TestApp, request: &[u8]) -> RawResponse {
-    let addr = app.base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    read_response(&mut stream).await
-}
-
-async fn read_response(stream: &mut TcpStream) -> RawResponse {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut received = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(response) = parse_response(&received) {
-            return response;
-        }
-        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no complete answer in time: {:?}",
-                    String::from_utf8_lossy(&received)
-                )
-            });
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
-        }
-    }
-    parse_response(&received).unwrap_or_else(|| {
-        panic!(
-            "the connection closed before a complete answer: {:?}",
-            String::from_utf8_lossy(&received)
-        )
-    })
-}
-
-/// The answer in `bytes` once its head and its Content-Length of body are there.
-fn parse_response(bytes: &[u8]) -> Option<RawResponse> {
-    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&bytes[..head_end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let body = &bytes[head_end + 4..];
-    (body.len() >= length).then(|| RawResponse {
-        status,
-        headers,
-        body: body[..length].to_vec(),
-    })
 }
 
 #[tokio::test]

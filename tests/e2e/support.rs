@@ -11,6 +11,8 @@ use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -770,4 +772,81 @@ pub fn s3_profile(endpoint: &str, bucket: &str) -> cin_edge::config::StorageProf
         concurrency: 2,
         ..Default::default()
     }
+}
+
+/// An answer read off a raw connection.
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `request` as is on a new connection, then reads the answer until the
+/// server closes the connection or the answer is complete (by its Content-Length).
+pub async fn raw_exchange(app: &TestApp, request: &[u8]) -> RawResponse {
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_response(&mut stream).await
+}
+
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(response) = parse_response(&received) {
+            return response;
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no complete answer in time: {:?}",
+                    String::from_utf8_lossy(&received)
+                )
+            });
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    parse_response(&received).unwrap_or_else(|| {
+        panic!(
+            "the connection closed before a complete answer: {:?}",
+            String::from_utf8_lossy(&received)
+        )
+    })
+}
+
+/// The answer in `bytes` once its head and its Content-Length of body are there.
+fn parse_response(bytes: &[u8]) -> Option<RawResponse> {
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&bytes[..head_end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = &bytes[head_end + 4..];
+    (body.len() >= length).then(|| RawResponse {
+        status,
+        headers,
+        body: body[..length].to_vec(),
+    })
 }

@@ -12,14 +12,19 @@ use serde_json::Value;
 use sha2::Digest;
 
 use crate::support::{
-    header_value as h, random_bytes, sha256_hex, spawn_app, spawn_app_with, TestApp, MIB,
+    header_value as h, md5_b64, random_bytes, raw_exchange, sha256_hex, spawn_app, spawn_app_with,
+    TestApp, MIB,
 };
 
 const TUS: (&str, &str) = ("tus-resumable", "1.0.0");
 const OCTETS: (&str, &str) = ("content-type", "application/offset+octet-stream");
 
 fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
+    b64_bytes(s.as_bytes())
+}
+
+fn b64_bytes(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 async fn create(app: &TestApp, length: usize, metadata: &str) -> String {
@@ -97,6 +102,7 @@ async fn options_advertises_the_protocol() {
         "creation-defer-length",
         "termination",
         "checksum",
+        "checksum-trailer",
         "expiration",
         "concatenation",
         "concatenation-unfinished",
@@ -780,4 +786,151 @@ async fn a_final_upload_made_before_its_partials_finish_completes_when_they_do()
     assert_eq!(h(&done, "upload-offset"), "6");
     app.wait_status(&handle, "Stored", std::time::Duration::from_secs(30))
         .await;
+}
+
+/// A tus request with a chunked body whose `Upload-Checksum` is a trailer
+/// (or missing though announced, when `trailer` is None), written by hand:
+/// HTTP client libraries do not send request trailers.
+fn chunked_with_trailer(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    trailer: Option<String>,
+) -> Vec<u8> {
+    let host = app.base.trim_start_matches("http://");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\ntus-resumable: 1.0.0\r\ncontent-type: application/offset+octet-stream\r\ntransfer-encoding: chunked\r\ntrailer: Upload-Checksum\r\nconnection: close\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut request = request.into_bytes();
+    for chunk in body.chunks(7_000) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n");
+    if let Some(value) = trailer {
+        request.extend_from_slice(format!("upload-checksum: {value}\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    request
+}
+
+#[tokio::test]
+async fn checksum_trailer_after_a_chunked_body() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(50_000, 81);
+    let (first, rest) = bytes.split_at(20_000);
+    let sha1 = |b: &[u8]| b64_bytes(&sha1::Sha1::digest(b));
+    let sha256 = |b: &[u8]| b64_bytes(&sha2::Sha256::digest(b));
+
+    // creation-with-upload: the first 20,000 bytes, checksummed by a trailer.
+    let created = raw_exchange(
+        &app,
+        &chunked_with_trailer(
+            &app,
+            "POST",
+            "/files/",
+            &[("upload-length", bytes.len().to_string())],
+            first,
+            Some(format!("sha256 {}", sha256(first))),
+        ),
+    )
+    .await;
+    assert_eq!(
+        created.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&created.body)
+    );
+    assert_eq!(created.header("upload-offset"), Some("20000"));
+    let url = created.header("location").unwrap().to_owned();
+    let path = url.trim_start_matches(&app.base).to_owned();
+    let handle = created.header("cin-handle").unwrap().to_owned();
+    let at = |offset: usize| vec![("upload-offset", offset.to_string())];
+
+    // A trailer that does not match: 460, and nothing of the body counts.
+    let wrong = raw_exchange(
+        &app,
+        &chunked_with_trailer(
+            &app,
+            "PATCH",
+            &path,
+            &at(20_000),
+            rest,
+            Some(format!("sha1 {}", sha1(first))),
+        ),
+    )
+    .await;
+    assert_eq!(wrong.status, 460);
+    assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
+
+    // Announced but never sent: 400, and nothing counts either.
+    let missing = raw_exchange(
+        &app,
+        &chunked_with_trailer(&app, "PATCH", &path, &at(20_000), rest, None),
+    )
+    .await;
+    assert_eq!(missing.status, 400);
+    let error: Value = serde_json::from_slice(&missing.body).unwrap();
+    assert_eq!(error["error"]["code"], "checksum_trailer_missing");
+    assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
+
+    // An algorithm the POP does not know, named only in the trailer: 400.
+    let unknown = raw_exchange(
+        &app,
+        &chunked_with_trailer(
+            &app,
+            "PATCH",
+            &path,
+            &at(20_000),
+            rest,
+            Some("crc32 AAAAAA==".into()),
+        ),
+    )
+    .await;
+    assert_eq!(unknown.status, 400);
+    assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
+
+    // The right checksum, under each algorithm the trailer may name.
+    let (second, third) = rest.split_at(15_000);
+    let ok = raw_exchange(
+        &app,
+        &chunked_with_trailer(
+            &app,
+            "PATCH",
+            &path,
+            &at(20_000),
+            second,
+            Some(format!("md5 {}", md5_b64(second))),
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(ok.header("upload-offset"), Some("35000"));
+    let ok = raw_exchange(
+        &app,
+        &chunked_with_trailer(
+            &app,
+            "PATCH",
+            &path,
+            &at(35_000),
+            third,
+            Some(format!("SHA1 {}", sha1(third))),
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(ok.header("upload-offset"), Some("50000"));
+
+    assert_eq!(app.download(&handle).await, bytes);
+    let meta = app
+        .wait_status(&handle, "Stored", Duration::from_secs(20))
+        .await;
+    assert_eq!(meta["sha256"], sha256_hex(&bytes));
 }

@@ -4,10 +4,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::HeaderMap;
 use bytes::Bytes;
 use cin_storage::BodyError;
 use futures_util::{Stream, TryStreamExt};
@@ -81,6 +83,43 @@ where
 /// The body's bytes, with its failures classified.
 pub fn data_stream(body: Body) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
     body.into_data_stream().map_err(classify)
+}
+
+/// The trailer fields a body ended with (after a chunked HTTP/1.1 body, or an
+/// HTTP/2 one), once it has ended.
+#[derive(Clone, Default)]
+pub struct Trailers(Arc<Mutex<Option<HeaderMap>>>);
+
+impl Trailers {
+    pub fn take(&self) -> Option<HeaderMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn keep(&self, fields: HeaderMap) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(fields);
+    }
+}
+
+/// [`data_stream`] that puts the body's trailer fields in `trailers` instead of
+/// dropping them.
+pub fn data_stream_keeping_trailers(
+    body: Body,
+    trailers: Trailers,
+) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
+    http_body_util::BodyStream::new(body)
+        .map_err(classify)
+        .try_filter_map(move |frame| {
+            let data = match frame.into_data() {
+                Ok(data) => Some(data),
+                Err(frame) => {
+                    if let Ok(fields) = frame.into_trailers() {
+                        trailers.keep(fields);
+                    }
+                    None
+                }
+            };
+            std::future::ready(Ok(data))
+        })
 }
 
 /// Names what went wrong with a request body.

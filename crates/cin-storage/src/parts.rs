@@ -48,10 +48,9 @@ impl ChunkSize {
     }
 }
 
-/// The digest computed over a chunk's bytes as they are written.
+/// A digest computed over a chunk's bytes as they are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestKind {
-    None,
     /// Castagnoli CRC, hardware-accelerated: what the `cin` client declares per chunk.
     Crc32c,
     Md5,
@@ -73,14 +72,23 @@ pub enum OnBreak {
 pub struct ChunkWritten {
     /// Bytes written and fsync'd.
     pub len: u64,
-    /// Raw digest of those bytes (empty for `DigestKind::None`).
-    pub digest: Vec<u8>,
+    /// Raw digests of those bytes, one per kind asked for.
+    pub digests: Vec<(DigestKind, Vec<u8>)>,
     /// Set when the body broke off and `OnBreak::KeepPrefix` kept what arrived.
     pub broken_off: Option<BodyError>,
 }
 
+impl ChunkWritten {
+    /// The raw digest of the given kind, if it was asked for.
+    pub fn digest(&self, kind: DigestKind) -> Option<&[u8]> {
+        self.digests
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, d)| d.as_slice())
+    }
+}
+
 enum Hasher {
-    None,
     Crc32c(u32),
     Md5(Md5),
     Sha1(sha1::Sha1),
@@ -90,7 +98,6 @@ enum Hasher {
 impl Hasher {
     fn new(kind: DigestKind) -> Self {
         match kind {
-            DigestKind::None => Hasher::None,
             DigestKind::Crc32c => Hasher::Crc32c(0),
             DigestKind::Md5 => Hasher::Md5(Md5::new()),
             DigestKind::Sha1 => Hasher::Sha1(sha1::Sha1::new()),
@@ -100,7 +107,6 @@ impl Hasher {
 
     fn update(&mut self, bytes: &[u8]) {
         match self {
-            Hasher::None => {}
             Hasher::Crc32c(crc) => *crc = crc32c::crc32c_append(*crc, bytes),
             Hasher::Md5(h) => h.update(bytes),
             Hasher::Sha1(h) => h.update(bytes),
@@ -110,7 +116,6 @@ impl Hasher {
 
     fn finish(self) -> Vec<u8> {
         match self {
-            Hasher::None => Vec::new(),
             Hasher::Crc32c(crc) => crc.to_be_bytes().to_vec(),
             Hasher::Md5(h) => h.finalize().to_vec(),
             Hasher::Sha1(h) => h.finalize().to_vec(),
@@ -198,13 +203,14 @@ impl PartStore {
             size,
             acknowledged,
             body,
-            DigestKind::Md5,
+            &[DigestKind::Md5],
             OnBreak::Refuse,
         )
         .await
     }
 
-    /// [`PartStore::write_chunk`] with a chosen digest and a choice of what a
+    /// [`PartStore::write_chunk`] with chosen digests (none, one, or several
+    /// when the one to check is named only after the body) and a choice of what a
     /// body that breaks off leaves behind.
     #[allow(clippy::too_many_arguments)]
     pub async fn write<S, E>(
@@ -215,7 +221,7 @@ impl PartStore {
         size: ChunkSize,
         acknowledged: &RangeSet,
         body: S,
-        digest: DigestKind,
+        digests: &[DigestKind],
         on_break: OnBreak,
     ) -> Result<ChunkWritten, ChunkError>
     where
@@ -229,7 +235,7 @@ impl PartStore {
         // not be durable (an earlier attempt may have created the file and failed),
         // so the first acknowledgment syncs the directory whoever created the file.
         let sync_entry = acknowledged.is_empty();
-        let writer = ChunkWriter::open(path, offset, overlap, digest, sync_entry).await?;
+        let writer = ChunkWriter::open(path, offset, overlap, digests.to_vec(), sync_entry).await?;
         let mut writer = Some(writer);
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0usize;
@@ -418,7 +424,7 @@ impl io::Read for SegmentReader {
     }
 }
 
-/// The blocking half of a chunk write: owns the file and the running digest.
+/// The blocking half of a chunk write: owns the file and the running digests.
 struct ChunkWriter {
     file: File,
     path: PathBuf,
@@ -427,7 +433,7 @@ struct ChunkWriter {
     pos: u64,
     /// Acknowledged ranges inside this chunk, compared instead of written.
     overlap: Vec<(u64, u64)>,
-    hasher: Hasher,
+    hashers: Vec<(DigestKind, Hasher)>,
     len: u64,
 }
 
@@ -436,7 +442,7 @@ impl ChunkWriter {
         path: PathBuf,
         offset: u64,
         overlap: Vec<(u64, u64)>,
-        digest: DigestKind,
+        digests: Vec<DigestKind>,
         sync_entry: bool,
     ) -> Result<Self, ChunkError> {
         tokio::task::spawn_blocking(move || {
@@ -453,7 +459,7 @@ impl ChunkWriter {
                 sync_entry,
                 pos: offset,
                 overlap,
-                hasher: Hasher::new(digest),
+                hashers: digests.into_iter().map(|k| (k, Hasher::new(k))).collect(),
                 len: 0,
             })
         })
@@ -462,7 +468,9 @@ impl ChunkWriter {
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<(), ChunkError> {
-        self.hasher.update(buf);
+        for (_, hasher) in &mut self.hashers {
+            hasher.update(buf);
+        }
         let start = self.pos;
         let end = start + buf.len() as u64;
         let mut cursor = start;
@@ -539,7 +547,11 @@ impl ChunkWriter {
         }
         Ok(ChunkWritten {
             len: self.len,
-            digest: self.hasher.finish(),
+            digests: self
+                .hashers
+                .into_iter()
+                .map(|(k, h)| (k, h.finish()))
+                .collect(),
             broken_off: None,
         })
     }

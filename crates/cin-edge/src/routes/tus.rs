@@ -1,7 +1,8 @@
 //! tus 1.0.0 at `/files/` (https://tus.io/protocols/resumable-upload), with the
 //! creation, creation-with-upload, creation-defer-length, termination, checksum,
-//! expiration and concatenation extensions. Every tus upload is also a file with
-//! a handle and a filelink, replicated like any other.
+//! checksum-trailer, expiration, concatenation and concatenation-unfinished
+//! extensions. Every tus upload is also a file with a handle and a filelink,
+//! replicated like any other.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -12,18 +13,19 @@ use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use cin_domain::{FileRecord, FileStatus, StoreOptions, TusConcat, UploadId, UploadMode};
-use cin_storage::DigestKind;
 
 use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
+use crate::body::{data_stream_keeping_trailers, Trailers};
 use crate::error::ApiError;
 use crate::input::Path;
-use crate::upload::{Appended, DeclaredChecksum, NewUpload, UploadError};
+use crate::upload::{
+    Appended, BodyChecksum, DeclaredChecksum, NewUpload, UploadError, TUS_CHECKSUMS,
+};
 
 pub const TUS_VERSION: &str = "1.0.0";
 const TUS_EXTENSIONS: &str =
-    "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation,concatenation-unfinished";
-const TUS_CHECKSUMS: &str = "sha1,md5,sha256";
+    "creation,creation-with-upload,creation-defer-length,termination,checksum,checksum-trailer,expiration,concatenation,concatenation-unfinished";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 
 /// Headers a browser client must be able to read (CORS `Access-Control-Expose-Headers`).
@@ -235,37 +237,54 @@ fn upload_from_metadata(metadata: &[(String, String)], size: u64) -> NewUpload {
     }
 }
 
-/// `Upload-Checksum: <algorithm> <base64 digest>`.
-fn parse_checksum(headers: &HeaderMap) -> Result<Option<DeclaredChecksum>, ApiError> {
-    let Some(raw) = header(headers, "upload-checksum") else {
-        return Ok(None);
-    };
-    let (algorithm, digest) = raw.split_once(' ').ok_or_else(|| {
-        ApiError::invalid(
-            "invalid_checksum",
-            "Upload-Checksum must be \"<algorithm> <base64 digest>\"",
-        )
-    })?;
-    let kind = match algorithm.to_ascii_lowercase().as_str() {
-        "sha1" => DigestKind::Sha1,
-        "md5" => DigestKind::Md5,
-        "sha256" => DigestKind::Sha256,
-        other => {
+/// Where a body's checksum comes from: `Upload-Checksum` in the head, or a
+/// trailer announced by `Trailer: Upload-Checksum` (checksum-trailer). The
+/// body is read through the returned stream, which keeps its trailer.
+fn body_checksum(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<
+    (
+        BodyChecksum,
+        impl futures_util::Stream<Item = Result<bytes::Bytes, cin_storage::BodyError>> + Send,
+    ),
+    ApiError,
+> {
+    let announced = headers
+        .get_all("trailer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|name| name.trim().eq_ignore_ascii_case("upload-checksum"));
+    let in_head = header(headers, "upload-checksum");
+    let trailers = Trailers::default();
+    let checksum = match (in_head, announced) {
+        (Some(_), true) => {
             return Err(ApiError::invalid(
-                "unsupported_checksum",
-                format!(
-                    "checksum algorithm {other:?} is not supported; use one of {TUS_CHECKSUMS}"
-                ),
+                "invalid_checksum",
+                "send Upload-Checksum in the head or as a trailer, not both",
             ))
         }
+        (Some(value), false) => BodyChecksum::Declared(DeclaredChecksum::parse(value)?),
+        (None, true) => {
+            let trailers = trailers.clone();
+            BodyChecksum::Trailer(Box::new(move || {
+                let fields = trailers.take().unwrap_or_default();
+                let value = fields
+                    .get("upload-checksum")
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        UploadError::invalid(
+                            "checksum_trailer_missing",
+                            "the body ended without the Upload-Checksum trailer its Trailer header announced; nothing of it was kept, send it again",
+                        )
+                    })?;
+                DeclaredChecksum::parse(value)
+            }))
+        }
+        (None, false) => BodyChecksum::None,
     };
-    let digest = B64.decode(digest.trim()).map_err(|_| {
-        ApiError::invalid(
-            "invalid_checksum",
-            "the Upload-Checksum digest is not base64",
-        )
-    })?;
-    Ok(Some(DeclaredChecksum { kind, digest }))
+    Ok((checksum, data_stream_keeping_trailers(body, trailers)))
 }
 
 fn upload_url(state: &SharedState, upload: &UploadId) -> String {
@@ -450,15 +469,10 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
         .header("location", upload_url(state, &file.upload_id));
     // creation-with-upload: the POST body is the first chunk.
     if has_body {
+        let (checksum, body) = body_checksum(headers, body)?;
         let appended = state
             .uploads
-            .tus_append(
-                &file.upload_id,
-                0,
-                None,
-                parse_checksum(headers)?,
-                crate::body::data_stream(body),
-            )
+            .tus_append(&file.upload_id, 0, None, checksum, body)
             .await?;
         let offset = match appended {
             Appended::Complete(o) | Appended::BrokenOff(o) => o,
@@ -532,17 +546,11 @@ pub async fn patch(
         }
         let offset = parse_u64(&headers, "upload-offset")?
             .ok_or_else(|| ApiError::invalid("offset_required", "PATCH needs Upload-Offset"))?;
-        let checksum = parse_checksum(&headers)?;
         let length = parse_u64(&headers, "upload-length")?;
+        let (checksum, body) = body_checksum(&headers, body)?;
         let appended = match state
             .uploads
-            .tus_append(
-                &upload,
-                offset,
-                length,
-                checksum,
-                crate::body::data_stream(body),
-            )
+            .tus_append(&upload, offset, length, checksum, body)
             .await
         {
             Err(

@@ -40,7 +40,7 @@ pub use expiry::SweepWorker;
 pub use lifecycle::{Lifecycle, UploadGuard};
 use locks::{KeyedLocks, Takeover};
 pub use reconcile::{reconcile, Reconciled};
-pub use tus::{Appended, DeclaredChecksum};
+pub use tus::{Appended, BodyChecksum, DeclaredChecksum, TUS_CHECKSUMS};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -382,9 +382,9 @@ impl Uploads {
             _ => None,
         };
         let digest = match (&from_blocks, &declared_crc32c) {
-            (Some(_), _) => DigestKind::None,
-            (None, Some(_)) => DigestKind::Crc32c,
-            (None, None) => DigestKind::Md5,
+            (Some(_), _) => None,
+            (None, Some(_)) => Some(DigestKind::Crc32c),
+            (None, None) => Some(DigestKind::Md5),
         };
 
         let _writing = self.body_writer()?;
@@ -455,7 +455,7 @@ impl Uploads {
                 ChunkSize::Exact(chunk.size),
                 &part.received,
                 body,
-                digest,
+                digest.as_slice(),
                 on_break,
             )
             .await;
@@ -525,7 +525,7 @@ impl Uploads {
                     "the chunk's blocks were not all checked; send it again",
                 ))
             }
-            None => hex::encode(&written.digest),
+            None => hex::encode(digest.and_then(|k| written.digest(k)).unwrap_or_default()),
         };
         let mismatch = match (declared_crc32c, declared_md5) {
             (Some(declared), _) if declared != digest_hex => Some(ChunkError::Crc32cMismatch {
@@ -874,7 +874,7 @@ impl Uploads {
                 size,
                 &Default::default(),
                 body,
-                DigestKind::None,
+                &[],
                 OnBreak::Refuse,
             )
             .await;

@@ -2,6 +2,8 @@
 //! requests at its current offset; a final concatenation is a segment list over
 //! partial uploads.
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
 use cin_storage::{BodyError, ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
@@ -12,11 +14,61 @@ use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads};
 use crate::disk::Charge;
 use crate::observability::names;
 
+/// The checksum algorithms tus clients may name, as `Tus-Checksum-Algorithm` lists them.
+pub const TUS_CHECKSUMS: &str = "sha1,md5,sha256";
+const TUS_DIGESTS: [DigestKind; 3] = [DigestKind::Sha1, DigestKind::Md5, DigestKind::Sha256];
+
 /// A checksum the client declared for a PATCH body (`Upload-Checksum`).
 #[derive(Clone, Debug)]
 pub struct DeclaredChecksum {
     pub kind: DigestKind,
     pub digest: Vec<u8>,
+}
+
+impl DeclaredChecksum {
+    /// An `Upload-Checksum` value: `<algorithm> <base64 digest>`.
+    pub fn parse(value: &str) -> Result<Self, UploadError> {
+        let (algorithm, digest) = value.trim().split_once(' ').ok_or_else(|| {
+            UploadError::invalid(
+                "invalid_checksum",
+                "Upload-Checksum must be \"<algorithm> <base64 digest>\"",
+            )
+        })?;
+        let kind = match algorithm.to_ascii_lowercase().as_str() {
+            "sha1" => DigestKind::Sha1,
+            "md5" => DigestKind::Md5,
+            "sha256" => DigestKind::Sha256,
+            other => {
+                return Err(UploadError::invalid(
+                    "unsupported_checksum",
+                    format!(
+                        "checksum algorithm {other:?} is not supported; use one of {TUS_CHECKSUMS}"
+                    ),
+                ))
+            }
+        };
+        let digest = B64.decode(digest.trim()).map_err(|_| {
+            UploadError::invalid(
+                "invalid_checksum",
+                "the Upload-Checksum digest is not base64",
+            )
+        })?;
+        Ok(DeclaredChecksum { kind, digest })
+    }
+}
+
+/// Reads the checksum a body's trailer declared, once the body has ended.
+pub type LateChecksum = Box<dyn FnOnce() -> Result<DeclaredChecksum, UploadError> + Send>;
+
+/// Where a tus body's checksum comes from.
+pub enum BodyChecksum {
+    /// No checksum: whatever arrives counts, even if the body breaks off.
+    None,
+    /// `Upload-Checksum` in the request head.
+    Declared(DeclaredChecksum),
+    /// A trailer after the body (the checksum-trailer extension). The algorithm
+    /// is named only then, so every supported digest is computed while writing.
+    Trailer(LateChecksum),
 }
 
 /// How a PATCH ended.
@@ -97,7 +149,7 @@ impl Uploads {
         upload: &UploadId,
         offset: u64,
         new_length: Option<u64>,
-        checksum: Option<DeclaredChecksum>,
+        checksum: BodyChecksum,
         body: S,
     ) -> Result<Appended, UploadError>
     where
@@ -180,10 +232,11 @@ impl Uploads {
         } else {
             file.size - current
         };
-        let (digest, on_break) = match &checksum {
+        let (digests, on_break) = match &checksum {
+            BodyChecksum::None => (&[][..], OnBreak::KeepPrefix),
             // A checksummed body counts only whole: a broken one cannot be verified.
-            Some(c) => (c.kind, OnBreak::Refuse),
-            None => (DigestKind::None, OnBreak::KeepPrefix),
+            BodyChecksum::Declared(c) => (std::slice::from_ref(&c.kind), OnBreak::Refuse),
+            BodyChecksum::Trailer(_) => (&TUS_DIGESTS[..], OnBreak::Refuse),
         };
         let mut disk_write = self
             .services
@@ -206,7 +259,7 @@ impl Uploads {
                 ChunkSize::AtMost(room),
                 &part.received,
                 body,
-                digest,
+                digests,
                 on_break,
             )
             .await;
@@ -221,12 +274,18 @@ impl Uploads {
             }
             Err(e) => return Err(e.into()),
         };
-        if no_room.hit() && checksum.is_some() {
+        let declared = match checksum {
+            BodyChecksum::None => None,
+            BodyChecksum::Declared(c) => Some(c),
+            // The body has ended, so its trailer has been read (or never came).
+            BodyChecksum::Trailer(read) => Some(read()?),
+        };
+        if no_room.hit() && declared.is_some() {
             // A checksummed body counts only whole.
             return Err(self.services.disk.no_room());
         }
-        if let Some(declared) = checksum {
-            if declared.digest != written.digest {
+        if let Some(declared) = declared {
+            if written.digest(declared.kind) != Some(declared.digest.as_slice()) {
                 metrics::counter!(names::CHUNK_FAILURES, "reason" => "checksum_mismatch")
                     .increment(1);
                 return Err(UploadError::ChecksumMismatch);
