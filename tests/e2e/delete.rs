@@ -297,3 +297,47 @@ async fn a_tus_delete_of_a_finished_upload_deletes_the_file() {
     let error: Value = read.json().await.expect("json error");
     assert_eq!(error["error"]["code"], "deleted");
 }
+
+#[tokio::test]
+async fn an_empty_file_is_deleted_like_any_other() {
+    // Small files live in the shared segment log; an empty one has a segment of
+    // no bytes, which frees nothing.
+    let app = spawn_app_with(|_| {}).await;
+    let other = random_bytes(1000, 3);
+    let kept = app
+        .store_raw("/api/store/S3?filename=a.bin", other.clone())
+        .await;
+    // Content-Length: 0 declares the size, as curl does for an empty file.
+    let stored: Value = app
+        .http
+        .post(app.url("/api/store/S3?filename=empty.txt"))
+        .header("content-length", "0")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let handle = stored["handle"].as_str().unwrap().to_owned();
+    assert_eq!(app.download(&handle).await, Vec::<u8>::new());
+    app.wait_status(&handle, "Stored", Duration::from_secs(20))
+        .await;
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/api/file/{handle}?key=any")))
+        .send()
+        .await
+        .unwrap();
+    let status = deleted.status();
+    let body: Value = deleted.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "Deleted");
+    let read = app
+        .http
+        .get(app.url(&format!("/{handle}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 404);
+    assert_eq!(app.download(&kept).await, other);
+}

@@ -16,6 +16,7 @@ mod lossy_fs;
 mod multipart;
 mod netns;
 mod network;
+mod openapi;
 mod operations;
 mod power_cut;
 mod reconcile;

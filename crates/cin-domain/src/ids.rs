@@ -19,6 +19,11 @@ fn random_alphanumeric(len: usize) -> String {
         .collect()
 }
 
+/// The regular expression `is_alphanumeric_of_len` accepts (for API descriptions).
+fn alphanumeric_pattern(len: usize) -> String {
+    format!("^[A-Za-z0-9]{{{len}}}$")
+}
+
 fn is_alphanumeric_of_len(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
@@ -94,6 +99,11 @@ impl Handle {
         PopId::prefix_of(&self.0)
     }
 
+    /// What [`Handle::parse`] accepts, as a regular expression.
+    pub fn pattern() -> String {
+        alphanumeric_pattern(HANDLE_LEN)
+    }
+
     pub fn parse(s: &str) -> Result<Self, DomainError> {
         if is_alphanumeric_of_len(s, HANDLE_LEN) {
             Ok(Handle(s.to_owned()))
@@ -149,6 +159,11 @@ impl UploadId {
     /// The POP that minted this upload id: the one that holds the upload.
     pub fn pop(&self) -> PopId {
         PopId::prefix_of(&self.0)
+    }
+
+    /// What [`UploadId::parse`] accepts, as a regular expression.
+    pub fn pattern() -> String {
+        alphanumeric_pattern(UPLOAD_ID_LEN)
     }
 
     pub fn parse(s: &str) -> Result<Self, DomainError> {

@@ -48,7 +48,7 @@ fn validate_store_path(path: &str) -> Result<(), DomainError> {
     if path.is_empty() {
         return Ok(());
     }
-    if path.len() > 900 || path.starts_with('/') || path.contains('\\') {
+    if path.len() > STORE_PATH_MAX || path.starts_with('/') || path.contains('\\') {
         return Err(bad());
     }
     if path.chars().any(char::is_control) {
@@ -64,8 +64,20 @@ fn validate_store_path(path: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// What a store path may be, as a regular expression (for API descriptions):
+/// relative, `/`-separated segments that are neither empty, `.` nor `..`, no
+/// backslash or control character; at most [`STORE_PATH_MAX`] bytes.
+pub const STORE_PATH_PATTERN: &str =
+    r"^(?:(?!\.\.?(?:/|$))[^/\\\x00-\x1f\x7f-\x9f]+/)*(?:(?!\.\.?$)[^/\\\x00-\x1f\x7f-\x9f]+)?$";
+pub const STORE_PATH_MAX: usize = 900;
+
+/// What a container (bucket) name may be, as a regular expression: lowercase
+/// letters, digits, `-` and `.`, not starting with `-` or `.`, no `..`; 3 to 63 long.
+pub const CONTAINER_PATTERN: &str = r"^[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.?$";
+pub const CONTAINER_LEN: std::ops::RangeInclusive<usize> = 3..=63;
+
 fn validate_container(name: &str) -> Result<(), DomainError> {
-    let ok = (3..=63).contains(&name.len())
+    let ok = CONTAINER_LEN.contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')

@@ -61,7 +61,7 @@ pub struct Destinations {
 }
 
 /// Storage kinds a client may name in `store.location`.
-const KNOWN_LOCATIONS: [&str; 2] = ["s3", "local"];
+pub const KNOWN_LOCATIONS: [&str; 2] = ["s3", "local"];
 
 impl Destinations {
     pub async fn open(config: &StorageConfig, data_dir: &Path) -> anyhow::Result<Self> {

@@ -211,10 +211,18 @@ fn form_to_value(body: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// Numbers arrive as JSON numbers or as strings (forms, some SDKs).
+/// A number with no fractional part that an i64 or u64 holds exactly.
+fn whole(n: &serde_json::Number) -> Option<f64> {
+    const EXACT: f64 = (1u64 << 53) as f64;
+    n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT)
+}
+
 pub fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match Value::deserialize(d)? {
+        // 5.0 is an integer too (JSON Schema says so, and some clients send it).
         Value::Number(n) => n
             .as_u64()
+            .or_else(|| whole(&n).and_then(|f| (f >= 0.0).then_some(f as u64)))
             .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a non-negative integer"))),
         Value::String(s) => s
             .trim()
@@ -238,6 +246,7 @@ pub fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     match Value::deserialize(d)? {
         Value::Number(n) => n
             .as_i64()
+            .or_else(|| whole(&n).map(|f| f as i64))
             .ok_or_else(|| serde::de::Error::custom(format!("{n} is not an integer"))),
         Value::String(s) => s
             .trim()
@@ -249,13 +258,41 @@ pub fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
+/// A struct given as a JSON object (or null: its default) and nothing else:
+/// serde alone would also take an array of its fields in order.
+pub fn object_only<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned + Default,
+{
+    match Value::deserialize(d)? {
+        Value::Object(map) => {
+            serde_json::from_value(Value::Object(map)).map_err(serde::de::Error::custom)
+        }
+        Value::Null => Ok(T::default()),
+        other => Err(serde::de::Error::custom(format!(
+            "{other} is not an object"
+        ))),
+    }
+}
+
+/// A boolean as JSON or a form field spells it ([`BOOL_SPELLINGS`] as text).
+/// How a form field may spell a boolean.
+pub const BOOL_SPELLINGS: [&str; 7] = ["true", "1", "yes", "false", "0", "no", ""];
+
 pub fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::Bool(b) => b,
-        Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes"),
-        Value::Number(n) => n.as_u64() == Some(1),
-        _ => false,
-    })
+    let value = Value::deserialize(d)?;
+    let parsed = match &value {
+        Value::Bool(b) => Some(*b),
+        Value::Null => Some(false),
+        Value::String(s) => match s.as_str() {
+            "true" | "1" | "yes" => Some(true),
+            "false" | "0" | "no" | "" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    };
+    parsed.ok_or_else(|| serde::de::Error::custom(format!("{value} is not true or false")))
 }
 
 #[cfg(test)]

@@ -178,6 +178,10 @@ pub fn release_log_segment(parts_root: &Path, segment: &Segment) -> Result<(), S
 
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    // An empty range (an empty file's segment) frees nothing; fallocate refuses it.
+    if len == 0 {
+        return Ok(());
+    }
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Err(std::io::Error::other("segment out of range"));
     };

@@ -71,8 +71,15 @@ pub struct PolicyQuery {
 }
 
 impl PolicyQuery {
-    fn attachment(&self) -> bool {
-        matches!(self.dl.as_deref(), Some("true" | "1" | "yes"))
+    fn attachment(&self) -> Result<bool, ApiError> {
+        match self.dl.as_deref() {
+            None | Some("" | "false" | "0" | "no") => Ok(false),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some(other) => Err(ApiError::invalid(
+                "invalid_query",
+                format!("dl must be true or false, got {other:?}"),
+            )),
+        }
     }
 
     fn credentials(&self) -> Credentials<'_> {
@@ -432,7 +439,7 @@ pub async fn serve(
 }
 
 /// The same as `/{handle}`, at Filestack's API path.
-#[utoipa::path(get, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("dl" = Option<bool>, Query, description = "true: served as an attachment")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 416, description = "Range not satisfiable")))]
+#[utoipa::path(get, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("dl" = Option<bool>, Query, description = "true: served as an attachment")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
 pub async fn api_serve(
     state: State<SharedState>,
     handle: Path<String>,
@@ -446,7 +453,7 @@ pub async fn api_serve(
 
 /// `/{apikey}/{handle}`, the filelink form the Filestack SDKs build: the key
 /// in the path counts as the request's API key.
-#[utoipa::path(get, path = "/{apikey}/{handle}", tag = "files", params(("apikey" = String, Path), ("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 404, description = "Unknown handle")))]
+#[utoipa::path(get, path = "/{apikey}/{handle}", tag = "files", params(("apikey" = String, Path), ("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
 pub async fn serve_keyed(
     State(state): State<SharedState>,
     Path((apikey, handle)): Path<(String, String)>,
@@ -481,6 +488,7 @@ async fn serve_handle(
     q: &PolicyQuery,
     query: &str,
 ) -> Result<Response, ApiError> {
+    let attachment = q.attachment()?;
     let local = find(state, handle, q, Call::Read);
     let path = format!("/internal/files/{handle}");
     let from_origin = async |origin: PopId| {
@@ -489,7 +497,7 @@ async fn serve_handle(
     };
     match answer_for(state, handle, q, Call::Read, local, from_origin).await? {
         Answer::Here(file) | Answer::Stored(file) => {
-            serve_file(state, &file, method, headers, q.attachment()).await
+            serve_file(state, &file, method, headers, attachment).await
         }
         Answer::Relayed(response) => Ok(response),
     }
@@ -539,8 +547,9 @@ pub async fn internal_serve(
 ) -> Result<Response, ApiError> {
     let path = format!("/internal/files/{handle}");
     state.network.check_call(method.as_str(), &path, &headers)?;
+    let attachment = q.attachment()?;
     let file = find(&state, &handle, &q, Call::Read)?;
-    let mut response = serve_file(&state, &file, &method, &headers, q.attachment()).await?;
+    let mut response = serve_file(&state, &file, &method, &headers, attachment).await?;
     response.headers_mut().insert(
         crate::network::FILE_STATUS_HEADER,
         HeaderValue::from_static(file.status.as_str()),

@@ -17,7 +17,7 @@ use crate::app::SharedState;
 use crate::auth::{Credentials, Target};
 use crate::error::ApiError;
 use crate::input::{
-    lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, JsonOrForm, Path, Query,
+    lenient_bool, lenient_i64, lenient_opt_u64, lenient_u64, object_only, JsonOrForm, Path, Query,
 };
 use crate::signing::{now_unix, ChunkGrant, UploadGrant};
 use crate::upload::blocks::BlockSums;
@@ -26,15 +26,17 @@ use crate::upload::{ClaimedPart, IncomingChunk, NewUpload};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct StartRequest {
     #[serde(default)]
+    #[schema(required = true, min_length = 1)]
     pub filename: String,
     #[serde(default)]
     pub mimetype: Option<String>,
     #[serde(deserialize_with = "lenient_u64")]
     pub size: u64,
-    #[serde(default)]
-    #[schema(value_type = Object)]
+    #[serde(default, deserialize_with = "object_only")]
+    #[schema(value_type = Option<Object>)]
     pub store: StoreOptions,
     #[serde(default, deserialize_with = "lenient_bool")]
+    #[schema(value_type = Option<bool>)]
     pub fii: bool,
     #[serde(default)]
     pub apikey: Option<String>,
@@ -105,6 +107,7 @@ pub struct UploadRequest {
     #[serde(deserialize_with = "lenient_i64")]
     pub part: i64,
     #[serde(deserialize_with = "lenient_u64")]
+    #[schema(minimum = 1)]
     pub size: u64,
     #[serde(default)]
     pub md5: Option<String>,
@@ -115,7 +118,7 @@ pub struct UploadRequest {
     pub offset: Option<u64>,
 }
 
-#[utoipa::path(post, path = "/multipart/upload", tag = "multipart", request_body(content = UploadRequest, description = "JSON or form fields"), responses((status = 200, description = "url (signed PUT URL), headers, location_url, chunk_size_hint"), (status = 400, description = "Bad part number or chunk out of range"), (status = 404, description = "Unknown upload")))]
+#[utoipa::path(post, path = "/multipart/upload", tag = "multipart", request_body(content = UploadRequest, description = "JSON or form fields"), responses((status = 200, description = "url (signed PUT URL), headers, location_url, chunk_size_hint"), (status = 400, description = "Bad part number or chunk out of range"), (status = 404, description = "Unknown upload"), (status = 409, description = "The upload is complete already")))]
 pub async fn upload(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<UploadRequest>,
@@ -375,7 +378,7 @@ pub struct CommitRequest {
     pub part: i64,
 }
 
-#[utoipa::path(post, path = "/multipart/commit", tag = "multipart", request_body(content = CommitRequest, description = "JSON or form fields"), responses((status = 200, description = "The part is whole"), (status = 400, description = "The part has gaps")))]
+#[utoipa::path(post, path = "/multipart/commit", tag = "multipart", request_body(content = CommitRequest, description = "JSON or form fields"), responses((status = 200, description = "The part is whole"), (status = 400, description = "The part has gaps"), (status = 404, description = "Unknown upload")))]
 pub async fn commit(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<CommitRequest>,
@@ -390,13 +393,22 @@ pub struct CompleteRequest {
     #[schema(value_type = String)]
     pub upload_id: UploadId,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Vec<ClaimedPartShape>>)]
     pub parts: Option<Value>,
     /// Tags kept with the file and returned by metadata: string keys, string
     /// (or number, or boolean) values.
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     pub upload_tags: Option<Value>,
+}
+
+/// The shape of one of `parts` in a JSON body, as [`parse_claimed_parts`] reads it
+/// (for the API description; forms send `"N:etag;N:etag"` instead).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ClaimedPartShape {
+    part_number: u32,
+    etag: Option<String>,
 }
 
 /// Tags a file may carry at most, and the longest key or value.
@@ -443,7 +455,7 @@ fn parse_upload_tags(tags: Option<Value>) -> Result<BTreeMap<String, String>, Ap
     Ok(tags)
 }
 
-#[utoipa::path(post, path = "/multipart/complete", tag = "multipart", request_body(content = CompleteRequest, description = "JSON or form fields"), responses((status = 200, description = "handle, url, filename, size, mimetype, status, container, key"), (status = 400, description = "Missing parts or size mismatch")))]
+#[utoipa::path(post, path = "/multipart/complete", tag = "multipart", request_body(content = CompleteRequest, description = "JSON or form fields"), responses((status = 200, description = "handle, url, filename, size, mimetype, status, container, key"), (status = 400, description = "Missing parts or size mismatch"), (status = 404, description = "Unknown upload"), (status = 409, description = "Completed already, or a part still being written")))]
 pub async fn complete(
     State(state): State<SharedState>,
     JsonOrForm(req): JsonOrForm<CompleteRequest>,

@@ -10,7 +10,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use cin_domain::{FileRecord, FileStatus, StoreOptions, TusConcat, UploadId, UploadMode};
 
@@ -20,7 +19,7 @@ use crate::body::{data_stream_keeping_trailers, Trailers};
 use crate::error::ApiError;
 use crate::input::Path;
 use crate::upload::{
-    Appended, BodyChecksum, DeclaredChecksum, NewUpload, UploadError, TUS_CHECKSUMS,
+    Appended, BodyChecksum, DeclaredChecksum, NewUpload, UploadError, TUS_BASE64, TUS_CHECKSUMS,
 };
 
 pub const TUS_VERSION: &str = "1.0.0";
@@ -196,7 +195,7 @@ fn parse_metadata(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
         let value = match it.next().map(str::trim).filter(|v| !v.is_empty()) {
             None => String::new(),
             Some(v) => {
-                let bytes = B64.decode(v).map_err(|_| {
+                let bytes = TUS_BASE64.decode(v).map_err(|_| {
                     ApiError::invalid(
                         "invalid_metadata",
                         format!("Upload-Metadata value of {key:?} is not base64"),
@@ -256,7 +255,8 @@ fn body_checksum(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|name| name.trim().eq_ignore_ascii_case("upload-checksum"));
-    let in_head = header(headers, "upload-checksum");
+    // An empty Upload-Checksum declares nothing.
+    let in_head = header(headers, "upload-checksum").filter(|v| !v.trim().is_empty());
     let trailers = Trailers::default();
     let checksum = match (in_head, announced) {
         (Some(_), true) => {
@@ -337,7 +337,7 @@ pub async fn options(State(state): State<SharedState>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(post, path = "/files/", tag = "tus", params(("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 400, description = "Bad Upload-Length, Upload-Metadata or Upload-Concat"), (status = 412, description = "Tus-Resumable missing or not 1.0.0"), (status = 413, description = "Above Tus-Max-Size"), (status = 415, description = "A body that is not application/offset+octet-stream")))]
+#[utoipa::path(post, path = "/files/", tag = "tus", params(("Upload-Length" = Option<u64>, Header, description = "The upload's size (or Upload-Defer-Length: 1)"), ("Upload-Defer-Length" = Option<u8>, Header, description = "1: the size is given by a later PATCH"), ("Upload-Metadata" = Option<String>, Header, description = "Comma-separated `key base64(value)` pairs"), ("Upload-Concat" = Option<String>, Header, description = "`partial`, or `final;URL URL ...`"), ("Upload-Checksum" = Option<String>, Header, description = "`<algorithm> <base64 digest>` of a creation-with-upload body"), ("Trailer" = Option<String>, Header, description = "`Upload-Checksum`: the checksum follows the body as a trailer")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream", description = "creation-with-upload: the first bytes of the upload"), responses((status = 201, description = "Location, Cin-Handle, Cin-Filelink, Upload-Expires"), (status = 400, description = "Bad Upload-Length, Upload-Metadata or Upload-Concat"), (status = 413, description = "Above Tus-Max-Size"), (status = 415, description = "A body that is not application/offset+octet-stream"), (status = 460, description = "Checksum mismatch: the upload is created, the body not kept"), (status = 507, description = "Disk below its watermark")))]
 pub async fn create(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -452,6 +452,13 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
             .into())
         }
     };
+    if has_body && length == Some(0) {
+        // An empty upload is complete at creation: no byte of a body can fit.
+        return Err(ApiError::from(UploadError::TooLarge {
+            message: "Upload-Length is 0, so the request cannot carry a body".into(),
+        })
+        .into());
+    }
     let mut file = state
         .uploads
         .tus_create(
@@ -488,7 +495,7 @@ fn parse_id(id: &str) -> Result<UploadId, ApiError> {
         .map_err(|_| ApiError::not_found("upload_not_found", format!("no upload has id {id:?}")))
 }
 
-#[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 200, description = "Upload-Offset (not while a final upload waits for its partials), Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted upload"), (status = 412, description = "Tus-Resumable missing or not 1.0.0")))]
+#[utoipa::path(head, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 200, description = "Upload-Offset (not while a final upload waits for its partials), Upload-Length, Upload-Metadata, Upload-Expires"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted upload")))]
 pub async fn head(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -530,7 +537,7 @@ pub async fn head(
     }
 }
 
-#[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0"), ("Upload-Offset" = u64, Header, description = "Where the body starts")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 400, description = "Bad headers"), (status = 403, description = "A final upload"), (status = 404, description = "Unknown upload"), (status = 409, description = "Offset mismatch (Upload-Offset says the current one)"), (status = 410, description = "Expired or deleted upload"), (status = 412, description = "Tus-Resumable missing or not 1.0.0"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch")))]
+#[utoipa::path(patch, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Upload-Offset" = u64, Header, description = "Where the body starts"), ("Upload-Length" = Option<u64>, Header, description = "The size, once known, of an upload created with Upload-Defer-Length"), ("Upload-Checksum" = Option<String>, Header, description = "`<algorithm> <base64 digest>` of the body"), ("Trailer" = Option<String>, Header, description = "`Upload-Checksum`: the checksum follows the body as a trailer")), request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"), responses((status = 204, description = "New Upload-Offset"), (status = 400, description = "Bad headers"), (status = 403, description = "A final upload"), (status = 404, description = "Unknown upload"), (status = 409, description = "Offset mismatch (Upload-Offset says the current one)"), (status = 410, description = "Expired or deleted upload"), (status = 413, description = "Past the upload's length"), (status = 415, description = "Wrong Content-Type"), (status = 460, description = "Checksum mismatch"), (status = 507, description = "Disk below its watermark")))]
 pub async fn patch(
     _: TusVersion,
     State(state): State<SharedState>,
@@ -579,7 +586,7 @@ pub async fn patch(
     }
 }
 
-#[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id"), ("Tus-Resumable" = String, Header, description = "The tus version spoken: 1.0.0")), responses((status = 204, description = "Terminated (a finished upload is deleted as a file)"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted already"), (status = 412, description = "Tus-Resumable missing or not 1.0.0")))]
+#[utoipa::path(delete, path = "/files/{id}", tag = "tus", params(("id" = String, Path, description = "Upload id")), responses((status = 204, description = "Terminated (a finished upload is deleted as a file)"), (status = 404, description = "Unknown upload"), (status = 410, description = "Expired or deleted already")))]
 pub async fn terminate(
     _: TusVersion,
     State(state): State<SharedState>,

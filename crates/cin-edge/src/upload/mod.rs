@@ -40,7 +40,9 @@ pub use expiry::SweepWorker;
 pub use lifecycle::{Lifecycle, UploadGuard};
 use locks::{KeyedLocks, Takeover};
 pub use reconcile::{reconcile, Reconciled};
-pub use tus::{Appended, BodyChecksum, DeclaredChecksum, TUS_CHECKSUMS};
+pub use tus::{
+    Appended, BodyChecksum, DeclaredChecksum, TUS_BASE64, TUS_BASE64_PATTERN, TUS_CHECKSUMS,
+};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -2,7 +2,8 @@
 //! requests at its current offset; a final concatenation is a segment list over
 //! partial uploads.
 
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
@@ -16,6 +17,17 @@ use crate::observability::names;
 
 /// The checksum algorithms tus clients may name, as `Tus-Checksum-Algorithm` lists them.
 pub const TUS_CHECKSUMS: &str = "sha1,md5,sha256";
+/// Base64 as tus clients write it: padded or not, trailing bits ignored.
+pub const TUS_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+/// What [`TUS_BASE64`] decodes, as a regular expression (for API descriptions).
+pub const TUS_BASE64_PATTERN: &str =
+    r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?";
+
 const TUS_DIGESTS: [DigestKind; 3] = [DigestKind::Sha1, DigestKind::Md5, DigestKind::Sha256];
 
 /// A checksum the client declared for a PATCH body (`Upload-Checksum`).
@@ -47,7 +59,7 @@ impl DeclaredChecksum {
                 ))
             }
         };
-        let digest = B64.decode(digest.trim()).map_err(|_| {
+        let digest = TUS_BASE64.decode(digest.trim()).map_err(|_| {
             UploadError::invalid(
                 "invalid_checksum",
                 "the Upload-Checksum digest is not base64",
