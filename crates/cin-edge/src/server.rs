@@ -52,7 +52,7 @@ const RESERVED_DESCRIPTORS: u64 = 256;
 const OVERFLOW_CONNECTIONS: usize = 64;
 
 /// Paths answered even past the connection limit.
-const ALWAYS_SERVED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+pub const ALWAYS_SERVED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 impl ServerLimits {
     /// Lowers `max_connections` to what the open-file limit allows, after

@@ -2,7 +2,7 @@
 //! then completed here with what holds for many routes at once: the form of every
 //! handle, upload id and part number (the same names mean the same thing in every
 //! route), tus's `Tus-Resumable` header, binary bodies, `HEAD` beside the file reads,
-//! and the 400 every route that reads input can answer.
+//! the 400 every route that reads input can answer and the 503 of an overloaded POP.
 
 use std::sync::LazyLock;
 
@@ -137,7 +137,7 @@ fn complete(doc: &mut Value) {
         }
         for method in METHODS {
             if let Some(operation) = item.get_mut(method).and_then(Value::as_object_mut) {
-                complete_operation(method, operation);
+                complete_operation(path, method, operation);
             }
         }
     }
@@ -154,7 +154,8 @@ fn constrain_properties(schema: &mut Value) {
     }
 }
 
-fn complete_operation(method: &str, operation: &mut Map<String, Value>) {
+fn complete_operation(path: &str, method: &str, operation: &mut Map<String, Value>) {
+    let overload_applies = !crate::server::ALWAYS_SERVED.contains(&path);
     let is_tus = operation
         .get("tags")
         .and_then(Value::as_array)
@@ -219,6 +220,11 @@ fn complete_operation(method: &str, operation: &mut Map<String, Value>) {
         if is_tus && method != "options" {
             responses.entry("412").or_insert_with(|| {
                 json!({"description": "Tus-Resumable missing or not 1.0.0 (Tus-Version says which version is spoken)"})
+            });
+        }
+        if overload_applies {
+            responses.entry("503").or_insert_with(|| {
+                json!({"description": "Overloaded: the POP is at its connection or body-writer limit; Retry-After says when to try again"})
             });
         }
         if reads_input {
