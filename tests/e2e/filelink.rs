@@ -107,22 +107,29 @@ async fn ranges_and_conditional_requests() {
 }
 
 #[tokio::test]
-async fn filelink_before_completion_says_upload_incomplete() {
+async fn filelink_before_completion_serves_the_parts_as_they_arrive() {
     let app = spawn_app().await;
     let start = app
         .start(json!({"apikey": "k", "filename": "a.bin", "mimetype": "text/plain", "size": 10, "store": {"location": "s3"}}))
         .await;
     let handle = start["handle"].as_str().unwrap();
+    let upload_id = start["upload_id"].as_str().unwrap();
+    // Declared whole at once, served as the part arrives (before `complete`).
     let resp = app
         .http
         .get(app.url(&format!("/{handle}")))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 409);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "upload_incomplete");
-    assert_eq!(body["error"]["status"], "Uploading");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], "10");
+    assert_eq!(
+        app.send_chunk(upload_id, 1, None, b"0123456789")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(resp.bytes().await.unwrap(), &b"0123456789"[..]);
     let meta = app.metadata(handle).await;
     assert_eq!(meta["status"], "Uploading");
     assert_eq!(meta["filename"], "a.bin");

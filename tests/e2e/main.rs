@@ -18,6 +18,7 @@ mod netns;
 mod network;
 mod openapi;
 mod operations;
+mod play_while_uploading;
 mod power_cut;
 mod reconcile;
 mod restart;

@@ -158,6 +158,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
             expire_after: Duration::from_secs(config.uploads.expire_after_secs),
             lock_wait: Duration::from_secs(config.server.body_idle_secs),
             max_body_writers: config.server.max_body_writers,
+            play_idle: Duration::from_secs(config.uploads.play_idle_secs),
         },
     );
     uploads.restore_reservations()?;

@@ -21,6 +21,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     pub network: NetworkConfig,
+    pub page: PageConfig,
     /// Apps by name. With none, the POP is open: any API key is accepted.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -210,6 +211,33 @@ pub struct UploadsConfig {
     pub fetch_allow: Vec<String>,
     /// Seconds a fetch from a URL may take in all (connecting, redirects, body).
     pub fetch_timeout_secs: u64,
+    /// Seconds a filelink read of a file still uploading waits for new bytes
+    /// before its answer ends (the player asks again with a Range).
+    pub play_idle_secs: u64,
+}
+
+/// The upload page at `/`: a person uploads files from a browser.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PageConfig {
+    /// Serve the page; off, `/` answers 404 like any unknown route.
+    pub enabled: bool,
+    /// Credentials the page sends with every upload, for apps that require them
+    /// (a URL's `?apikey=&policy=&signature=` overrides them).
+    pub apikey: String,
+    pub policy: String,
+    pub signature: String,
+}
+
+impl Default for PageConfig {
+    fn default() -> Self {
+        PageConfig {
+            enabled: true,
+            apikey: String::new(),
+            policy: String::new(),
+            signature: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -342,6 +370,7 @@ impl Default for UploadsConfig {
             sweep_interval_secs: 300,
             fetch_allow: Vec::new(),
             fetch_timeout_secs: 300,
+            play_idle_secs: 30,
         }
     }
 }

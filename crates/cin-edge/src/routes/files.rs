@@ -3,8 +3,8 @@
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::header::{
-    ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, IF_RANGE, RANGE,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    ETAG, IF_NONE_MATCH, IF_RANGE, RANGE,
 };
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -13,6 +13,7 @@ use axum::Json;
 use cin_domain::{FileRecord, FileStatus, Handle, PopId};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::time::Duration;
 
 use crate::app::SharedState;
 use crate::auth::{Call, Credentials};
@@ -305,6 +306,8 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         "filename": file.filename,
         "mimetype": file.mimetype,
         "size": file.size,
+        // Bytes held contiguously from the first: what the filelink serves so far.
+        "received": received_bytes(state, file),
         "uploaded": file.created_at_ms,
         "status": file.status.as_str(),
         "location": location,
@@ -327,6 +330,18 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
             "failure": failure,
         },
     })
+}
+
+fn received_bytes(state: &SharedState, file: &FileRecord) -> Option<u64> {
+    match file.status {
+        FileStatus::Uploading => state
+            .uploads
+            .watch_received(file)
+            .ok()
+            .map(|prefix| prefix.borrow().len),
+        _ if file.completed_at_ms.is_some() && !file.status.is_gone() => Some(file.size),
+        _ => None,
+    }
 }
 
 /// The outcome of reading `Range` against a file of `size` bytes.
@@ -418,7 +433,7 @@ fn disposition(filename: &str, attachment: bool) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("inline"))
 }
 
-#[utoipa::path(get, path = "/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable"), (status = 404, description = "Unknown, expired or deleted handle")))]
+#[utoipa::path(get, path = "/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("policy" = Option<String>, Query), ("signature" = Option<String>, Query)), responses((status = 200, description = "The bytes (HEAD: headers only). While the file uploads: its declared length, the bytes received so far, then the rest as they arrive (chunked while a tus length is deferred)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 416, description = "Range not satisfiable"), (status = 404, description = "Unknown, expired or deleted handle")))]
 pub async fn serve(
     State(state): State<SharedState>,
     Path(handle): Path<String>,
@@ -439,7 +454,7 @@ pub async fn serve(
 }
 
 /// The same as `/{handle}`, at Filestack's API path.
-#[utoipa::path(get, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("dl" = Option<bool>, Query, description = "true: served as an attachment")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
+#[utoipa::path(get, path = "/api/file/{handle}", tag = "files", params(("handle" = String, Path, description = "20-character handle"), ("dl" = Option<bool>, Query, description = "true: served as an attachment")), responses((status = 200, description = "The bytes (HEAD: headers only). While the file uploads: its declared length, the bytes received so far, then the rest as they arrive (chunked while a tus length is deferred)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 416, description = "Range not satisfiable")))]
 pub async fn api_serve(
     state: State<SharedState>,
     handle: Path<String>,
@@ -453,7 +468,7 @@ pub async fn api_serve(
 
 /// `/{apikey}/{handle}`, the filelink form the Filestack SDKs build: the key
 /// in the path counts as the request's API key.
-#[utoipa::path(get, path = "/{apikey}/{handle}", tag = "files", params(("apikey" = String, Path), ("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "The bytes (HEAD: headers only)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 409, description = "Still uploading"), (status = 416, description = "Range not satisfiable")))]
+#[utoipa::path(get, path = "/{apikey}/{handle}", tag = "files", params(("apikey" = String, Path), ("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "The bytes (HEAD: headers only). While the file uploads: its declared length, the bytes received so far, then the rest as they arrive (chunked while a tus length is deferred)"), (status = 206, description = "A single range"), (status = 304, description = "If-None-Match matched"), (status = 404, description = "Unknown handle"), (status = 416, description = "Range not satisfiable")))]
 pub async fn serve_keyed(
     State(state): State<SharedState>,
     Path((apikey, handle)): Path<(String, String)>,
@@ -620,16 +635,6 @@ async fn serve_file(
     headers: &HeaderMap,
     attachment: bool,
 ) -> Result<Response, ApiError> {
-    if file.status == FileStatus::Uploading {
-        return Err(ApiError::conflict(
-            "upload_incomplete",
-            format!(
-                "file {} is still uploading; it can be read once the upload completes",
-                file.handle
-            ),
-            Some(file.status),
-        ));
-    }
     if file.local_bytes_missing && file.status != FileStatus::Stored {
         return Err(ApiError::Unavailable {
             code: "local_copy_incomplete",
@@ -639,12 +644,18 @@ async fn serve_file(
             ),
         });
     }
+    let uploading = file.status == FileStatus::Uploading;
     let etag = format!("\"{}\"", file.handle);
     let mut response_headers = HeaderMap::new();
-    response_headers.insert(
-        ETAG,
-        HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\"")),
-    );
+    if uploading {
+        // The bytes so far are not the file: nothing may keep them as if they were.
+        response_headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    } else {
+        response_headers.insert(
+            ETAG,
+            HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\"")),
+        );
+    }
     response_headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     response_headers.insert(
         CONTENT_TYPE,
@@ -653,12 +664,22 @@ async fn serve_file(
     );
     response_headers.insert(CONTENT_DISPOSITION, disposition(&file.filename, attachment));
 
-    if header_str(headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag)) {
+    if file.length_deferred && uploading {
+        // No length to declare yet: the bytes so far and then the rest, chunked.
+        if *method == Method::HEAD {
+            return Ok((StatusCode::OK, response_headers).into_response());
+        }
+        let body = state.uploads.read_growing(file, 0, None)?;
+        return Ok((StatusCode::OK, response_headers, Body::from_stream(body)).into_response());
+    }
+    if !uploading
+        && header_str(headers, IF_NONE_MATCH).is_some_and(|list| etag_matches(list, &etag))
+    {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
     let range_applies = match header_str(headers, IF_RANGE) {
         None => true,
-        Some(validator) => validator.trim() == etag,
+        Some(validator) => !uploading && validator.trim() == etag,
     };
     let range = match header_str(headers, RANGE) {
         Some(r) if range_applies => parse_range(r, file.size),
@@ -700,6 +721,11 @@ async fn serve_file(
     if *method == Method::HEAD {
         return Ok((status, response_headers).into_response());
     }
+    if uploading {
+        // The declared length, and bytes as they become durable.
+        let body = state.uploads.read_growing(file, start, Some(end))?;
+        return Ok((status, response_headers, Body::from_stream(body)).into_response());
+    }
     state.cache.touch(file);
     let local = file.evicted_at_ms.is_none()
         && !file.local_bytes_missing
@@ -730,7 +756,11 @@ async fn serve_file(
     Ok((status, response_headers, body).into_response())
 }
 
-/// Server-Sent Events: the file's current status, then every change, until `Stored`.
+/// Progress events of an upload come at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Server-Sent Events: the file's current status, then every change, until
+/// `Stored`; while it uploads, the bytes received so far (`progress`).
 #[utoipa::path(get, path = "/{handle}/events", tag = "files", params(("handle" = String, Path, description = "20-character handle")), responses((status = 200, description = "text/event-stream of status events until Stored", content_type = "text/event-stream"), (status = 404, description = "Unknown, expired or deleted handle")))]
 pub async fn events(
     State(state): State<SharedState>,
@@ -791,14 +821,50 @@ fn status_events(
                 .event("status")
                 .data(json!({"handle": handle, "status": status.as_str()}).to_string())
         };
+        let size = (!file.length_deferred).then_some(file.size);
+        let progress = |received: u64| {
+            Event::default()
+                .event("progress")
+                .data(json!({"handle": handle, "received": received, "size": size}).to_string())
+        };
         if tx.send(event(last)).await.is_err() {
             return;
         }
+        // While it uploads, the bytes received too, at most every PROGRESS_EVERY.
+        let mut received = match last {
+            FileStatus::Uploading => state.uploads.watch_received(&file).ok(),
+            _ => None,
+        };
+        if let Some(prefix) = &mut received {
+            let now = prefix.borrow_and_update().len;
+            if tx.send(progress(now)).await.is_err() {
+                return;
+            }
+        }
         // Ends at a final status, or as soon as the client goes away.
         while !matches!(last, FileStatus::Stored) && !last.is_gone() {
+            let advanced = async {
+                match &mut received {
+                    Some(prefix) => prefix.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let change = tokio::select! {
                 _ = tx.closed() => return,
                 change = changes.recv() => change,
+                more = advanced => {
+                    if !more {
+                        // No longer uploading: the status change says what it is now.
+                        received = None;
+                        continue;
+                    }
+                    tokio::time::sleep(PROGRESS_EVERY).await;
+                    let now = received.as_mut().map_or(0, |p| p.borrow_and_update().len);
+                    if tx.send(progress(now)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
             };
             match change {
                 Ok(change) if change.handle == handle && change.status != last => {

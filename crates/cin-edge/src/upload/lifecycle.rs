@@ -10,10 +10,13 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 use cin_domain::{FileRecord, FileStatus, Handle, Transition, UploadId};
 use cin_storage::{JobChange, MetadataStore, PartStore, SegmentOwner};
 
 use super::locks::{KeyedGuard, KeyedLocks};
+use super::received::{Prefix, ReceivedPrefixes};
 use super::{now_ms, UploadError};
 use crate::events::StatusEvents;
 use crate::webhooks::Webhooks;
@@ -27,6 +30,8 @@ pub struct Lifecycle {
     /// Files waiting for final storage, by completion time: the replication
     /// gauges, kept as transitions happen rather than counted at each scrape.
     in_transit: Mutex<BTreeSet<(u64, Handle)>>,
+    /// What uploads in progress hold from byte 0, for readers of their filelinks.
+    received: ReceivedPrefixes,
 }
 
 /// Holds an upload's lock: the records of that upload may be written.
@@ -81,6 +86,7 @@ impl Lifecycle {
             webhooks,
             events,
             in_transit: Mutex::new(in_transit),
+            received: ReceivedPrefixes::default(),
         })
     }
 
@@ -165,9 +171,27 @@ impl Lifecycle {
                 waiting.insert((next.completed_at_ms.unwrap_or(0), next.handle.clone()));
             }
         }
+        let left_uploading =
+            file.status == FileStatus::Uploading && next.status != FileStatus::Uploading;
         *file = next;
+        if left_uploading {
+            self.received.forget(&file.upload_id);
+        }
         self.events.publish(&file.handle, file.status);
         Ok(())
+    }
+
+    /// Follows what an upload in progress holds from byte 0 (see [`ReceivedPrefixes`]).
+    pub fn watch_received(
+        &self,
+        upload: &UploadId,
+    ) -> Result<watch::Receiver<Prefix>, UploadError> {
+        self.received.watch(&*self.meta, upload)
+    }
+
+    /// A part of `upload` was recorded: its readers see the bytes it adds.
+    pub fn part_recorded(&self, upload: &UploadId) {
+        self.received.recorded(&*self.meta, upload);
     }
 
     /// Writes a change to `file` that keeps its status (replication bookkeeping,

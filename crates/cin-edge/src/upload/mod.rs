@@ -9,6 +9,7 @@ mod error;
 mod expiry;
 mod lifecycle;
 mod locks;
+pub mod received;
 mod reconcile;
 mod tus;
 
@@ -22,11 +23,11 @@ use cin_domain::{
     ReplicationJob, Segment, StoreOptions, Transition, UploadId, UploadMode,
 };
 use cin_storage::{
-    BodyError, ChunkError, ChunkSize, DigestKind, JobChange, MetadataStore, OnBreak, PartStore,
-    SegmentLog,
+    BodyError, ByteStream, ChunkError, ChunkSize, DigestKind, JobChange, MetadataStore, OnBreak,
+    PartStore, SegmentLog,
 };
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Apps;
 use crate::destinations::Destinations;
@@ -39,6 +40,7 @@ pub use error::UploadError;
 pub use expiry::SweepWorker;
 pub use lifecycle::{Lifecycle, UploadGuard};
 use locks::{KeyedLocks, Takeover};
+pub use received::Prefix;
 pub use reconcile::{reconcile, Reconciled};
 pub use tus::{
     Appended, BodyChecksum, DeclaredChecksum, TUS_BASE64, TUS_BASE64_PATTERN, TUS_CHECKSUMS,
@@ -118,6 +120,8 @@ pub struct UploadLimits {
     pub lock_wait: std::time::Duration,
     /// Requests that may write bodies at the same time; more get 503.
     pub max_body_writers: usize,
+    /// How long a read of a file still uploading waits for new bytes.
+    pub play_idle: std::time::Duration,
 }
 
 pub struct Uploads {
@@ -594,7 +598,35 @@ impl Uploads {
             ));
         }
         self.services.meta.put_part(upload, number, part)?;
+        self.lifecycle.part_recorded(upload);
         Ok(())
+    }
+
+    /// Follows what an upload in progress holds from byte 0: its length, and
+    /// the prefix's advances as parts are recorded.
+    pub fn watch_received(
+        &self,
+        file: &FileRecord,
+    ) -> Result<watch::Receiver<Prefix>, UploadError> {
+        self.lifecycle.watch_received(&file.upload_id)
+    }
+
+    /// Bytes `[start, end)` of a file still uploading, streamed as they arrive
+    /// (see [`received::read_growing`]); `end` None reads to wherever it ends.
+    pub fn read_growing(
+        &self,
+        file: &FileRecord,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<ByteStream, UploadError> {
+        Ok(received::read_growing(
+            self.watch_received(file)?,
+            self.services.meta.clone(),
+            self.services.parts.clone(),
+            file.handle.clone(),
+            (start, end),
+            self.limits.play_idle,
+        ))
     }
 
     /// Every file record (for gauges and sweeps).
