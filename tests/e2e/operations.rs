@@ -238,6 +238,10 @@ async fn events_stream_shows_uploading_in_transit_stored() {
             text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
             while let Some(end) = text.find("\n\n") {
                 let event: String = text.drain(..end + 2).collect();
+                // Progress events come between the status ones while it uploads.
+                if !event.lines().any(|l| l == "event: status") {
+                    continue;
+                }
                 if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
                     let data: Value = serde_json::from_str(data).unwrap();
                     statuses.push(data["status"].as_str().unwrap().to_owned());

@@ -852,79 +852,38 @@ async fn checksum_trailer_after_a_chunked_body() {
     let url = created.header("location").unwrap().to_owned();
     let path = url.trim_start_matches(&app.base).to_owned();
     let handle = created.header("cin-handle").unwrap().to_owned();
-    let at = |offset: usize| vec![("upload-offset", offset.to_string())];
+    let patch_with = async |offset: usize, body: &[u8], trailer: Option<String>| {
+        let at = [("upload-offset", offset.to_string())];
+        raw_exchange(
+            &app,
+            &chunked_with_trailer(&app, "PATCH", &path, &at, body, trailer),
+        )
+        .await
+    };
 
     // A trailer that does not match: 460, and nothing of the body counts.
-    let wrong = raw_exchange(
-        &app,
-        &chunked_with_trailer(
-            &app,
-            "PATCH",
-            &path,
-            &at(20_000),
-            rest,
-            Some(format!("sha1 {}", sha1(first))),
-        ),
-    )
-    .await;
+    let wrong = patch_with(20_000, rest, Some(format!("sha1 {}", sha1(first)))).await;
     assert_eq!(wrong.status, 460);
     assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
 
     // Announced but never sent: 400, and nothing counts either.
-    let missing = raw_exchange(
-        &app,
-        &chunked_with_trailer(&app, "PATCH", &path, &at(20_000), rest, None),
-    )
-    .await;
+    let missing = patch_with(20_000, rest, None).await;
     assert_eq!(missing.status, 400);
     let error: Value = serde_json::from_slice(&missing.body).unwrap();
     assert_eq!(error["error"]["code"], "checksum_trailer_missing");
     assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
 
     // An algorithm the POP does not know, named only in the trailer: 400.
-    let unknown = raw_exchange(
-        &app,
-        &chunked_with_trailer(
-            &app,
-            "PATCH",
-            &path,
-            &at(20_000),
-            rest,
-            Some("crc32 AAAAAA==".into()),
-        ),
-    )
-    .await;
+    let unknown = patch_with(20_000, rest, Some("crc32 AAAAAA==".into())).await;
     assert_eq!(unknown.status, 400);
     assert_eq!(h(&head(&app, &url).await, "upload-offset"), "20000");
 
     // The right checksum, under each algorithm the trailer may name.
     let (second, third) = rest.split_at(15_000);
-    let ok = raw_exchange(
-        &app,
-        &chunked_with_trailer(
-            &app,
-            "PATCH",
-            &path,
-            &at(20_000),
-            second,
-            Some(format!("md5 {}", md5_b64(second))),
-        ),
-    )
-    .await;
+    let ok = patch_with(20_000, second, Some(format!("md5 {}", md5_b64(second)))).await;
     assert_eq!(ok.status, 204);
     assert_eq!(ok.header("upload-offset"), Some("35000"));
-    let ok = raw_exchange(
-        &app,
-        &chunked_with_trailer(
-            &app,
-            "PATCH",
-            &path,
-            &at(35_000),
-            third,
-            Some(format!("SHA1 {}", sha1(third))),
-        ),
-    )
-    .await;
+    let ok = patch_with(35_000, third, Some(format!("SHA1 {}", sha1(third)))).await;
     assert_eq!(ok.status, 204);
     assert_eq!(ok.header("upload-offset"), Some("50000"));
 
