@@ -33,4 +33,5 @@ mod store_url;
 mod support;
 mod tls;
 mod tus;
+mod upload_page;
 mod webhooks;

@@ -392,6 +392,9 @@ async fn openapi_document_lists_every_route() {
         ("/files/{id}", "head"),
         ("/files/{id}", "patch"),
         ("/files/{id}", "delete"),
+        ("/", "get"),
+        ("/page/app.js", "get"),
+        ("/page/app.css", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -401,7 +404,7 @@ async fn openapi_document_lists_every_route() {
     }
     assert_eq!(
         paths.len(),
-        18,
+        21,
         "a route was added without documenting it, or the other way round"
     );
 }

@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use reqwest::Response;
+use serde_json::Value;
 
 use crate::support::{header_value as h, random_bytes, spawn_app_with, Pop};
 
@@ -192,11 +193,10 @@ async fn events_report_the_bytes_received() {
     assert!(seen.contains("\"size\":40000"), "{seen}");
 }
 
-/// A short test video made by ffmpeg: `(bytes, frames)`.
-fn make_video(dir: &std::path::Path, name: &str, codec: &[&str]) -> (Vec<u8>, u64) {
+/// A test video of `seconds` at 25 frames a second, made by ffmpeg: `(bytes, frames)`.
+fn make_video(dir: &std::path::Path, name: &str, seconds: u64, codec: &[&str]) -> (Vec<u8>, u64) {
     let path = dir.join(name);
-    // 10 s of video: at 60 KB/s its upload takes several seconds.
-    let frames = 250u64;
+    let frames = seconds * 25;
     let status = std::process::Command::new("ffmpeg")
         .args(["-loglevel", "error", "-f", "lavfi", "-i"])
         .arg("testsrc=size=320x240:rate=25")
@@ -227,7 +227,8 @@ async fn upload_slowly(app: &Pop, url: &str, bytes: &[u8], bytes_per_sec: usize)
 async fn ffmpeg_decodes_while_uploading(mimetype: &str, name: &str, codec: &[&str]) -> f64 {
     let app = spawn_app_with(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
-    let (video, frames) = make_video(dir.path(), name, codec);
+    // 10 s of video: at 60 KB/s its upload takes several seconds.
+    let (video, frames) = make_video(dir.path(), name, 10, codec);
     let (url, handle) = create(&app, Some(video.len()), mimetype).await;
     let started = Instant::now();
     // About 60 KB/s: the upload takes several seconds.
@@ -304,4 +305,128 @@ async fn ffmpeg_decodes_a_faststart_mp4_while_it_uploads() {
     )
     .await;
     eprintln!("mp4: first frame {first:.2} s after the first byte");
+}
+
+/// A `<video>` in headless Chromium plays the filelink to the end while the
+/// file uploads at `bytes_per_sec`; returns the seconds from the upload's first
+/// byte to the first frame shown.
+async fn chromium_plays_while_uploading(
+    mimetype: &str,
+    name: &str,
+    codec: &[&str],
+    bytes_per_sec: usize,
+) -> f64 {
+    let app = spawn_app_with(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (video, _) = make_video(dir.path(), name, 20, codec);
+    let (url, handle) = create(&app, Some(video.len()), mimetype).await;
+    let driver = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/browser/video_while_uploading.mjs");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let link = app.url(&format!("/{handle}"));
+    let player = tokio::task::spawn_blocking(move || {
+        let mut node = std::process::Command::new("node")
+            .arg(driver)
+            .arg(&link)
+            .arg("120")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("node (scripts/test installs playwright-core)");
+        let stdout = BufReader::new(node.stdout.take().expect("stdout"));
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Ok(report) = serde_json::from_str(&line) {
+                let _ = lines_tx.send(report);
+            }
+        }
+        node.wait_with_output().expect("the driver ran")
+    });
+    let next = async |lines: &mut tokio::sync::mpsc::UnboundedReceiver<Value>| {
+        lines.recv().await.unwrap_or(Value::Null)
+    };
+    assert_eq!(next(&mut lines).await["ready"], true, "the player opened");
+    let first_byte_ms = unix_ms();
+    let uploading = {
+        let (pop, url, video) = (Pop::new(app.base.clone()), url.clone(), video.clone());
+        tokio::spawn(async move { upload_slowly(&pop, &url, &video, bytes_per_sec).await })
+    };
+    let first = next(&mut lines).await;
+    let status_at_first_frame = app.metadata(&handle).await["status"].clone();
+    let ended = next(&mut lines).await;
+    let output = player.await.unwrap();
+    assert!(
+        output.status.success(),
+        "the player failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let first_frame_ms = first["first_frame_at_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no first frame: {first}"));
+    assert_eq!(
+        status_at_first_frame, "Uploading",
+        "the first frame was shown while the file was uploading"
+    );
+    assert_eq!(ended["ended"], true, "{ended}");
+    let (played, duration) = (
+        ended["current_time"].as_f64().unwrap_or(0.0),
+        ended["duration"].as_f64().unwrap_or(f64::MAX),
+    );
+    assert!(
+        played >= duration - 0.1 && duration >= 19.0,
+        "played to the end: {ended}"
+    );
+    uploading.await.unwrap();
+    assert_eq!(app.download(&handle).await, video);
+    first_frame_ms.saturating_sub(first_byte_ms) as f64 / 1000.0
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test]
+async fn chromium_plays_a_webm_while_it_uploads() {
+    // About 5 MB at 1 MB/s.
+    let first = chromium_plays_while_uploading(
+        "video/webm",
+        "clip.webm",
+        &[
+            "-c:v",
+            "libvpx",
+            "-b:v",
+            "2M",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+        ],
+        1_000_000,
+    )
+    .await;
+    eprintln!("webm in Chromium: first frame {first:.2} s after the first byte, at 1 MB/s");
+}
+
+#[tokio::test]
+async fn chromium_plays_a_faststart_mp4_while_it_uploads() {
+    let first = chromium_plays_while_uploading(
+        "video/mp4",
+        "clip.mp4",
+        &[
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-b:v",
+            "2M",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "+faststart",
+        ],
+        1_000_000,
+    )
+    .await;
+    eprintln!("mp4 in Chromium: first frame {first:.2} s after the first byte, at 1 MB/s");
 }

@@ -297,7 +297,7 @@ fn cors() -> CorsLayer {
 
 pub fn router(state: SharedState) -> Router {
     let disk = state.services.disk.clone();
-    routes::router()
+    routes::router(&state.config)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::network::forward::uploads_stay_with_their_origin,

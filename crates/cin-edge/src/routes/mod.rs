@@ -4,6 +4,7 @@ mod files;
 mod health;
 mod multipart;
 mod openapi;
+mod page;
 mod store_api;
 pub mod tus;
 
@@ -13,10 +14,11 @@ use axum::routing::{delete, get, head, options, post, put};
 use axum::Router;
 
 use crate::app::SharedState;
+use crate::config::Config;
 use crate::error::ApiError;
 
-pub fn router() -> Router<SharedState> {
-    Router::new()
+pub fn router(config: &Config) -> Router<SharedState> {
+    let routes = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -65,7 +67,17 @@ pub fn router() -> Router<SharedState> {
         .route("/{handle}/events", get(files::events))
         .route("/{handle}", get(files::serve))
         // The SDKs' `https://cdn/{apikey}/{handle}`; the static routes above win.
-        .route("/{handle}/{file}", get(files::serve_keyed))
+        .route("/{handle}/{file}", get(files::serve_keyed));
+    // Off, `/` is no route (a JSON 404) and `/page/...` reads as `/{apikey}/{handle}`.
+    let routes = if config.page.enabled {
+        routes
+            .route("/", get(page::index))
+            .route("/page/app.js", get(page::app_js))
+            .route("/page/app.css", get(page::app_css))
+    } else {
+        routes
+    };
+    routes
         // After every route: it applies to the routes added before it.
         .method_not_allowed_fallback(wrong_method)
         .fallback(no_route)

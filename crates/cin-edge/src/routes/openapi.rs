@@ -12,7 +12,7 @@ use cin_domain::{Handle, PartNumber, UploadId};
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-use super::{files, health, multipart, store_api, tus};
+use super::{files, health, multipart, page, store_api, tus};
 use crate::destinations::KNOWN_LOCATIONS;
 use crate::input::BOOL_SPELLINGS;
 use crate::upload::{TUS_BASE64_PATTERN, TUS_CHECKSUMS};
@@ -46,6 +46,9 @@ use crate::upload::{TUS_BASE64_PATTERN, TUS_CHECKSUMS};
         tus::head,
         tus::patch,
         tus::terminate,
+        page::index,
+        page::app_js,
+        page::app_css,
         document,
     ),
     components(schemas(
