@@ -194,7 +194,12 @@ async fn events_report_the_bytes_received() {
 }
 
 /// A test video of `seconds` at 25 frames a second, made by ffmpeg: `(bytes, frames)`.
-fn make_video(dir: &std::path::Path, name: &str, seconds: u64, codec: &[&str]) -> (Vec<u8>, u64) {
+pub fn make_video(
+    dir: &std::path::Path,
+    name: &str,
+    seconds: u64,
+    codec: &[&str],
+) -> (Vec<u8>, u64) {
     let path = dir.join(name);
     let frames = seconds * 25;
     let status = std::process::Command::new("ffmpeg")
@@ -388,7 +393,7 @@ fn unix_ms() -> u64 {
 
 #[tokio::test]
 async fn chromium_plays_a_webm_while_it_uploads() {
-    // About 5 MB at 1 MB/s.
+    // 20 s of video sent at 1 MB/s: the measure of how soon a viewer sees it.
     let first = chromium_plays_while_uploading(
         "video/webm",
         "clip.webm",

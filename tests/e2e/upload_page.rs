@@ -1,7 +1,8 @@
 //! The upload page at `/`: served with its credentials and types, off when
 //! `[page] enabled = false`, and used in headless Chromium the way a person
 //! would (tests/browser/upload_page.mjs): pick a file, reload mid-upload, pick
-//! it again, see it resume and end `Stored`.
+//! it again, see it resume and end `Stored`; a video's preview plays from its
+//! filelink while it uploads (tests/browser/page_preview.mjs).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -240,4 +241,48 @@ async fn with_the_page_off_the_root_is_no_route() {
             assert_eq!(body["error"]["code"], "route_not_found");
         }
     }
+}
+
+#[tokio::test]
+async fn the_preview_of_a_video_plays_while_it_uploads() {
+    let app = spawn_app_with(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 20 s of WebM.
+    let (video, _) = crate::play_while_uploading::make_video(
+        dir.path(),
+        "walkthrough.webm",
+        20,
+        &[
+            "-c:v",
+            "libvpx",
+            "-b:v",
+            "2M",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+        ],
+    );
+    let path = dir.path().join("walkthrough.webm");
+    // The upload takes about 8 s, whatever size the encoder made.
+    let rate = (video.len() / 8).max(20_000);
+    let shots = screenshot_dir();
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(browser_dir().join("page_preview.mjs"))
+        .arg(&app.base)
+        .arg(&path)
+        .arg(&shots)
+        .arg(rate.to_string());
+    let report = run_driver(cmd).await;
+    assert!(
+        report["frames_while_uploading"].as_u64().unwrap_or(0) >= 25,
+        "the preview showed frames while the file uploaded: {report}"
+    );
+    assert_eq!(report["status_while_playing"], "Uploading", "{report}");
+    assert_eq!(report["ended"], true, "{report}");
+    assert_eq!(report["final_status"], "Stored", "{report}");
+    let handle = report["handle"].as_str().expect("handle");
+    assert_eq!(sha256_hex(&app.download(handle).await), sha256_hex(&video));
+    assert!(shots.join("upload-page-preview.png").exists());
 }

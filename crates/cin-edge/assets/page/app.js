@@ -8,6 +8,7 @@
   const KIB = 1024
   const MAX_CHUNK = 1024 * KIB
   const MIN_CHUNK = 64 * KIB
+  const FIRST_CHUNK = 256 * KIB
   // Seconds to wait after the 1st, 2nd, ... failure in a row (the last repeats).
   const BACKOFF = [1, 2, 4, 8, 15, 30]
   // A chunk should take about this long: small enough for the bar to move and
@@ -224,7 +225,9 @@
       gone: false,
       failures: 0,
       conflicts: 0,
-      chunk: MAX_CHUNK,
+      // Small at first, so the first bytes are durable (and play from the
+      // filelink) soon; then sized by the measured speed.
+      chunk: FIRST_CHUNK,
       samples: [],
       activeTime: 0,
       runBegan: 0,
