@@ -193,6 +193,18 @@ async fn events_report_the_bytes_received() {
     assert!(seen.contains("\"size\":40000"), "{seen}");
 }
 
+/// ffmpeg's arguments for a WebM (VP8) test video, encoded fast.
+pub const WEBM: &[&str] = &[
+    "-c:v",
+    "libvpx",
+    "-b:v",
+    "2M",
+    "-deadline",
+    "realtime",
+    "-cpu-used",
+    "8",
+];
+
 /// A test video of `seconds` at 25 frames a second, made by ffmpeg: `(bytes, frames)`.
 pub fn make_video(
     dir: &std::path::Path,
@@ -394,22 +406,7 @@ fn unix_ms() -> u64 {
 #[tokio::test]
 async fn chromium_plays_a_webm_while_it_uploads() {
     // 20 s of video sent at 1 MB/s: the measure of how soon a viewer sees it.
-    let first = chromium_plays_while_uploading(
-        "video/webm",
-        "clip.webm",
-        &[
-            "-c:v",
-            "libvpx",
-            "-b:v",
-            "2M",
-            "-deadline",
-            "realtime",
-            "-cpu-used",
-            "8",
-        ],
-        1_000_000,
-    )
-    .await;
+    let first = chromium_plays_while_uploading("video/webm", "clip.webm", WEBM, 1_000_000).await;
     eprintln!("webm in Chromium: first frame {first:.2} s after the first byte, at 1 MB/s");
 }
 

@@ -252,16 +252,7 @@ async fn the_preview_of_a_video_plays_while_it_uploads() {
         dir.path(),
         "walkthrough.webm",
         20,
-        &[
-            "-c:v",
-            "libvpx",
-            "-b:v",
-            "2M",
-            "-deadline",
-            "realtime",
-            "-cpu-used",
-            "8",
-        ],
+        crate::play_while_uploading::WEBM,
     );
     let path = dir.path().join("walkthrough.webm");
     // The upload takes about 8 s, whatever size the encoder made.
