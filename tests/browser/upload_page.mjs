@@ -200,12 +200,21 @@ async function main() {
     const restored = await rowState()
     await shot('reloaded')
 
-    // The drop zone is a keyboard control: Enter opens the file chooser.
-    await page.locator('[data-testid="drop"]').focus()
-    const [chooser] = await Promise.all([
-      page.waitForEvent('filechooser', { timeout: waitMs }),
-      page.keyboard.press('Enter'),
-    ])
+    // The drop zone is a keyboard control: Enter opens the file chooser. A key
+    // pressed while the reloaded page is still settling can be lost, so a
+    // chooser that does not open is asked for again.
+    let chooser = null
+    for (let attempt = 1; !chooser; attempt++) {
+      await page.locator('[data-testid="drop"]').focus()
+      try {
+        ;[chooser] = await Promise.all([
+          page.waitForEvent('filechooser', { timeout: 5000 }),
+          page.keyboard.press('Enter'),
+        ])
+      } catch (err) {
+        if (attempt >= 5) throw new Error(`Enter on the drop zone opened no file chooser in ${attempt} tries: ${err.message}`)
+      }
+    }
     await chooser.setFiles(args.file)
 
     // 3. It resumes from what the POP has and ends Stored.
