@@ -175,6 +175,20 @@ async fn the_sdks_download_forms_serve_the_same_bytes_and_dl_makes_an_attachment
             "{path}?dl=true: {disposition}"
         );
         assert_eq!(download.bytes().await.unwrap(), &bytes[..]);
+
+        // dl is a boolean: anything else is a 400 naming it.
+        let odd = app
+            .http
+            .get(app.url(&format!("{path}?dl=maybe")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(odd.status(), 400, "{path}?dl=maybe");
+        let body: Value = odd.json().await.unwrap();
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dl"));
     }
     // Two segments that are not a key and a handle are no route.
     let resp = app.http.get(app.url("/some/thing")).send().await.unwrap();

@@ -687,6 +687,20 @@ async fn what_the_spec_asks_of_creation_and_patch() {
     assert_eq!(app.upload_dirs(), 0, "nothing was created");
     assert_eq!(app.metric("cin_uploads_started_total").await, 0.0);
 
+    // An empty upload cannot carry a body: 413, nothing created.
+    let overfull = app
+        .http
+        .post(app.url("/files/"))
+        .header(TUS.0, TUS.1)
+        .header("upload-length", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overfull.status(), 413);
+    assert_eq!(app.metric("cin_uploads_started_total").await, 0.0);
+
     // A 409 for a wrong offset says where the upload is.
     let created = app
         .http
