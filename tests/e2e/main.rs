@@ -1,9 +1,12 @@
 //! End-to-end tests: each starts a real POP on port 0 with its own data directory
 //! and drives it over HTTP, with plain HTTP calls and with real client SDKs.
 
+mod admin;
 mod bad_input;
+mod cli;
 mod client;
 mod delete;
+mod deploy_kit;
 mod disk_full;
 mod error_shape;
 mod fault_proxy;
@@ -18,6 +21,7 @@ mod netns;
 mod network;
 mod openapi;
 mod operations;
+mod operator;
 mod play_while_uploading;
 mod power_cut;
 mod reconcile;

@@ -23,7 +23,13 @@ fn schemathesis() -> PathBuf {
 #[tokio::test]
 async fn schemathesis_finds_every_answer_documented() {
     // Small limits, so generated sizes reach them instead of the disk.
-    let app = spawn_app_with(|c| c.uploads.max_file_size = 1 << 20).await;
+    // The admin API on, its key given to schemathesis (schemathesis.toml's [auth]).
+    const ADMIN_KEY: &str = "schemathesis-admin-key-0123456789abcdef";
+    let app = spawn_app_with(|c| {
+        c.uploads.max_file_size = 1 << 20;
+        c.admin.key = ADMIN_KEY.into();
+    })
+    .await;
     let reports = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(schemathesis());
     cmd.current_dir(reports.path())
@@ -31,6 +37,7 @@ async fn schemathesis_finds_every_answer_documented() {
         .env("NO_COLOR", "1")
         // hooks.py asks the POP about the files it reads.
         .env("CIN_POP_URL", &app.base)
+        .env("CIN_ADMIN_KEY", ADMIN_KEY)
         .arg("--config-file")
         .arg(openapi_dir().join("schemathesis.toml"))
         .arg("run")

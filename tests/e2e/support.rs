@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use cin_edge::Config;
@@ -353,6 +353,8 @@ impl Drop for TestApp {
 pub struct PopProcess {
     pub pop: Pop,
     child: Child,
+    /// Every line the POP printed on stderr, as it printed them.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::ops::Deref for PopProcess {
@@ -401,10 +403,13 @@ impl PopProcess {
             .map_err(|e| format!("could not start cin-edge: {e}"))?;
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             let mut printed = Vec::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
                 if !sent {
                     if let Some(rest) = line.split("listening on ").nth(1) {
                         let url = rest
@@ -428,6 +433,7 @@ impl PopProcess {
                 return Ok(PopProcess {
                     pop: Pop::new(base),
                     child,
+                    log,
                 })
             }
             Ok(Err(printed)) => {
@@ -438,6 +444,27 @@ impl PopProcess {
         let _ = child.kill();
         let _ = child.wait();
         Err(failure)
+    }
+
+    /// The lines the POP has printed on stderr so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the POP has printed a line `matches` accepts, and returns it.
+    pub fn wait_for_log(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| matches(l)) {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the POP printed no such line within {timeout:?}; it printed:\n{}",
+                self.log_lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The id of the process started (the wrapper, for a wrapped command).

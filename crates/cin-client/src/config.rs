@@ -5,6 +5,11 @@
 //! pops = ["https://pop-eu.example", "https://pop-us.example"]
 //! apikey = "..."
 //! state_dir = "/var/tmp/cin"
+//! # For apps that require security: the app's secret (cin signs a policy for
+//! # each call), or a policy signed elsewhere with its signature.
+//! secret = "..."
+//! policy = "..."
+//! signature = "..."
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -22,6 +27,12 @@ pub struct ClientConfig {
     pub apikey: Option<String>,
     /// Where resumable upload state is kept.
     pub state_dir: Option<PathBuf>,
+    /// A security policy (base64url JSON), sent with every call.
+    pub policy: Option<String>,
+    /// The policy's signature (hex HMAC-SHA256 with the app's secret).
+    pub signature: Option<String>,
+    /// The app's secret: cin signs a policy for each call itself.
+    pub secret: Option<String>,
 }
 
 impl ClientConfig {
@@ -69,5 +80,10 @@ mod tests {
         assert_eq!(config.pops, ["http://a", "http://b"]);
         assert_eq!(config.apikey.as_deref(), Some("k"));
         assert!(toml::from_str::<ClientConfig>("pop = \"x\"").is_err());
+        let secure: ClientConfig =
+            toml::from_str("secret = \"s\"\npolicy = \"p\"\nsignature = \"g\"").unwrap_or_default();
+        assert_eq!(secure.secret.as_deref(), Some("s"));
+        assert_eq!(secure.policy.as_deref(), Some("p"));
+        assert_eq!(secure.signature.as_deref(), Some("g"));
     }
 }

@@ -18,15 +18,37 @@ pub enum TransportError {
     #[error("network error: {0}")]
     Network(String),
     /// The POP answered with an error status; `code` is the machine-readable reason.
-    #[error("HTTP {status} {code}: {message}")]
+    #[error("HTTP {status} {code}: {message}{}", hint(*.status, message))]
     Status {
         status: u16,
         code: String,
         message: String,
+        /// The answer's `Retry-After`: the POP expects the call to succeed later.
+        retry_after: Option<Duration>,
     },
     /// The POP answered 2xx with something this client cannot read.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// An `https://` URL reached a server that speaks plain HTTP.
+    #[error(
+        "the POP answered plain HTTP to an https:// request at {url}: use http:// in the POP URL"
+    )]
+    PlainHttp { url: String },
+    /// A 404 that is no answer of the POP's API: the URL names no POP route.
+    #[error("the POP answered 404 at {url}: is the POP URL's path right? Give the POP's base URL, e.g. http://host:8080")]
+    WrongPath { url: String },
+}
+
+/// What to do about a refusal, where the POP's own message does not say it in
+/// terms of this client's options.
+fn hint(status: u16, message: &str) -> &'static str {
+    let about_policy = message.contains("policy") || message.contains("signature");
+    match status {
+        401 if about_policy => " (pass --secret SECRET, or CIN_SECRET, to sign a policy with the app's secret; or --policy and --signature)",
+        401 => " (pass --apikey KEY, or set CIN_APIKEY)",
+        403 if about_policy => " (check --policy and --signature, or --secret: they must be the app's)",
+        _ => "",
+    }
 }
 
 /// What the upload loop should do after a failed exchange.
@@ -55,6 +77,36 @@ impl TransportError {
         }
     }
 
+    /// How long the POP asked the client to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TransportError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A stable name for the kind of failure, for machine-readable output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransportError::Timeout(_) => "timeout",
+            TransportError::Stalled(_) => "stalled",
+            TransportError::Network(_) => "network",
+            TransportError::Protocol(_) => "protocol",
+            TransportError::PlainHttp { .. } => "plain_http",
+            TransportError::WrongPath { .. } => "wrong_path",
+            TransportError::Status { status, .. } => match status {
+                401 => "unauthorized",
+                403 => "forbidden",
+                404 => "not_found",
+                409 => "conflict",
+                413 => "too_large",
+                507 => "insufficient_storage",
+                400..=499 => "refused",
+                _ => "pop_error",
+            },
+        }
+    }
+
     pub fn classify(&self) -> Failure {
         match self {
             // A dead connection says nothing about the chunk size or the load:
@@ -64,6 +116,13 @@ impl TransportError {
             TransportError::Timeout(_)
             | TransportError::Network(_)
             | TransportError::Protocol(_) => Failure::Shrink,
+            TransportError::PlainHttp { .. } | TransportError::WrongPath { .. } => Failure::Fatal,
+            // The POP said when to come back (a full disk, overload): nothing
+            // about the link, so the chunk keeps its size.
+            TransportError::Status {
+                retry_after: Some(_),
+                ..
+            } => Failure::Retry,
             TransportError::Status { status, code, .. } => match *status {
                 500..=599 => Failure::Shrink,
                 // 423: another request is writing the part (this client's own stalled one, most likely).
@@ -79,8 +138,10 @@ impl TransportError {
 /// An upload or a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no POP to talk to: pass --pop URL or list `pops` in the client config file")]
+    #[error("no POP to talk to: {}", no_pop_help())]
     NoPop,
+    #[error("POP URL {url:?}: {reason}")]
+    BadPopUrl { url: String, reason: String },
     #[error("no POP accepted the upload: {}", join_errors(.0))]
     AllPopsFailed(Vec<(String, TransportError)>),
     #[error("{what} failed at {pop}: {source}")]
@@ -127,6 +188,17 @@ pub enum ClientError {
         waited: Duration,
         last: String,
     },
+    /// Ctrl-C; `resume` is the command that continues where this run stopped.
+    #[error("interrupted{}", match .resume { Some(r) => format!("; to continue where it stopped, run:\n    {r}"), None => String::new() })]
+    Interrupted { resume: Option<String> },
+    #[error("{path} is {have} bytes, more than the file's {total}: it is no partial download of it; remove it or choose another -o")]
+    NotAPartialDownload {
+        path: PathBuf,
+        have: u64,
+        total: u64,
+    },
+    #[error("the download into {path} ended at {got} of {total} bytes; run the same command again to continue it")]
+    IncompleteDownload { path: PathBuf, got: u64, total: u64 },
 }
 
 impl ClientError {
@@ -136,6 +208,54 @@ impl ClientError {
             source,
         }
     }
+
+    /// A stable name for the kind of error, for machine-readable output
+    /// (`{"error": {"code": ..., "message": ...}}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::NoPop => "no_pop",
+            ClientError::BadPopUrl { .. } => "bad_pop_url",
+            ClientError::AllPopsFailed(errors) => {
+                let mut kinds = errors.iter().map(|(_, e)| e.kind());
+                match kinds.next() {
+                    Some(first) if kinds.all(|k| k == first) => first,
+                    _ => "no_pop_accepted",
+                }
+            }
+            ClientError::Request { source, .. } => source.kind(),
+            ClientError::GaveUp { .. } => "gave_up",
+            ClientError::Io { .. } => "io",
+            ClientError::SourceChanged { .. } => "source_changed",
+            ClientError::BadState { .. } => "bad_state",
+            ClientError::Config { .. } => "config",
+            ClientError::Invalid(_) => "invalid",
+            ClientError::WaitTimedOut { .. } => "wait_timeout",
+            ClientError::Interrupted { .. } => "interrupted",
+            ClientError::NotAPartialDownload { .. } => "not_a_partial_download",
+            ClientError::IncompleteDownload { .. } => "incomplete_download",
+        }
+    }
+
+    /// The POP's answer behind this error, when one refused: (HTTP status, its code).
+    pub fn pop_status(&self) -> Option<(u16, &str)> {
+        let source = match self {
+            ClientError::Request { source, .. } => source,
+            ClientError::AllPopsFailed(errors) => &errors.last()?.1,
+            _ => return None,
+        };
+        Some((source.status()?, source.code()?))
+    }
+}
+
+/// Every way to name a POP, with the config file this user would have.
+fn no_pop_help() -> String {
+    let path = crate::config::ClientConfig::default_path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "$XDG_CONFIG_HOME/cin/config.toml".into());
+    format!(
+        "pass --pop URL (e.g. --pop http://127.0.0.1:8080), set CIN_POP=URL (several: comma-separated), \
+         or list them in the client config file {path}: pops = [\"https://pop.example\"]"
+    )
 }
 
 fn join_errors(errors: &[(String, TransportError)]) -> String {

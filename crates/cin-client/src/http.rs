@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::adaptive::PROGRESS_PIECE;
 use crate::error::{ClientError, TransportError};
+use crate::policy::{Call, Security, SignedPolicy};
 use crate::transport::{
     ChunkAck, ChunkDeadlines, ChunkRequest, CompleteRequest, Completed, StartRequest, Started,
     Transport, UploadGrant, CHECK_BLOCK,
@@ -34,6 +35,10 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// might arrive after it (or the clocks differ a little).
 const GRANT_MARGIN_SECS: u64 = 120;
 
+/// A `Retry-After` longer than this is taken as this: the retry deadline, not
+/// the POP, bounds how long an upload waits.
+const MAX_RETRY_AFTER_SECS: u64 = 300;
+
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
@@ -41,6 +46,8 @@ pub struct HttpTransport {
     /// kernel's own), each with its connection pool; see [`ChunkDeadlines::kernel_limit`].
     chunk_clients: Arc<Mutex<HashMap<Option<Duration>, reqwest::Client>>>,
     apikey: String,
+    /// Policies for apps that require security.
+    security: Security,
     /// Upload grants by upload id, from start and upload answers.
     grants: Arc<Mutex<HashMap<String, UploadGrant>>>,
 }
@@ -52,8 +59,73 @@ impl HttpTransport {
                 .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?,
             chunk_clients: Arc::default(),
             apikey: apikey.into(),
+            security: Security::None,
             grants: Arc::default(),
         })
+    }
+
+    /// Sends policies as `security` says, on every call that needs one.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    pub fn apikey(&self) -> &str {
+        &self.apikey
+    }
+
+    /// The query naming the policy for `call` on `handle`, if one is sent.
+    fn policy_query(&self, call: Call, handle: &str) -> Vec<(&'static str, String)> {
+        match self.security.for_call(call, Some(handle)) {
+            Some(SignedPolicy { policy, signature }) => {
+                vec![("policy", policy), ("signature", signature)]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// `GET /api/file/{handle}`, from byte `from` on (a `Range` request when
+    /// `from` > 0). The answer's status is 200, 206 or 416; its body streams,
+    /// with no deadline of its own (a file still uploading arrives as it does).
+    pub async fn get_file(
+        &self,
+        pop: &str,
+        handle: &str,
+        from: u64,
+    ) -> Result<reqwest::Response, TransportError> {
+        let mut request = self
+            .http
+            .get(url(pop, &format!("/api/file/{handle}")))
+            .query(&self.policy_query(Call::Read, handle));
+        if from > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
+        if resp.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+            return Ok(resp);
+        }
+        check(resp, CONTROL_TIMEOUT).await
+    }
+
+    /// `DELETE /api/file/{handle}?key=`: the POP's answer (`handle`, `status`).
+    pub async fn delete_file(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
+        let mut query = vec![("key", self.apikey.clone())];
+        query.extend(self.policy_query(Call::Remove, handle));
+        let resp = self
+            .http
+            .delete(url(pop, &format!("/api/file/{handle}")))
+            .query(&query)
+            .timeout(CONTROL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
+        let resp = check(resp, CONTROL_TIMEOUT).await?;
+        resp.json()
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()))
     }
 
     /// The client whose connections end when sent bytes go unacknowledged for `limit`.
@@ -210,6 +282,15 @@ fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
         return TransportError::Timeout(timeout);
     }
     let mut message = e.to_string();
+    // rustls reading a plain HTTP answer where a TLS record should be: the
+    // message names the record type it choked on, nothing a user can act on.
+    let plain_http = std::iter::successors(std::error::Error::source(&e), |cause| cause.source())
+        .any(|cause| cause.to_string().contains("InvalidContentType"));
+    if plain_http {
+        return TransportError::PlainHttp {
+            url: e.url().map(|u| u.to_string()).unwrap_or_default(),
+        };
+    }
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
         message.push_str(": ");
@@ -228,11 +309,27 @@ async fn check(
     if status.is_success() {
         return Ok(resp);
     }
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
+    let answered_at = resp.url().clone();
     let text = resp.text().await.map_err(|e| from_reqwest(e, timeout))?;
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
     let error = parsed.as_ref().map(|v| &v["error"]);
-    let code = error
-        .and_then(|e| e["code"].as_str())
+    let pop_code = error.and_then(|e| e["code"].as_str());
+    // A 404 that is no answer of the POP's API (or its own "no such route"):
+    // the URL's path is wrong, which no handle or retry can fix.
+    if status == reqwest::StatusCode::NOT_FOUND && pop_code.is_none_or(|c| c == "route_not_found") {
+        let mut url = answered_at;
+        url.set_query(None);
+        return Err(TransportError::WrongPath {
+            url: url.to_string(),
+        });
+    }
+    let code = pop_code
         .map(str::to_owned)
         .unwrap_or_else(|| format!("http_{}", status.as_u16()));
     let message = error
@@ -243,6 +340,7 @@ async fn check(
         status: status.as_u16(),
         code,
         message,
+        retry_after,
     })
 }
 
@@ -319,7 +417,7 @@ impl Stream for Pieces {
 #[async_trait]
 impl Transport for HttpTransport {
     async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError> {
-        let body = json!({
+        let mut body = json!({
             "apikey": self.apikey,
             "filename": req.filename,
             "mimetype": req.mimetype,
@@ -327,6 +425,10 @@ impl Transport for HttpTransport {
             "store": req.store,
             "fii": true,
         });
+        if let Some(signed) = self.security.for_call(Call::Store, None) {
+            body["policy"] = json!(signed.policy);
+            body["signature"] = json!(signed.signature);
+        }
         let (started, _): (Started, _) = self
             .post(url(pop, "/multipart/start"), body, CONTROL_TIMEOUT)
             .await?;
@@ -387,6 +489,7 @@ impl Transport for HttpTransport {
                     status: 403,
                     code: "url_expired".into(),
                     message: "the upload grant was refused; asking for a new one".into(),
+                    retry_after: None,
                 });
             }
             other => other?,
@@ -467,7 +570,8 @@ impl Transport for HttpTransport {
     async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
         let resp = self
             .http
-            .get(url(pop, &format!("/{handle}/metadata")))
+            .get(url(pop, &format!("/api/file/{handle}/metadata")))
+            .query(&self.policy_query(Call::Stat, handle))
             .timeout(CONTROL_TIMEOUT)
             .send()
             .await

@@ -87,6 +87,63 @@ pub fn origin_pop(started_at: &str, location_url: &str) -> String {
     format!("{scheme}://{location}")
 }
 
+/// Checks a POP URL as given (`--pop`, `CIN_POP`, the config file) before any
+/// request, so a mistake gets a message about the URL rather than one from
+/// deep inside the HTTP client; returns it without a trailing slash.
+pub fn parse_pop_url(raw: &str) -> Result<String, crate::error::ClientError> {
+    let given = raw.trim();
+    let bad = |reason: String| crate::error::ClientError::BadPopUrl {
+        url: given.to_owned(),
+        reason,
+    };
+    if !given.contains("://") {
+        return Err(bad(format!(
+            "no scheme: add http:// or https:// (e.g. http://{given})"
+        )));
+    }
+    let url = reqwest::Url::parse(given).map_err(|e| bad(format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "scheme {}:// is not spoken by POPs: use http:// or https://",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host: give one, e.g. http://127.0.0.1:8080".into()));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad(
+            "a POP URL takes no query or fragment: give the POP's base URL".into(),
+        ));
+    }
+    Ok(given.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::parse_pop_url;
+
+    #[test]
+    fn pop_urls_are_checked_up_front() {
+        assert_eq!(
+            parse_pop_url(" http://127.0.0.1:8080/ ").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            parse_pop_url("https://pop.example/edge").unwrap(),
+            "https://pop.example/edge"
+        );
+        let no_scheme = parse_pop_url("127.0.0.1:8080").unwrap_err().to_string();
+        assert!(no_scheme.contains("add http:// or https://"), "{no_scheme}");
+        assert!(parse_pop_url("ftp://x")
+            .unwrap_err()
+            .to_string()
+            .contains("use http:// or https://"));
+        assert!(parse_pop_url("http://x/?a=1").is_err());
+        assert!(parse_pop_url("http://").is_err());
+    }
+}
+
 #[cfg(test)]
 mod origin_tests {
     use super::origin_pop;

@@ -1,7 +1,7 @@
 //! A simulated POP and a fake clock: the upload engine's unit tests run whole
 //! uploads, faults and hours of backoff in milliseconds, without a network.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,6 +86,8 @@ pub struct SimPop {
     stored: Mutex<BTreeMap<u32, (Vec<u8>, RangeSet)>>,
     pub rtt: HashMap<String, Duration>,
     pub refuse_start: HashSet<String>,
+    /// Answers for the next start calls, before any succeeds.
+    pub start_errors: Mutex<VecDeque<TransportError>>,
     pub starts: Mutex<Vec<String>>,
     pub completed: Mutex<u32>,
     in_flight: AtomicUsize,
@@ -104,6 +106,7 @@ impl SimPop {
             stored: Mutex::new(BTreeMap::new()),
             rtt: HashMap::new(),
             refuse_start: HashSet::new(),
+            start_errors: Mutex::new(VecDeque::new()),
             starts: Mutex::new(Vec::new()),
             completed: Mutex::new(0),
             in_flight: AtomicUsize::new(0),
@@ -148,6 +151,10 @@ impl Transport for SimPop {
         self.starts.lock().unwrap().push(pop.to_owned());
         if self.refuse_start.contains(pop) {
             return Err(TransportError::Network("connection reset by peer".into()));
+        }
+        if let Some(error) = self.start_errors.lock().unwrap().pop_front() {
+            self.clock.advance(self.latency);
+            return Err(error);
         }
         Ok(Started {
             upload_id: "up1".into(),
@@ -235,6 +242,7 @@ impl Transport for SimPop {
                     status,
                     code: code.into(),
                     message: "simulated".into(),
+                    retry_after: None,
                 })
             }
         }
@@ -789,4 +797,210 @@ async fn a_link_that_breaks_with_the_bytes_sent_gets_small_chunks() {
     let median = median_late_size(&calls);
     eprintln!("{} calls, late median chunk {median}", calls.len());
     assert!(median <= 256 * KIB, "median {median}");
+}
+
+fn full_disk(retry_after: Option<u64>) -> TransportError {
+    TransportError::Status {
+        status: 507,
+        code: "insufficient_storage".into(),
+        message: "this POP is short of disk space".into(),
+        retry_after: retry_after.map(Duration::from_secs),
+    }
+}
+
+#[tokio::test]
+async fn a_full_pop_is_waited_for_as_its_retry_after_says() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    pop.start_errors
+        .lock()
+        .unwrap()
+        .extend([full_disk(Some(5)), full_disk(Some(5))]);
+    let bytes = data(1000);
+    let report = uploader(&pop, &clock, options())
+        .upload(job(&bytes, &["http://pop"]))
+        .await
+        .unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    assert_eq!(
+        *pop.starts.lock().unwrap(),
+        ["http://pop", "http://pop", "http://pop"]
+    );
+    // Exactly as long as asked, twice.
+    assert_eq!(
+        clock.sleeps.lock().unwrap()[..2],
+        [Duration::from_secs(5), Duration::from_secs(5)]
+    );
+    assert_eq!(report.handle, "HANDLE");
+}
+
+#[tokio::test]
+async fn a_refusal_without_retry_after_or_past_the_deadline_is_final() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    pop.start_errors.lock().unwrap().push_back(full_disk(None));
+    let err = uploader(&pop, &clock, options())
+        .upload(job(&data(10), &["http://pop"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::AllPopsFailed(_)), "{err}");
+    assert_eq!(pop.starts.lock().unwrap().len(), 1);
+
+    // Always full: retried until the deadline, then given up.
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    pop.start_errors
+        .lock()
+        .unwrap()
+        .extend((0..100).map(|_| full_disk(Some(30))));
+    let mut opts = options();
+    opts.retry_deadline = Duration::from_secs(100);
+    let err = uploader(&pop, &clock, opts)
+        .upload(job(&data(10), &["http://pop"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "insufficient_storage", "{err}");
+    let starts = pop.starts.lock().unwrap().len();
+    assert!(
+        (4..=6).contains(&starts),
+        "{starts} starts within 100 s at 30 s each"
+    );
+    assert!(clock.now() <= Duration::from_secs(101), "{:?}", clock.now());
+}
+
+#[tokio::test]
+async fn a_chunk_refused_with_retry_after_waits_that_long_and_keeps_its_size() {
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(
+        SimPop::new(clock.clone())
+            .script(|_, i| (i == 0).then_some(Fault::Status(507, "insufficient_storage"))),
+    );
+    // The simulated status carries no Retry-After; a wrapper adds it.
+    struct WithRetryAfter(Arc<SimPop>);
+    #[async_trait]
+    impl Transport for WithRetryAfter {
+        async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError> {
+            self.0.start(pop, req).await
+        }
+        async fn send_chunk(
+            &self,
+            pop: &str,
+            chunk: &ChunkRequest,
+            deadlines: ChunkDeadlines,
+        ) -> Result<ChunkAck, TransportError> {
+            self.0
+                .send_chunk(pop, chunk, deadlines)
+                .await
+                .map_err(|e| match e {
+                    TransportError::Status {
+                        status,
+                        code,
+                        message,
+                        ..
+                    } => TransportError::Status {
+                        status,
+                        code,
+                        message,
+                        retry_after: Some(Duration::from_secs(7)),
+                    },
+                    other => other,
+                })
+        }
+        async fn received(
+            &self,
+            pop: &str,
+            upload_id: &str,
+            part: u32,
+            timeout: Duration,
+        ) -> Result<Vec<(u64, u64)>, TransportError> {
+            self.0.received(pop, upload_id, part, timeout).await
+        }
+        async fn complete(
+            &self,
+            pop: &str,
+            req: &CompleteRequest,
+        ) -> Result<Completed, TransportError> {
+            self.0.complete(pop, req).await
+        }
+        async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
+            self.0.metadata(pop, handle).await
+        }
+        async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {
+            self.0.probe(pop, timeout).await
+        }
+    }
+    let bytes = data(2 * MIB as usize);
+    let uploader = Uploader::new(
+        Arc::new(WithRetryAfter(pop.clone())),
+        clock.clone(),
+        options(),
+        Arc::new(Quiet),
+    );
+    uploader.upload(job(&bytes, &["http://pop"])).await.unwrap();
+    assert_eq!(pop.file(), bytes.to_vec());
+    assert!(clock
+        .sleeps
+        .lock()
+        .unwrap()
+        .contains(&Duration::from_secs(7)));
+    let calls = pop.calls();
+    assert_eq!(calls[0].size, calls[1].size, "the chunk kept its size");
+}
+
+#[tokio::test]
+async fn a_completed_upload_is_not_uploaded_again_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    let bytes = data(3000);
+    let plan = ResumePlan {
+        dir: StateDir::new(dir.path()),
+        identity: FileIdentity {
+            path: "/data/done.bin".into(),
+            size: bytes.len() as u64,
+            mtime_secs: 1,
+            mtime_nanos: 0,
+        },
+        resume: false,
+    };
+    let mut first = job(&bytes, &["http://pop"]);
+    first.resume = Some(plan.clone());
+    let done = uploader(&pop, &clock, options())
+        .upload(first)
+        .await
+        .unwrap();
+    assert!(!done.already_uploaded);
+
+    let mut again = job(&bytes, &["http://pop"]);
+    again.resume = Some(ResumePlan {
+        resume: true,
+        ..plan.clone()
+    });
+    let before = pop.calls().len();
+    let report = uploader(&pop, &clock, options())
+        .upload(again)
+        .await
+        .unwrap();
+    assert!(report.already_uploaded);
+    assert_eq!(report.handle, done.handle);
+    assert_eq!(report.url, done.url);
+    assert_eq!(pop.calls().len(), before, "nothing sent");
+    assert_eq!(pop.starts.lock().unwrap().len(), 1, "no second start");
+
+    // The same path with other contents is another file: uploaded anew.
+    let mut changed = job(&data(3001), &["http://pop"]);
+    changed.resume = Some(ResumePlan {
+        resume: true,
+        identity: FileIdentity {
+            size: 3001,
+            ..plan.identity.clone()
+        },
+        ..plan
+    });
+    let report = uploader(&pop, &clock, options())
+        .upload(changed)
+        .await
+        .unwrap();
+    assert!(!report.already_uploaded);
+    assert_eq!(pop.starts.lock().unwrap().len(), 2);
 }

@@ -78,6 +78,22 @@ impl UploadState {
     }
 }
 
+/// A finished upload of a source file, kept after its state file is removed,
+/// so `cin upload --resume` of the same file says where it is rather than
+/// uploading it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedUpload {
+    pub version: u32,
+    pub file: FileIdentity,
+    pub pop: String,
+    pub upload_id: String,
+    pub handle: String,
+    pub url: String,
+    /// The status the POP reported when the upload completed.
+    pub status: String,
+    pub size: u64,
+}
+
 /// The directory holding state files.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -107,6 +123,32 @@ impl StateDir {
         let digest = Sha256::digest(identity.path.to_string_lossy().as_bytes());
         self.dir
             .join(format!("{}.json", hex::encode(&digest[..16])))
+    }
+
+    /// The record of the finished upload of the source path, beside its state file.
+    pub fn done_file_for(&self, identity: &FileIdentity) -> PathBuf {
+        self.file_for(identity).with_extension("done.json")
+    }
+
+    /// The finished upload of this very file (same path, size and mtime), if
+    /// one is recorded; an unreadable record counts as none (it only saves an upload).
+    pub fn completed(&self, identity: &FileIdentity) -> Option<CompletedUpload> {
+        let text = std::fs::read(self.done_file_for(identity)).ok()?;
+        let done: CompletedUpload = serde_json::from_slice(&text).ok()?;
+        (done.version == STATE_VERSION && done.file == *identity).then_some(done)
+    }
+
+    /// Records a finished upload (write-then-rename, like the state file).
+    pub fn record_completed(&self, done: &CompletedUpload) -> Result<(), ClientError> {
+        let path = self.done_file_for(&done.file);
+        let bytes = serde_json::to_vec_pretty(done).map_err(|e| ClientError::BadState {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| ClientError::io(&self.dir, e))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes).map_err(|e| ClientError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ClientError::io(&path, e))
     }
 
     pub fn load(path: &Path) -> Result<Option<UploadState>, ClientError> {

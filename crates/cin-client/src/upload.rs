@@ -25,7 +25,9 @@ use crate::error::{ClientError, Failure, TransportError};
 use crate::pop::{rank_pops, PopRtt, ProbePolicy};
 use crate::ranges::RangeSet;
 use crate::source::ByteSource;
-use crate::state::{Checkpoint, FileIdentity, StateDir, UploadState, STATE_VERSION};
+use crate::state::{
+    Checkpoint, CompletedUpload, FileIdentity, StateDir, UploadState, STATE_VERSION,
+};
 use crate::transport::{
     ChunkRequest, CompleteRequest, StartRequest, StoreOptions, Transport, CHECK_BLOCK,
 };
@@ -91,6 +93,9 @@ pub trait Observer: Send + Sync {
     fn session(&self, _info: &SessionInfo) {}
     fn acked(&self, _bytes: u64) {}
     fn retrying(&self, _part: u32, _error: &TransportError, _next_chunk: u64, _delay: Duration) {}
+    /// No POP could start the upload now, and one asked to be tried again
+    /// (`Retry-After`, e.g. a full disk): the start is tried again after `delay`.
+    fn start_retrying(&self, _pop: &str, _error: &TransportError, _delay: Duration) {}
 }
 
 /// An observer that ignores everything.
@@ -128,6 +133,9 @@ pub struct UploadReport {
     pub sent_bytes: u64,
     pub failed_requests: u64,
     pub elapsed_ms: u64,
+    /// `--resume` of a file whose upload had completed: nothing was sent, and
+    /// this is the earlier upload's file.
+    pub already_uploaded: bool,
 }
 
 /// One upload to do.
@@ -272,6 +280,28 @@ impl Uploader {
             Some(plan) if plan.resume => self.recorded_upload(plan)?,
             _ => None,
         };
+        if let (None, Some(plan)) = (&recorded, &job.resume) {
+            if let Some(done) = plan
+                .resume
+                .then(|| plan.dir.completed(&plan.identity))
+                .flatten()
+            {
+                return Ok(UploadReport {
+                    handle: done.handle,
+                    url: done.url,
+                    status: done.status,
+                    size: done.size,
+                    pop: done.pop,
+                    upload_id: done.upload_id,
+                    resumed: true,
+                    skipped_bytes: done.size,
+                    sent_bytes: 0,
+                    failed_requests: 0,
+                    elapsed_ms: 0,
+                    already_uploaded: true,
+                });
+            }
+        }
         let resumed = recorded.is_some();
         let result = match recorded {
             Some((state, path)) => {
@@ -335,27 +365,7 @@ impl Uploader {
             size,
             store: job.store.clone(),
         };
-        let mut errors = Vec::new();
-        let mut started = None;
-        let mut start_took = None;
-        for candidate in &ranking {
-            let asked = self.clock.now();
-            match self.transport.start(&candidate.pop, &request).await {
-                Ok(answer) => {
-                    start_took = Some(self.clock.now().saturating_sub(asked));
-                    let origin = crate::pop::origin_pop(&candidate.pop, &answer.location_url);
-                    started = Some((origin, answer));
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(pop = %candidate.pop, error = %e, "start failed; trying the next POP");
-                    errors.push((candidate.pop.clone(), e));
-                }
-            }
-        }
-        let Some((pop, answer)) = started else {
-            return Err(ClientError::AllPopsFailed(errors));
-        };
+        let (pop, answer, start_took) = self.start(&ranking, &request).await?;
         let state = UploadState {
             version: STATE_VERSION,
             pop,
@@ -386,9 +396,55 @@ impl Uploader {
         let how = HowStarted {
             ranking,
             resumed: false,
-            start_took,
+            start_took: Some(start_took),
         };
         self.run(job, state, path, how, began).await
+    }
+
+    /// Starts the upload at the first POP of `ranking` that accepts it. When
+    /// none does and some asked to be tried later (`Retry-After`: a full disk,
+    /// overload), waits as asked and tries again, within the retry deadline.
+    /// Returns the upload's origin POP, the answer and how long it took.
+    async fn start(
+        &self,
+        ranking: &[PopRtt],
+        request: &StartRequest,
+    ) -> Result<(String, crate::transport::Started, Duration), ClientError> {
+        let first = self.clock.now();
+        loop {
+            let mut errors = Vec::new();
+            for (i, candidate) in ranking.iter().enumerate() {
+                let asked = self.clock.now();
+                match self.transport.start(&candidate.pop, request).await {
+                    Ok(answer) => {
+                        let took = self.clock.now().saturating_sub(asked);
+                        let origin = crate::pop::origin_pop(&candidate.pop, &answer.location_url);
+                        return Ok((origin, answer, took));
+                    }
+                    Err(e) => {
+                        if i + 1 < ranking.len() {
+                            tracing::warn!(pop = %candidate.pop, error = %e, "start failed; trying the next POP");
+                        }
+                        errors.push((candidate.pop.clone(), e));
+                    }
+                }
+            }
+            // The soonest any POP said to come back; a refusal without one is final.
+            let soonest = errors
+                .iter()
+                .filter_map(|(pop, e)| Some((e.retry_after()?, pop, e)))
+                .min_by_key(|(after, _, _)| *after);
+            let waited = self.clock.now().saturating_sub(first);
+            let left = self.options.retry_deadline.saturating_sub(waited);
+            let Some((after, pop, error)) = soonest.filter(|_| !left.is_zero()) else {
+                return Err(ClientError::AllPopsFailed(errors));
+            };
+            // At least a moment between rounds, even when told "0".
+            let delay = after.max(Duration::from_millis(100)).min(left);
+            tracing::info!(%pop, %error, ?delay, "no POP can take the upload now; trying again as asked");
+            self.observer.start_retrying(pop, error, delay);
+            self.clock.sleep(delay).await;
+        }
     }
 
     async fn run(
@@ -505,6 +561,26 @@ impl Uploader {
             shared.transport.complete(&shared.session.pop, &complete)
         })
         .await?;
+        if let Some(plan) = &job.resume {
+            let record = CompletedUpload {
+                version: STATE_VERSION,
+                file: plan.identity.clone(),
+                pop: shared.session.pop.clone(),
+                upload_id: shared.session.upload_id.clone(),
+                handle: done.handle.clone(),
+                url: if done.url.is_empty() {
+                    shared.session.url.clone()
+                } else {
+                    done.url.clone()
+                },
+                status: done.status.clone(),
+                size,
+            };
+            // Only a courtesy for a later --resume: the upload itself is done.
+            if let Err(e) = plan.dir.record_completed(&record) {
+                tracing::warn!("the finished upload is not recorded (a later --resume would upload the file again): {e}");
+            }
+        }
         if let Some(checkpoint) = &shared.checkpoint {
             shared.recorded(checkpoint.remove().await)?;
         }
@@ -525,6 +601,7 @@ impl Uploader {
             sent_bytes: shared.counters.sent.load(Ordering::Relaxed),
             failed_requests: shared.counters.failures.load(Ordering::Relaxed),
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            already_uploaded: false,
         })
     }
 }
@@ -732,9 +809,11 @@ async fn run_part(shared: Arc<Shared>, mut job: PartJob) -> Result<(), ClientErr
                 } else {
                     attempts
                 };
-                let delay = options
-                    .backoff
-                    .delay(backoff_attempt, &mut rng)
+                // The POP said when to come back (a full disk, overload): then,
+                // not sooner.
+                let delay = error
+                    .retry_after()
+                    .unwrap_or_else(|| options.backoff.delay(backoff_attempt, &mut rng))
                     .min(options.retry_deadline - stalled);
                 tracing::debug!(part = job.number, %error, next_chunk = sizer.current(), ?delay, "chunk failed; retrying");
                 shared
@@ -903,10 +982,9 @@ where
             });
         }
         shared.counters.failures.fetch_add(1, Ordering::Relaxed);
-        let delay = shared
-            .options
-            .backoff
-            .delay(attempts, &mut rng)
+        let delay = error
+            .retry_after()
+            .unwrap_or_else(|| shared.options.backoff.delay(attempts, &mut rng))
             .min(shared.options.retry_deadline - stalled);
         tracing::debug!(what, part, %error, ?delay, "retrying");
         shared.clock.sleep(delay).await;

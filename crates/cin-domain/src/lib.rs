@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod mime;
 pub mod ranges;
 pub mod record;
 pub mod status;
@@ -11,6 +12,7 @@ pub mod store;
 
 pub use error::DomainError;
 pub use ids::{Handle, PartNumber, PopId, UploadId};
+pub use mime::mimetype_for_filename;
 pub use ranges::RangeSet;
 pub use record::{
     CompletedPart, FileRecord, MultipartCheckpoint, PartRecord, ReplicationJob, Segment, TusConcat,

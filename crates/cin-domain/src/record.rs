@@ -192,6 +192,10 @@ pub struct ReplicationJob {
     /// final storage instead of delivering it.
     #[serde(default)]
     pub remove: bool,
+    /// When an operator cancelled the delivery (ms since the Unix epoch): the
+    /// job is parked, like a given-up one, until an operator retries it.
+    #[serde(default)]
+    pub cancelled_at_ms: Option<u64>,
 }
 
 impl ReplicationJob {
@@ -205,6 +209,7 @@ impl ReplicationJob {
             failing_reported: false,
             remove: false,
             mismatched_attempts: 0,
+            cancelled_at_ms: None,
         }
     }
 

@@ -297,6 +297,7 @@ fn cors() -> CorsLayer {
 
 pub fn router(state: SharedState) -> Router {
     let disk = state.services.disk.clone();
+    let access_log = state.config.log.access;
     routes::router(&state.config)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -306,7 +307,9 @@ pub fn router(state: SharedState) -> Router {
         .layer(axum::middleware::from_fn(move |request, next| {
             retry_after_when_full(disk.clone(), request, next)
         }))
-        .layer(axum::middleware::from_fn(observability::track_request))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            observability::track_request(access_log, request, next)
+        }))
 }
 
 /// Every 507 tells the client when to try again, whichever write ran out of
@@ -386,6 +389,69 @@ fn start_workers(node: &Node) -> Workers {
     workers
 }
 
+/// What a person starting the POP wants to know, in one message: where it
+/// listens, where its data is, where files go and how each store is doing, and
+/// what is switched on.
+fn start_summary(state: &AppState, listening: &str) -> String {
+    let config = &state.config;
+    let public = &state.public_url;
+    let data_dir = std::path::absolute(&config.server.data_dir)
+        .unwrap_or_else(|_| config.server.data_dir.clone());
+    let mut lines = vec![
+        format!(
+            "cin-edge {} (POP {}) listening on {listening} (public URL {public})",
+            env!("CARGO_PKG_VERSION"),
+            config.server.pop_id
+        ),
+        format!("  data directory: {}", data_dir.display()),
+    ];
+    let destinations = &state.services.destinations;
+    for d in destinations.all() {
+        let health = d.health();
+        let default = if Some(d.name.as_str())
+            == destinations.default_destination().map(|d| d.name.as_str())
+        {
+            ", the default"
+        } else {
+            ""
+        };
+        let state = match health.message() {
+            Some(message) => format!("{}: {message}", health.label()),
+            None => health.label().to_owned(),
+        };
+        lines.push(format!(
+            "  storage profile {:?}{default}: {} ({state})",
+            d.name,
+            d.store.describe()
+        ));
+    }
+    lines.push(format!(
+        "  uploads: Filestack API at {public}/multipart/* and {public}/api/store/*, tus at {public}/files/"
+    ));
+    let page = if config.page.enabled {
+        format!("{public}/")
+    } else {
+        "off".to_owned()
+    };
+    let apps = if config.apps.is_empty() {
+        "none configured: the POP is open to any API key".to_owned()
+    } else {
+        let names: Vec<&str> = config.apps.keys().map(String::as_str).collect();
+        names.join(", ")
+    };
+    let network = if config.network.pops.is_empty() {
+        "none (a POP on its own)".to_owned()
+    } else {
+        format!("{} POPs", config.network.pops.len())
+    };
+    lines.push(format!("  upload page: {page}; apps: {apps}; network: {network}"));
+    lines.push(format!(
+        "  HTTPS: {}; metrics at {public}/metrics, readiness at {public}/readyz",
+        if config.server.tls() { "on" } else { "off" }
+    ));
+    lines.join("\n")
+}
+
 /// Serves on `listener` until `shutdown` resolves; then drains requests (up to the
 /// configured grace period, then cancels them), stops the workers and flushes the
 /// metadata store.
@@ -400,13 +466,12 @@ pub async fn run(
     let node = open_node(config, bound).await?;
     let scheme = if node.tls.is_some() { "https" } else { "http" };
     tracing::info!(
-        "listening on {scheme}://{bound} (public url {}, data dir {})",
-        node.state.public_url,
-        node.state.config.server.data_dir.display()
+        listening = %format!("{scheme}://{bound}"),
+        public_url = %node.state.public_url,
+        data_dir = %node.state.config.server.data_dir.display(),
+        "{}",
+        start_summary(&node.state, &format!("{scheme}://{bound}"))
     );
-    for d in node.state.services.destinations.all() {
-        tracing::info!(profile = %d.name, bucket = %d.profile.bucket, store = %d.store.describe(), "storage profile");
-    }
 
     let workers = start_workers(&node);
     let (signal_tx, draining) = watch::channel(false);

@@ -22,8 +22,19 @@ pub struct Config {
     pub log: LogConfig,
     pub network: NetworkConfig,
     pub page: PageConfig,
+    pub admin: AdminConfig,
     /// Apps by name. With none, the POP is open: any API key is accepted.
     pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// The operator's admin API (`GET /api/files`, replication retry and cancel),
+/// which `cin-edge admin` calls.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Key every admin call sends as `Authorization: Bearer KEY`; at least 32
+    /// characters. Empty: the admin API is off (its routes answer 404 saying so).
+    pub key: String,
 }
 
 /// The network of POPs this one belongs to. Empty: a POP on its own.
@@ -330,6 +341,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `cin_edge=debug,info`; `RUST_LOG` overrides it.
     pub level: String,
+    /// One line per request at info (target `cin_edge::access`): method, route,
+    /// status, bytes in and out, duration and request id.
+    pub access: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -402,21 +416,162 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Human,
             level: "info".into(),
+            access: true,
         }
     }
 }
 
+/// Why a configuration could not be loaded: each problem names the setting, where
+/// it came from (the file, or the environment variable) and the value given.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> ConfigError {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+
+    /// Describes each of figment's errors with the setting's name, its source and the
+    /// value given, which figment's own messages leave out for values that parsed
+    /// as the wrong thing (an address, a URL).
+    fn from_figment(figment: &Figment, error: figment::Error) -> ConfigError {
+        let problems = error
+            .into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                let source = match &e.metadata {
+                    Some(m) if m.name.contains("environment") => {
+                        format!("environment variable {}", env_var_name(&e.path))
+                    }
+                    Some(m) => match &m.source {
+                        Some(figment::Source::File(path)) => {
+                            format!("{}", path.display())
+                        }
+                        _ => m.name.to_string(),
+                    },
+                    None => "the configuration".to_owned(),
+                };
+                let given = figment
+                    .find_value(&key)
+                    .ok()
+                    .map(|v| format!(" = {}", show_value(&v)))
+                    .unwrap_or_default();
+                let what = match &e.kind {
+                    figment::error::Kind::UnknownField(field, known) => {
+                        let setting = if e.path.last().is_some_and(|last| last == field) {
+                            key.clone()
+                        } else if key.is_empty() {
+                            field.to_string()
+                        } else {
+                            format!("{key}.{field}")
+                        };
+                        return format!(
+                            "{source}: unknown setting {setting}; the settings here are {}",
+                            known.join(", ")
+                        );
+                    }
+                    kind => kind.to_string(),
+                };
+                if key.is_empty() {
+                    format!("{source}: {what}")
+                } else {
+                    format!("{key}{given} (from {source}): {what}")
+                }
+            })
+            .collect();
+        ConfigError { problems }
+    }
+}
+
+/// The `CIN__SECTION__KEY` variable that sets the setting at `path`.
+pub fn env_var_name(path: &[String]) -> String {
+    let keys: Vec<String> = path.iter().map(|k| k.to_ascii_uppercase()).collect();
+    format!("CIN__{}", keys.join("__"))
+}
+
+fn show_value(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("{c:?}"),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => match n.to_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            Some(f) => f.to_string(),
+            None => "a number".to_owned(),
+        },
+        Value::Empty(..) => "nothing".to_owned(),
+        Value::Dict(..) => "a table".to_owned(),
+        Value::Array(..) => "a list".to_owned(),
+    }
+}
+
+/// Settings only an S3 profile uses: a local profile that sets one is
+/// half-configured (most likely a forgotten `kind = "s3"`).
+const S3_ONLY_SETTINGS: [&str; 8] = [
+    "region",
+    "endpoint",
+    "force_path_style",
+    "access_key_id",
+    "secret_access_key",
+    "acl",
+    "part_size",
+    "concurrency",
+];
+
+/// The name of the profile the POP provides when the configuration keeps it.
+pub const BUILT_IN_PROFILE: &str = "default";
+
 impl Config {
     /// Defaults, then `file` if given, then `CIN__*` environment variables.
-    pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
+    ///
+    /// The built-in `default` profile (a local directory) exists only while
+    /// `storage.default_profile` is `default`: naming another profile leaves it
+    /// out. Every other profile must say its `kind`, so a profile that forgot
+    /// `kind = "s3"` is refused rather than silently becoming a local directory.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut bare = Config::default();
+        bare.storage.profiles.clear();
+        let layered = |defaults: Config| {
+            let mut figment = Figment::from(Serialized::defaults(defaults));
+            if let Some(file) = file {
+                figment = figment.merge(Toml::file_exact(file));
+            }
+            figment.merge(Env::prefixed("CIN__").split("__"))
+        };
+        let given = layered(bare);
+        let default_profile: String = given
+            .extract_inner("storage.default_profile")
+            .map_err(|e| ConfigError::from_figment(&given, e))?;
+        let keeps_built_in = default_profile == BUILT_IN_PROFILE;
+        check_profiles_as_given(&given, keeps_built_in)?;
+        let figment = if keeps_built_in {
+            layered(Config::default())
+        } else {
+            given
+        };
         figment
-            .merge(Env::prefixed("CIN__").split("__"))
             .extract()
-            .map_err(Box::new)
+            .map_err(|e| ConfigError::from_figment(&figment, e))
+    }
+
+    /// Loads and validates: what `serve` starts with, or why it would not start.
+    pub fn load_checked(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Config::load(file)?;
+        config.validate().map_err(ConfigError::one)?;
+        Ok(config)
+    }
+
+    /// The configuration as TOML, with every secret replaced by `********`.
+    pub fn to_masked_toml(&self) -> Result<String, String> {
+        let mut value = toml::Value::try_from(self).map_err(|e| e.to_string())?;
+        mask_secrets(&mut value);
+        toml::to_string_pretty(&value).map_err(|e| e.to_string())
     }
 
     /// Checks what the types cannot: every name that must resolve does.
@@ -527,7 +682,93 @@ impl Config {
         if self.replicator.workers == 0 {
             return Err("replicator.workers must be at least 1".into());
         }
+        if !self.admin.key.is_empty() && self.admin.key.chars().count() < 32 {
+            return Err(format!(
+                "admin.key has {} characters; it must have at least 32 (e.g. `openssl rand -hex 32`), or be empty to turn the admin API off",
+                self.admin.key.chars().count()
+            ));
+        }
         Ok(())
+    }
+}
+
+/// Keys whose values are secrets wherever they appear.
+const SECRET_KEYS: [&str; 4] = ["secret", "secret_access_key", "url_signing_secret", "key"];
+
+fn mask_secrets(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, inner) in table.iter_mut() {
+                let is_secret = SECRET_KEYS.contains(&key.as_str());
+                match inner {
+                    toml::Value::String(s) if is_secret && !s.is_empty() => {
+                        *s = "********".to_owned()
+                    }
+                    _ => mask_secrets(inner),
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+/// Refuses storage profiles the file or environment left half-configured: no
+/// `kind`, an S3 profile without its bucket, a local one with S3 settings.
+fn check_profiles_as_given(given: &Figment, keeps_built_in: bool) -> Result<(), ConfigError> {
+    let Ok(figment::value::Value::Dict(_, profiles)) = given.find_value("storage.profiles") else {
+        return Ok(());
+    };
+    let mut problems = Vec::new();
+    for (name, profile) in &profiles {
+        let Some(settings) = profile.as_dict() else {
+            continue;
+        };
+        let path = |key: &str| vec!["storage".into(), "profiles".into(), name.clone(), key.into()];
+        let kind = settings.get("kind").and_then(|k| k.as_str()).map(str::to_ascii_lowercase);
+        let kind = match kind {
+            Some(kind) => kind,
+            // The built-in profile is local unless the configuration says otherwise.
+            None if keeps_built_in && name == BUILT_IN_PROFILE => "local".to_owned(),
+            None => {
+                problems.push(format!(
+                    "storage.profiles.{name} has no kind: add kind = \"s3\" (with bucket, and endpoint for an S3-compatible service) or kind = \"local\" (with path), or set {}",
+                    env_var_name(&path("kind"))
+                ));
+                continue;
+            }
+        };
+        if kind == "s3" && !settings.contains_key("bucket") {
+            problems.push(format!(
+                "storage.profiles.{name} is an s3 profile without a bucket: add bucket = \"...\" (or set {})",
+                env_var_name(&path("bucket"))
+            ));
+        }
+        if kind == "local" {
+            // Values equal to the defaults are what config/default.toml spells out.
+            let defaults = Figment::from(Serialized::defaults(StorageProfile::default()));
+            let stray: Vec<&str> = S3_ONLY_SETTINGS
+                .into_iter()
+                .filter(|key| {
+                    settings.get(*key).is_some_and(|given| {
+                        defaults
+                            .find_value(key)
+                            .map_or(true, |default| show_value(given) != show_value(&default))
+                    })
+                })
+                .collect();
+            if !stray.is_empty() {
+                problems.push(format!(
+                    "storage.profiles.{name} is a local profile but sets {}, which only s3 profiles use: add kind = \"s3\", or remove them",
+                    stray.join(", ")
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
     }
 }
 

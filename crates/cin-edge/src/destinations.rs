@@ -18,32 +18,126 @@ pub struct Destination {
     pub name: String,
     pub profile: StorageProfile,
     pub store: Arc<dyn FinalStore>,
-    /// Why the store refused the last probe (bad credentials, missing bucket), if it did.
-    /// New uploads for a refusing store are turned away at start rather than failing later.
-    refusal: RwLock<Option<String>>,
+    /// What the last probe or replication attempt found.
+    health: RwLock<Health>,
+}
+
+/// How a profile's final store is doing, as the last probe or replication attempt
+/// found it. Uploads for a failing store are still accepted (they wait here, and
+/// are delivered once it answers); uploads for a refusing store are turned away at
+/// start, since its credentials or bucket need the operator first.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    Ok,
+    /// It cannot be reached (or answers 5xx): `message` says what and why.
+    Failing { message: String, since_ms: u64 },
+    /// It answers, and refuses requests (bad credentials, missing bucket).
+    Refusing { message: String, since_ms: u64 },
+}
+
+impl Health {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Ok => "ok",
+            Health::Failing { .. } => "failing",
+            Health::Refusing { .. } => "refusing",
+        }
+    }
+
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Health::Failing { message, .. } | Health::Refusing { message, .. } => Some(message),
+            Health::Unknown | Health::Ok => None,
+        }
+    }
 }
 
 /// How long a probe of a final store may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Destination {
-    pub fn refusal(&self) -> Option<String> {
-        self.refusal
+    pub fn health(&self) -> Health {
+        self.health
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Asks the store whether it accepts requests; an unreachable store is not a refusal.
-    pub async fn probe(&self) {
-        let refusal = match tokio::time::timeout(PROBE_TIMEOUT, self.store.check()).await {
-            Ok(Err(FinalStoreError::Rejected(reason))) => Some(reason),
+    /// Why the store refuses requests, if it does.
+    pub fn refusal(&self) -> Option<String> {
+        match self.health() {
+            Health::Refusing { message, .. } => Some(message),
             _ => None,
-        };
-        if let Some(reason) = &refusal {
-            tracing::warn!(profile = %self.name, %reason, "final store refuses requests");
         }
-        *self.refusal.write().unwrap_or_else(|p| p.into_inner()) = refusal;
+    }
+
+    /// Records what a request to the store found: a success, or a failure that
+    /// says something about the store rather than about one file.
+    pub fn record(&self, outcome: Result<(), &FinalStoreError>) {
+        let now = crate::upload::now_ms();
+        let next = match outcome {
+            Ok(()) => Health::Ok,
+            Err(FinalStoreError::Rejected(reason)) => Health::Refusing {
+                message: reason.clone(),
+                since_ms: now,
+            },
+            Err(e @ (FinalStoreError::Unreachable(_) | FinalStoreError::Local(_))) => {
+                Health::Failing {
+                    message: e.to_string(),
+                    since_ms: now,
+                }
+            }
+            // About one object's bytes, not the store.
+            Err(_) => return,
+        };
+        let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
+        let next = match (&*health, next) {
+            // A failure that goes on keeps the time it began.
+            (
+                Health::Failing { since_ms, .. },
+                Health::Failing { message, .. },
+            ) => Health::Failing {
+                message,
+                since_ms: *since_ms,
+            },
+            (
+                Health::Refusing { since_ms, .. },
+                Health::Refusing { message, .. },
+            ) => Health::Refusing {
+                message,
+                since_ms: *since_ms,
+            },
+            (_, next) => next,
+        };
+        if *health != next {
+            match &next {
+                Health::Ok if *health == Health::Unknown => {}
+                Health::Ok => tracing::info!(profile = %self.name, "final store answers again"),
+                Health::Failing { message, .. } => {
+                    tracing::warn!(profile = %self.name, %message, "final store failing; uploads for it wait here until it answers")
+                }
+                Health::Refusing { message, .. } => {
+                    tracing::warn!(profile = %self.name, %message, "final store refuses requests; new uploads for it are turned away")
+                }
+                Health::Unknown => {}
+            }
+            *health = next;
+        }
+    }
+
+    /// Asks the store whether it answers and accepts requests.
+    pub async fn probe(&self) {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.store.check()).await {
+            Ok(outcome) => self.record(outcome.as_ref().map(|_| ())),
+            Err(_) => self.record(Err(&FinalStoreError::Unreachable(format!(
+                "{} did not answer within {PROBE_TIMEOUT:?}",
+                self.store.describe()
+            )))),
+        }
     }
 }
 
@@ -89,7 +183,7 @@ impl Destinations {
                     name: name.clone(),
                     profile: profile.clone(),
                     store,
-                    refusal: RwLock::new(None),
+                    health: RwLock::new(Health::Unknown),
                 },
             );
         }

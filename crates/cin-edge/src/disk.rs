@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -48,6 +48,23 @@ pub struct Disk {
     idle_after: Duration,
     reserve: SpaceReserve,
     reservations: Mutex<Reservations>,
+    /// Bytes allocated to files in the data directory (the space reserve aside),
+    /// as last measured, and when.
+    files_bytes: AtomicU64,
+    files_measured: Mutex<Option<Instant>>,
+}
+
+/// How often the data directory's files are measured (a walk over the directory).
+const MEASURE_FILES_EVERY: Duration = Duration::from_secs(30);
+
+/// What this POP holds in its data directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeld {
+    /// Bytes allocated to its files (metadata, upload bodies, local copies), as
+    /// last measured.
+    pub files: u64,
+    /// Bytes of the space set aside for the metadata store, while held.
+    pub space_reserve: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +171,8 @@ impl Disk {
             idle_after: Duration::from_secs(config.reservation_idle_secs),
             reserve,
             reservations: Mutex::new(Reservations::default()),
+            files_bytes: AtomicU64::new(0),
+            files_measured: Mutex::new(None),
         };
         disk.maintain_reserve();
         disk
@@ -381,6 +400,50 @@ impl Disk {
     pub fn maintain(&self) {
         drop(self.reservations(true));
         self.maintain_reserve();
+        self.measure_files();
+    }
+
+    /// What this POP holds in its data directory.
+    pub fn held(&self) -> DataHeld {
+        DataHeld {
+            files: self.files_bytes.load(Ordering::Relaxed),
+            space_reserve: if self.reserve.held() {
+                self.reserve.bytes
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Sums the blocks allocated to the data directory's files, at most every
+    /// [`MEASURE_FILES_EVERY`]: what the POP holds, whatever else fills the disk.
+    fn measure_files(&self) {
+        {
+            let mut measured = self.files_measured.lock().unwrap_or_else(|p| p.into_inner());
+            if measured.is_some_and(|at| at.elapsed() < MEASURE_FILES_EVERY) {
+                return;
+            }
+            *measured = Some(Instant::now());
+        }
+        let reserve = self.data_dir.join(SPACE_RESERVE_FILE);
+        let mut total = 0u64;
+        let mut pending = vec![self.data_dir.clone()];
+        while let Some(dir) = pending.pop() {
+            // Files come and go while uploads run: what cannot be read is skipped.
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    pending.push(entry.path());
+                } else if entry.path() != reserve {
+                    use std::os::unix::fs::MetadataExt;
+                    total += meta.blocks() * 512;
+                }
+            }
+        }
+        self.files_bytes.store(total, Ordering::Relaxed);
     }
 
     fn maintain_reserve(&self) {

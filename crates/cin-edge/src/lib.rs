@@ -7,6 +7,7 @@
 //! - `network`: the network of POPs (which POP minted a handle, signed POP-to-POP calls);
 //! - `config`, `telemetry`, `app`: configuration, logging and wiring.
 
+pub mod admin_cli;
 pub mod app;
 pub mod auth;
 pub mod body;

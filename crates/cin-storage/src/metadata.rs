@@ -34,6 +34,13 @@ pub trait MetadataStore: Send + Sync {
     fn handle_for_upload(&self, upload: &UploadId) -> Result<Option<Handle>, StorageError>;
     /// Every file record; for start-up checks.
     fn files(&self) -> Result<Vec<FileRecord>, StorageError>;
+    /// Up to `limit` file records in handle order, starting after `after` (from
+    /// the first with None): a listing reads a page at a time, never every record.
+    fn files_after(
+        &self,
+        after: Option<&Handle>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, StorageError>;
     /// The records of uploads in progress (status `Uploading`), read from an
     /// index: sweeps and reservations never decode the other records.
     fn uploading_files(&self) -> Result<Vec<FileRecord>, StorageError>;
@@ -303,6 +310,27 @@ impl MetadataStore for SledMetadataStore {
     fn files(&self) -> Result<Vec<FileRecord>, StorageError> {
         self.files
             .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v).map(FileRecord::upgrade)
+            })
+            .collect()
+    }
+
+    fn files_after(
+        &self,
+        after: Option<&Handle>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, StorageError> {
+        let range = match after {
+            Some(handle) => self.files.range::<&[u8], _>((
+                std::ops::Bound::Excluded(handle.as_str().as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.files.iter(),
+        };
+        range
+            .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
                 decode(&k, &v).map(FileRecord::upgrade)

@@ -359,6 +359,53 @@ async fn jobs_come_a_page_at_a_time_in_handle_order(subject: &Subject) {
     assert!(store.jobs_after(Some(last), 10).unwrap().is_empty());
 }
 
+async fn files_come_a_page_at_a_time_in_handle_order(subject: &Subject) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(subject, dir.path());
+    assert!(store.files_after(None, 10).unwrap().is_empty());
+    let mut files: Vec<FileRecord> = (0..7).map(|_| record()).collect();
+    for file in &files {
+        store.put_file(file, JobChange::Keep).unwrap();
+    }
+    // Written again: still one record, in its place.
+    files[3].status = FileStatus::InTransit;
+    store.put_file(&files[3], JobChange::Keep).unwrap();
+    files.sort_by(|a, b| a.handle.cmp(&b.handle));
+
+    let mut seen = Vec::new();
+    let mut after: Option<Handle> = None;
+    loop {
+        let page = store.files_after(after.as_ref(), 3).unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = Some(last.handle.clone());
+        seen.extend(page);
+    }
+    assert_eq!(seen, files, "every record once, in handle order, as written last");
+
+    assert!(store.files_after(None, 0).unwrap().is_empty());
+    // `after` need not be a stored handle: the page starts at the next one after it.
+    let unstored = Handle::generate();
+    let expected: Vec<&Handle> = files
+        .iter()
+        .map(|f| &f.handle)
+        .filter(|h| **h > unstored)
+        .collect();
+    let from_unstored = store.files_after(Some(&unstored), 100).unwrap();
+    assert_eq!(
+        from_unstored.iter().map(|f| &f.handle).collect::<Vec<_>>(),
+        expected
+    );
+    let last = &files.last().expect("files").handle;
+    assert!(store.files_after(Some(last), 10).unwrap().is_empty());
+    store.delete_file(&files[0]).unwrap();
+    assert_eq!(
+        store.files_after(None, 100).unwrap().len(),
+        files.len() - 1,
+        "a deleted record is not listed"
+    );
+}
+
 async fn webhooks_queue_in_order_with_sequence_numbers_rising_across_reopen(subject: &Subject) {
     let dir = tempfile::tempdir().unwrap();
     let handle = Handle::generate();
@@ -581,6 +628,7 @@ macro_rules! all_tests {
             remove_parts_forgets_one_upload_only,
             delete_file_forgets_record_index_parts_and_job,
             jobs_come_a_page_at_a_time_in_handle_order,
+            files_come_a_page_at_a_time_in_handle_order,
             webhooks_queue_in_order_with_sequence_numbers_rising_across_reopen,
             webhook_deliveries_update_and_go_in_place,
             flush_then_reopen_keeps_everything,

@@ -117,7 +117,7 @@ impl Replicator {
                     return wait;
                 }
                 after = Some(job.handle.clone());
-                if given_up(&self.config, &job) {
+                if parked(&self.config, &job) {
                     continue;
                 }
                 if job.not_before_ms > now {
@@ -213,7 +213,14 @@ impl Replicator {
                         .as_deref()
                         .or(Some(destination.profile.acl.as_str()).filter(|a| !a.is_empty())),
                 };
-                let stored = destination.store.put(&object, &journal).await.map_err(|e| {
+                let stored = destination.store.put(&object, &journal).await;
+                // What says something about the store, not about this file's bytes.
+                match &stored {
+                    Ok(_) => destination.record(Ok(())),
+                    Err(e @ FinalStoreError::Unreachable(_)) => destination.record(Err(e)),
+                    Err(_) => {}
+                }
+                let stored = stored.map_err(|e| {
                     let mismatch = matches!(e, FinalStoreError::Mismatch { .. });
                     (e.to_string(), mismatch)
                 });
@@ -259,7 +266,8 @@ impl Replicator {
                     profile = %file.profile,
                     key = %file.key,
                     bytes = file.size,
-                    mb_per_s = file.size as f64 / 1e6 / secs.max(1e-9),
+                    seconds = format_args!("{secs:.2}"),
+                    mb_per_s = format_args!("{:.2}", file.size as f64 / 1e6 / secs.max(1e-9)),
                     "stored"
                 );
             }
@@ -282,6 +290,11 @@ impl Replicator {
                 }
                 file.replication_attempts = job.attempts;
                 file.last_error = Some(error.clone());
+                // An operator's cancel or retry while this attempt ran stands.
+                job.cancelled_at_ms = self
+                    .meta
+                    .get_job(&job.handle)?
+                    .and_then(|stored| stored.cancelled_at_ms);
                 let failing_for = now_ms().saturating_sub(file.completed_at_ms.unwrap_or(0));
                 if !job.failing_reported
                     && failing_for >= self.webhooks.replication_failing_after().as_millis() as u64
@@ -304,6 +317,13 @@ impl Replicator {
                         mismatched_attempts = job.mismatched_attempts,
                         %error,
                         "replication given up: final storage keeps answering with other bytes; the file stays here, servable"
+                    );
+                } else if job.cancelled_at_ms.is_some() {
+                    tracing::warn!(
+                        handle = %file.handle,
+                        attempts = job.attempts,
+                        %error,
+                        "replication failed; cancelled by an operator meanwhile, no more attempts"
                     );
                 } else {
                     tracing::warn!(
@@ -381,13 +401,28 @@ pub fn given_up(config: &ReplicatorConfig, job: &ReplicationJob) -> bool {
     config.max_mismatch_attempts > 0 && job.mismatched_attempts >= config.max_mismatch_attempts
 }
 
-/// Why replication of a file was given up, for people; None while it goes on.
+/// True when no attempt is due until an operator retries: given up, or
+/// cancelled by an operator (`POST /api/files/{handle}/replication/cancel`).
+pub fn parked(config: &ReplicatorConfig, job: &ReplicationJob) -> bool {
+    job.cancelled_at_ms.is_some() || given_up(config, job)
+}
+
+/// Why replication of a file stopped, for people; None while it goes on.
 pub fn failure_message(config: &ReplicatorConfig, job: &ReplicationJob) -> Option<String> {
+    if let Some(at) = job.cancelled_at_ms {
+        return Some(format!(
+            "replication cancelled by an operator at {at} (ms since the epoch): no more attempts; \
+             the file stays InTransit and is served from this POP. \
+             POST /api/files/{}/replication/retry (cin-edge admin retry {}) resumes it",
+            job.handle, job.handle
+        ));
+    }
     given_up(config, job).then(|| {
         format!(
             "replication given up: final storage answered {} attempts with an object that is not this file's bytes; \
-             the file stays InTransit and is served from this POP. Raise replicator.max_mismatch_attempts and restart to try again",
-            job.mismatched_attempts
+             the file stays InTransit and is served from this POP. Retry it (POST /api/files/{}/replication/retry, \
+             cin-edge admin retry {}), or raise replicator.max_mismatch_attempts and restart",
+            job.mismatched_attempts, job.handle, job.handle
         )
     })
 }
@@ -513,5 +548,20 @@ mod tests {
         config.max_mismatch_attempts = 0;
         job.mismatched_attempts = 100;
         assert!(!given_up(&config, &job), "0 never gives up");
+    }
+
+    #[test]
+    fn a_cancelled_job_is_parked_until_it_is_retried() {
+        let config = ReplicatorConfig::default();
+        let mut job = ReplicationJob::new(Handle::generate());
+        job.attempts = 4;
+        assert!(!parked(&config, &job));
+        job.cancelled_at_ms = Some(1);
+        assert!(parked(&config, &job));
+        assert!(!given_up(&config, &job), "a cancel is not a give-up");
+        assert!(failure_message(&config, &job).is_some_and(|m| m.contains("cancelled")));
+        job.cancelled_at_ms = None;
+        assert!(!parked(&config, &job));
+        assert!(failure_message(&config, &job).is_none());
     }
 }

@@ -300,6 +300,14 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
     } else {
         None
     };
+    // How the file's final store is doing, while the file waits for it.
+    let store_health = (file.status != FileStatus::Stored)
+        .then(|| state.services.destinations.get(&file.profile))
+        .flatten()
+        .map(|d| {
+            let health = d.health();
+            json!({ "profile": d.name, "state": health.label(), "message": health.message() })
+        });
     json!({
         "handle": file.handle,
         "url": format!("{}/{}", state.public_url, file.handle),
@@ -323,6 +331,7 @@ pub fn metadata_json(state: &SharedState, file: &FileRecord) -> Value {
         "replication": {
             "attempts": file.replication_attempts,
             "last_error": file.last_error,
+            "store": store_health,
             "completed_at": file.completed_at_ms,
             "stored_at": file.stored_at_ms,
             // Given up after repeated definitive mismatches: no automatic retry.

@@ -1,7 +1,5 @@
 //! Liveness, readiness and metrics.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -9,6 +7,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::app::SharedState;
+use crate::destinations::Health;
 use crate::error::ApiError;
 use crate::observability::{metrics_handle, names};
 use crate::upload::now_ms;
@@ -19,11 +18,11 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Ready to take uploads: the metadata store is writable, the disk is above its
-/// watermark, and the default final store answers.
-#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "Ready: metadata store writable, disk above the watermark, default final store reachable"), (status = 503, description = "Not ready, with the reasons")))]
+/// watermark, and the default final store answers. Every storage profile's state
+/// is reported under `storage`; a failing non-default profile does not make the
+/// POP unready (its uploads wait here until it answers), and is listed in `warnings`.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "Ready: metadata store writable, disk above the watermark, default final store reachable; `storage` gives each profile's state, `warnings` any failing profile"), (status = 503, description = "Not ready, with the reasons")))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let mut failures = Vec::new();
     if let Err(e) = state.uploads.check_metadata_writable().await {
@@ -32,23 +31,51 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     if let Some(reason) = state.services.disk.below_watermark() {
         failures.push(reason);
     }
-    if let Some(default) = state.services.destinations.default_destination() {
-        match tokio::time::timeout(READINESS_TIMEOUT, default.store.check()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push(format!("default final store: {e}")),
-            Err(_) => failures.push(format!(
-                "default final store did not answer within {READINESS_TIMEOUT:?}"
-            )),
+    let destinations = &state.services.destinations;
+    if let Some(default) = destinations.default_destination() {
+        // Asked now, not from the last probe: readiness is about this moment.
+        default.probe().await;
+        if let Some(message) = default.health().message() {
+            failures.push(format!(
+                "the default storage profile {:?} is {}: {message}",
+                default.name,
+                default.health().label()
+            ));
         }
     }
+    let mut warnings = Vec::new();
+    let mut storage = serde_json::Map::new();
+    for d in destinations.all() {
+        let health = d.health();
+        let is_default = destinations
+            .default_destination()
+            .is_some_and(|default| default.name == d.name);
+        if let Some(message) = health.message().filter(|_| !is_default) {
+            warnings.push(format!(
+                "storage profile {:?} is {}: {message}; its uploads are accepted and wait here",
+                d.name,
+                health.label()
+            ));
+        }
+        let mut entry = serde_json::to_value(&health).unwrap_or(Value::Null);
+        if let Value::Object(fields) = &mut entry {
+            fields.insert("kind".into(), json!(d.profile.kind));
+            fields.insert("store".into(), json!(d.store.describe()));
+        }
+        storage.insert(d.name.clone(), entry);
+    }
     if failures.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "storage": storage, "warnings": warnings })),
+        )
+            .into_response()
     } else {
         // The error shape every failure has, beside the fields probes read.
         let error = json!({ "code": "not_ready", "message": format!("not ready for uploads: {}", failures.join("; ")) });
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reasons": failures, "error": error })),
+            Json(json!({ "status": "not_ready", "reasons": failures, "error": error, "storage": storage, "warnings": warnings })),
         )
             .into_response()
     }
@@ -73,6 +100,15 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     let disk = state.services.disk.usage();
     metrics::gauge!(names::DISK_USED).set(disk.used as f64);
     metrics::gauge!(names::DISK_FREE).set(disk.free as f64);
+    metrics::gauge!(names::DISK_RESERVED).set(disk.reserved as f64);
+    let held = state.services.disk.held();
+    metrics::gauge!(names::DATA_BYTES, "kind" => "files").set(held.files as f64);
+    metrics::gauge!(names::DATA_BYTES, "kind" => "space_reserve").set(held.space_reserve as f64);
+    for d in state.services.destinations.all() {
+        let up = matches!(d.health(), Health::Ok | Health::Unknown);
+        metrics::gauge!(names::STORAGE_PROFILE_UP, "profile" => d.name.clone())
+            .set(if up { 1.0 } else { 0.0 });
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

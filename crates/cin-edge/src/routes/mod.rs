@@ -1,5 +1,6 @@
 //! HTTP routes. Handlers parse the wire format and call the upload engine.
 
+mod admin;
 mod files;
 mod health;
 mod multipart;
@@ -45,6 +46,9 @@ pub fn router(config: &Config) -> Router<SharedState> {
                 .options(tus::options),
         )
         .route("/api/file/{handle}/metadata", get(files::api_metadata))
+        .route("/api/files", get(admin::list))
+        .route("/api/files/{handle}/replication/retry", post(admin::retry))
+        .route("/api/files/{handle}/replication/cancel", post(admin::cancel))
         .route(
             "/api/file/{handle}",
             get(files::api_serve).delete(files::delete),

@@ -12,7 +12,7 @@ use cin_domain::{Handle, PartNumber, UploadId};
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-use super::{files, health, multipart, page, store_api, tus};
+use super::{admin, files, health, multipart, page, store_api, tus};
 use crate::destinations::KNOWN_LOCATIONS;
 use crate::input::BOOL_SPELLINGS;
 use crate::upload::{TUS_BASE64_PATTERN, TUS_CHECKSUMS};
@@ -41,6 +41,9 @@ use crate::upload::{TUS_BASE64_PATTERN, TUS_CHECKSUMS};
         files::delete,
         files::serve_keyed,
         files::events,
+        admin::list,
+        admin::retry,
+        admin::cancel,
         tus::options,
         tus::create,
         tus::head,
@@ -64,6 +67,7 @@ pub struct ApiDoc;
 static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     complete(&mut doc);
+    admin::complete_document(&mut doc);
     doc
 });
 

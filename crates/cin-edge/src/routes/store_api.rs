@@ -312,9 +312,19 @@ pub async fn store(
             break state.uploads.store_whole(upload, None, body).await;
         }
     } else {
+        // curl sends `application/x-www-form-urlencoded` for any --data-binary
+        // body: that says nothing about the file, and the filename says more.
+        let filename = q.filename.unwrap_or_default();
+        let mimetype = q
+            .mimetype
+            .or_else(|| cin_domain::mimetype_for_filename(&filename).map(str::to_owned))
+            .or(content_type.filter(|c| {
+                !c.to_ascii_lowercase()
+                    .starts_with("application/x-www-form-urlencoded")
+            }));
         let upload = NewUpload {
-            filename: q.filename.unwrap_or_default(),
-            mimetype: q.mimetype.or(content_type),
+            filename,
+            mimetype,
             size: declared.unwrap_or(0),
             store,
             mode: UploadMode::Direct,

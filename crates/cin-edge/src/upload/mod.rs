@@ -225,14 +225,16 @@ impl Uploads {
             ));
         }
         let upload_app = upload.app.clone();
+        let mimetype = upload
+            .mimetype
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .or_else(|| cin_domain::mimetype_for_filename(&filename).map(str::to_owned))
+            .unwrap_or_else(|| DEFAULT_MIMETYPE.to_owned());
         Ok(FileRecord {
             handle,
             filename,
-            mimetype: upload
-                .mimetype
-                .clone()
-                .filter(|m| !m.trim().is_empty())
-                .unwrap_or_else(|| DEFAULT_MIMETYPE.to_owned()),
+            mimetype,
             store: upload.store.clone(),
             profile: placement.profile,
             container: placement.container,

@@ -17,7 +17,8 @@ pub use s3::{S3Settings, S3Store, MIN_PART_SIZE};
 pub enum FinalStoreError {
     #[error("object {container}/{key} not found in final storage")]
     NotFound { container: String, key: String },
-    #[error("final storage is unreachable: {0}")]
+    /// Says what could not be reached and why (`cannot reach URL: connection refused`).
+    #[error("{0}")]
     Unreachable(String),
     #[error("final storage refused the request: {0}")]
     Rejected(String),

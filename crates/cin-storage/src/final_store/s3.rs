@@ -109,6 +109,22 @@ impl S3Store {
         &self.client
     }
 
+    /// The endpoint as people know it, for messages.
+    fn endpoint_label(&self) -> String {
+        if self.settings.endpoint.is_empty() {
+            format!("AWS S3 ({})", self.settings.region)
+        } else {
+            self.settings.endpoint.clone()
+        }
+    }
+
+    fn classify<E>(&self, error: SdkError<E, HttpResponse>) -> FinalStoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        classify(&self.endpoint_label(), error)
+    }
+
     async fn put_single(&self, object: &ObjectToStore<'_>) -> Result<PutOutcome, FinalStoreError> {
         let bytes = read_bytes(object.source, 0, object.source.size).await?;
         let digest = Sha256::digest(&bytes);
@@ -124,7 +140,7 @@ impl S3Store {
             .body(S3Body::from(bytes))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         self.verify(object, &sha256, Expected::Sha256(B64.encode(digest)))
             .await?;
         Ok(PutOutcome {
@@ -295,7 +311,7 @@ impl S3Store {
             )
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         journal.record(None).await?;
         Ok(done)
     }
@@ -351,7 +367,7 @@ impl S3Store {
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| {
@@ -437,7 +453,7 @@ impl S3Store {
                 .set_part_number_marker(marker.clone())
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| self.classify(e))?;
             for p in page.parts() {
                 if let Some(n) = p.part_number() {
                     listed.insert(
@@ -469,7 +485,7 @@ impl S3Store {
             Ok(listed) => listed,
             Err(e) => {
                 // Some S3-compatible services do not implement the listing; the journal still covers every upload but one created in the instant before a crash.
-                tracing::debug!(bucket, key, error = %classify(e), "cannot list open multipart uploads");
+                tracing::debug!(bucket, key, error = %self.classify(e), "cannot list open multipart uploads");
                 return;
             }
         };
@@ -492,7 +508,7 @@ impl S3Store {
             .send()
             .await;
         if let Err(e) = result {
-            tracing::warn!(bucket, key, upload_id, error = %classify(e), "could not abort a multipart upload");
+            tracing::warn!(bucket, key, upload_id, error = %self.classify(e), "could not abort a multipart upload");
         }
     }
 
@@ -515,7 +531,7 @@ impl S3Store {
             .body(S3Body::from(bytes))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         if let Some(echoed) = answer.checksum_crc32() {
             if echoed != checksum {
                 return Err(mismatch(
@@ -561,7 +577,7 @@ impl S3Store {
             .checksum_mode(ChecksumMode::Enabled)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         let size = head.content_length().unwrap_or(-1);
         if size != object.source.size as i64 {
             return Err(mismatch(
@@ -772,20 +788,37 @@ async fn read_bytes(source: &LocalObject, start: u64, end: u64) -> Result<Bytes,
 
 /// Connection trouble and 5xx answers are `Unreachable` (retry later); an answer
 /// refusing the request (credentials, missing bucket, bad request) is `Rejected`.
-fn classify<E>(error: SdkError<E, HttpResponse>) -> FinalStoreError
+/// Messages are for people: `cannot reach http://10.0.0.9:9000: connection refused`,
+/// not the SDK's nested debug output.
+fn classify<E>(endpoint: &str, error: SdkError<E, HttpResponse>) -> FinalStoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     match &error {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            FinalStoreError::Unreachable(aws_sdk_s3::error::DisplayErrorContext(&error).to_string())
+        // Credentials are resolved when a request is dispatched: their failure is
+        // a dispatch failure too, and says nothing about the network.
+        SdkError::DispatchFailure(_) if mentions_credentials(&error) => {
+            FinalStoreError::Unreachable(format!(
+                "no credentials to sign requests to {endpoint} with ({}): set access_key_id and secret_access_key in the storage profile, or provide them through the AWS credential chain (AWS_ACCESS_KEY_ID, a shared profile, an instance or container role)",
+                root_cause(&error)
+            ))
         }
+        SdkError::DispatchFailure(_) => {
+            FinalStoreError::Unreachable(format!("cannot reach {endpoint}: {}", root_cause(&error)))
+        }
+        SdkError::TimeoutError(_) => FinalStoreError::Unreachable(format!(
+            "cannot reach {endpoint}: no answer in time"
+        )),
+        SdkError::ResponseError(_) => FinalStoreError::Unreachable(format!(
+            "{endpoint} answered with something that is not an S3 response ({}); is endpoint an S3 service?",
+            root_cause(&error)
+        )),
         SdkError::ServiceError(service) => {
             let e = service.err();
             let status = service.raw().status().as_u16();
             let detail = format!(
-                "{} (HTTP {status}): {}",
-                e.code().unwrap_or("error"),
+                "{endpoint} answered {} (HTTP {status}): {}",
+                e.code().unwrap_or("an error"),
                 e.message().unwrap_or("no message")
             );
             if status >= 500 {
@@ -794,8 +827,64 @@ where
                 FinalStoreError::Rejected(detail)
             }
         }
-        _ => FinalStoreError::Rejected(aws_sdk_s3::error::DisplayErrorContext(&error).to_string()),
+        _ => FinalStoreError::Rejected(format!(
+            "the request to {endpoint} could not be made: {}",
+            root_cause(&error)
+        )),
     }
+}
+
+/// Whether any cause in the chain is about credentials.
+fn mentions_credentials(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.to_string().to_ascii_lowercase().contains("credentials") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The innermost cause of an error, in words: `connection refused` rather than a
+/// chain of wrappers.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest = error;
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(words) = io_words(io) {
+                return words.to_owned();
+            }
+        }
+        deepest = e;
+        current = e.source();
+    }
+    let text = deepest.to_string();
+    // `Connection refused (os error 111)` reads as `connection refused`.
+    let text = match text.find(" (os error") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "an unknown error".to_owned(),
+    }
+}
+
+fn io_words(error: &std::io::Error) -> Option<&'static str> {
+    use std::io::ErrorKind::*;
+    Some(match error.kind() {
+        ConnectionRefused => "connection refused",
+        ConnectionReset => "the connection was reset",
+        ConnectionAborted => "the connection was aborted",
+        TimedOut => "the connection timed out",
+        HostUnreachable => "no route to the host",
+        NetworkUnreachable => "the network is unreachable",
+        AddrNotAvailable => "the address is not available",
+        _ => return None,
+    })
 }
 
 #[async_trait]
@@ -842,7 +931,7 @@ impl FinalStore for S3Store {
             .body(S3Body::from(bytes))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         Ok(())
     }
 
@@ -864,7 +953,7 @@ impl FinalStore for S3Store {
                 sha256: head.metadata().and_then(|m| m.get("sha256")).cloned(),
             })),
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(self.classify(e)),
         }
     }
 
@@ -892,7 +981,7 @@ impl FinalStore for S3Store {
                     key: key.into(),
                 })
             }
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(self.classify(e)),
         }
     }
 
@@ -904,7 +993,7 @@ impl FinalStore for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(classify)
+            .map_err(|e| self.classify(e))
     }
 
     async fn check(&self) -> Result<(), FinalStoreError> {
@@ -914,7 +1003,7 @@ impl FinalStore for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(classify)
+            .map_err(|e| self.classify(e))
     }
 }
 
