@@ -58,7 +58,10 @@ secret_access_key = "s3-secret-never-printed"
     );
     let out = cin_edge(
         &["check-config", "--config", &config],
-        &[("CIN__UPLOADS__URL_SIGNING_SECRET", "url-secret-never-printed")],
+        &[(
+            "CIN__UPLOADS__URL_SIGNING_SECRET",
+            "url-secret-never-printed",
+        )],
     );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
@@ -67,7 +70,10 @@ secret_access_key = "s3-secret-never-printed"
     assert!(stdout.contains("listen = \"0.0.0.0:9999\""), "{stdout}");
     assert!(stdout.contains("bucket = \"customer-bucket\""), "{stdout}");
     assert!(stdout.contains("max_file_size = 5497558138880"), "{stdout}");
-    assert!(stdout.contains("access_key_id = \"AKIAEXAMPLE\""), "{stdout}");
+    assert!(
+        stdout.contains("access_key_id = \"AKIAEXAMPLE\""),
+        "{stdout}"
+    );
     for secret in [
         "the-acme-secret-never-printed",
         "s3-secret-never-printed",
@@ -114,7 +120,9 @@ fn a_bad_value_in_the_file_is_named_with_the_file_and_the_value() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains(&format!("{config}: unknown setting server.lisen; the settings here are listen, ")),
+        stderr.contains(&format!(
+            "{config}: unknown setting server.lisen; the settings here are listen, "
+        )),
         "{stderr}"
     );
 }
@@ -212,10 +220,7 @@ fn a_second_pop_on_the_same_data_directory_says_another_holds_it() {
     );
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("in use by another process"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("in use by another process"), "{stderr}");
     assert!(stderr.contains("stop the other cin-edge"), "{stderr}");
     assert!(!stderr.contains("WouldBlock"), "{stderr}");
     assert!(!stderr.contains("Os {"), "{stderr}");
@@ -237,7 +242,10 @@ async fn the_log_has_a_start_summary_and_one_plain_access_line_per_request() {
         "upload page:",
         "apps: none configured",
     ] {
-        assert!(log.contains(part), "{part:?} missing from the start summary:\n{log}");
+        assert!(
+            log.contains(part),
+            "{part:?} missing from the start summary:\n{log}"
+        );
     }
 
     let response = pop
@@ -254,11 +262,17 @@ async fn the_log_has_a_start_summary_and_one_plain_access_line_per_request() {
     });
     assert!(line.contains("GET /healthz 200"), "{line}");
     assert!(line.contains("route=/healthz"), "{line}");
-    assert!(line.contains(&format!("bytes_out={}", body.len())), "{line}");
+    assert!(
+        line.contains(&format!("bytes_out={}", body.len())),
+        "{line}"
+    );
     assert!(line.contains("bytes_in=0"), "{line}");
     assert!(line.contains("complete=true"), "{line}");
     assert!(line.contains(" ms="), "{line}");
-    assert!(!line.contains("not-logged"), "the query is not logged: {line}");
+    assert!(
+        !line.contains("not-logged"),
+        "the query is not logged: {line}"
+    );
 
     let stored = pop
         .http
@@ -277,7 +291,10 @@ async fn the_log_has_a_start_summary_and_one_plain_access_line_per_request() {
 
     // A pipe is not a terminal: no colour codes.
     let log = pop.log_lines().join("\n");
-    assert!(!log.contains('\u{1b}'), "colour codes in a piped log:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log:\n{log}"
+    );
 }
 
 /// Every family the README documents, reported from the start.
@@ -330,7 +347,9 @@ async fn every_metric_family_has_help_and_a_type_and_is_there_from_the_start() {
                     || l.starts_with(&format!("{family}_count")))
         });
         if !(help && kind && sample) {
-            missing.push(format!("{family} (help {help}, type {kind}, sample {sample})"));
+            missing.push(format!(
+                "{family} (help {help}, type {kind}, sample {sample})"
+            ));
         }
     }
     assert!(missing.is_empty(), "{missing:#?}\n{text}");
@@ -366,7 +385,11 @@ async fn an_unreachable_s3_profile_is_reported_failing_and_its_uploads_still_acc
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["storage"]["acme"]["state"], "failing", "{body}");
-    assert_eq!(body["storage"]["acme"]["message"], expected.as_str(), "{body}");
+    assert_eq!(
+        body["storage"]["acme"]["message"],
+        expected.as_str(),
+        "{body}"
+    );
     assert_eq!(body["storage"]["default"]["state"], "ok", "{body}");
     assert!(
         body["warnings"][0]
@@ -384,11 +407,20 @@ async fn an_unreachable_s3_profile_is_reported_failing_and_its_uploads_still_acc
 
     // Uploads for it are accepted and wait here, with the reason in words.
     let handle = app
-        .store_raw("/api/store/s3?filename=a.txt&container=acme-bucket", b"hello".to_vec())
+        .store_raw(
+            "/api/store/s3?filename=a.txt&container=acme-bucket",
+            b"hello".to_vec(),
+        )
         .await;
-    let meta = app.wait_failing_replication(&handle, Duration::from_secs(30)).await;
+    let meta = app
+        .wait_failing_replication(&handle, Duration::from_secs(30))
+        .await;
     assert_eq!(meta["status"], "InTransit", "{meta}");
-    assert_eq!(meta["replication"]["last_error"], expected.as_str(), "{meta}");
+    assert_eq!(
+        meta["replication"]["last_error"],
+        expected.as_str(),
+        "{meta}"
+    );
     assert_eq!(meta["replication"]["store"]["state"], "failing", "{meta}");
     assert_eq!(app.download(&handle).await, b"hello");
 }
@@ -403,7 +435,11 @@ async fn a_raw_store_takes_its_type_from_the_parameter_then_the_filename() {
         ("filename=photo.JPG", Some(form), "image/jpeg"),
         ("filename=data.bin", Some(form), "application/octet-stream"),
         ("filename=data.bin", Some("image/png"), "image/png"),
-        ("filename=notes.txt&mimetype=text/csv", Some(form), "text/csv"),
+        (
+            "filename=notes.txt&mimetype=text/csv",
+            Some(form),
+            "text/csv",
+        ),
         ("filename=clip.webm", None, "video/webm"),
     ] {
         let mut request = app
@@ -416,7 +452,10 @@ async fn a_raw_store_takes_its_type_from_the_parameter_then_the_filename() {
         let resp = request.send().await.unwrap();
         assert_eq!(resp.status(), 200, "{query}");
         let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["type"], expected, "{query} with {content_type:?}: {body}");
+        assert_eq!(
+            body["type"], expected,
+            "{query} with {content_type:?}: {body}"
+        );
         let handle = body["handle"].as_str().unwrap();
         assert_eq!(app.metadata(handle).await["mimetype"], expected, "{query}");
     }

@@ -444,7 +444,9 @@ fn start_summary(state: &AppState, listening: &str) -> String {
     } else {
         format!("{} POPs", config.network.pops.len())
     };
-    lines.push(format!("  upload page: {page}; apps: {apps}; network: {network}"));
+    lines.push(format!(
+        "  upload page: {page}; apps: {apps}; network: {network}"
+    ));
     lines.push(format!(
         "  HTTPS: {}; metrics at {public}/metrics, readiness at {public}/readyz",
         if config.server.tls() { "on" } else { "off" }

@@ -724,8 +724,18 @@ fn check_profiles_as_given(given: &Figment, keeps_built_in: bool) -> Result<(), 
         let Some(settings) = profile.as_dict() else {
             continue;
         };
-        let path = |key: &str| vec!["storage".into(), "profiles".into(), name.clone(), key.into()];
-        let kind = settings.get("kind").and_then(|k| k.as_str()).map(str::to_ascii_lowercase);
+        let path = |key: &str| {
+            vec![
+                "storage".into(),
+                "profiles".into(),
+                name.clone(),
+                key.into(),
+            ]
+        };
+        let kind = settings
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .map(str::to_ascii_lowercase);
         let kind = match kind {
             Some(kind) => kind,
             // The built-in profile is local unless the configuration says otherwise.

@@ -33,9 +33,15 @@ pub enum Health {
     Unknown,
     Ok,
     /// It cannot be reached (or answers 5xx): `message` says what and why.
-    Failing { message: String, since_ms: u64 },
+    Failing {
+        message: String,
+        since_ms: u64,
+    },
     /// It answers, and refuses requests (bad credentials, missing bucket).
-    Refusing { message: String, since_ms: u64 },
+    Refusing {
+        message: String,
+        since_ms: u64,
+    },
 }
 
 impl Health {
@@ -97,20 +103,18 @@ impl Destination {
         let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
         let next = match (&*health, next) {
             // A failure that goes on keeps the time it began.
-            (
-                Health::Failing { since_ms, .. },
-                Health::Failing { message, .. },
-            ) => Health::Failing {
-                message,
-                since_ms: *since_ms,
-            },
-            (
-                Health::Refusing { since_ms, .. },
-                Health::Refusing { message, .. },
-            ) => Health::Refusing {
-                message,
-                since_ms: *since_ms,
-            },
+            (Health::Failing { since_ms, .. }, Health::Failing { message, .. }) => {
+                Health::Failing {
+                    message,
+                    since_ms: *since_ms,
+                }
+            }
+            (Health::Refusing { since_ms, .. }, Health::Refusing { message, .. }) => {
+                Health::Refusing {
+                    message,
+                    since_ms: *since_ms,
+                }
+            }
             (_, next) => next,
         };
         if *health != next {

@@ -84,42 +84,64 @@ enum Family {
 
 /// Every family with its help text and the label values it is reported with from
 /// the start (at 0), so dashboards and alerts find each one before its first event.
-const FAMILIES: &[(&str, Family, &str, &[(&str, &[&str])])] = {
+struct Described {
+    name: &'static str,
+    family: Family,
+    help: &'static str,
+    /// A label and its known values, each reported at 0 from the start.
+    labels: Option<(&'static str, &'static [&'static str])>,
+}
+
+const fn d(
+    name: &'static str,
+    family: Family,
+    help: &'static str,
+    labels: Option<(&'static str, &'static [&'static str])>,
+) -> Described {
+    Described {
+        name,
+        family,
+        help,
+        labels,
+    }
+}
+
+const FAMILIES: &[Described] = {
     use names::*;
     use Family::*;
     &[
-        (UPLOADS_STARTED, Counter, "Uploads started (multipart start, tus creation, /api/store, store from URL).", &[]),
-        (UPLOADS_COMPLETED, Counter, "Uploads completed: every byte received and durable; the file is InTransit.", &[]),
-        (UPLOADS_FAILED, Counter, "Uploads that ended without completing, by reason.", &[("reason", &["terminated", "no_space", "body", "expired"])]),
-        (BYTES_RECEIVED, Counter, "Upload body bytes received and made durable.", &[]),
-        (CHUNK_FAILURES, Counter, "Chunks refused or cut off, by reason.", &[("reason", &["truncated", "too_long", "conflict", "md5_mismatch", "crc32c_mismatch", "checksum_mismatch", "no_space", "storage"])]),
-        (REPLICATION_ATTEMPTS, Counter, "Attempts to deliver a file to final storage.", &[]),
-        (REPLICATION_FAILURES, Counter, "Delivery attempts that failed (each is retried with backoff).", &[]),
-        (REPLICATION_GIVEN_UP, Counter, "Files whose replication was given up after repeated definitive mismatches.", &[]),
-        (REPLICATED_BYTES, Counter, "Bytes delivered to final storage.", &[]),
-        (REPLICATION_SECONDS, Histogram, "Time one successful delivery to final storage took.", &[]),
-        (REPLICATION_QUEUE, Gauge, "Files InTransit waiting for (or in) delivery to final storage.", &[]),
-        (REPLICATION_LAG, Gauge, "Age in seconds of the oldest file waiting for final storage (0 when none waits).", &[]),
-        (DISK_USED, Gauge, "Bytes used on the data directory's filesystem by everything on it (its size minus its free space); cin_data_bytes is what this POP holds.", &[]),
-        (DISK_FREE, Gauge, "Bytes free on the data directory's filesystem (for unprivileged processes).", &[]),
-        (DATA_BYTES, Gauge, "Bytes this POP holds in its data directory, by kind: files (metadata, upload bodies and local copies, as allocated on disk, measured every 30 s) and space_reserve (set aside for the metadata store).", &[("kind", &["files", "space_reserve"])]),
-        (DISK_RESERVED, Gauge, "Room promised to uploads in progress: declared bytes not received yet, counted against disk.min_free_bytes.", &[]),
-        (CACHE_EVICTIONS, Counter, "Local copies of stored files evicted to keep within cache.max_bytes.", &[]),
-        (FILES_DELETED, Counter, "Files deleted by their clients.", &[]),
-        (FINAL_REMOVALS, Counter, "Deleted files whose object (and manifest) final storage no longer holds.", &[]),
-        (ORPHANS_REMOVED, Counter, "Files and directories no record owned, removed at start, by kind.", &[("kind", &["upload_dir", "part_file", "log_file", "log_file_trimmed", "temp_file"])]),
-        (ORPHAN_BYTES_FREED, Counter, "Disk space given back by removing orphans at start.", &[]),
-        (FILES_MISSING_LOCAL_BYTES, Gauge, "Files whose local copy was found incomplete at the last start (served from final storage once Stored).", &[]),
-        (EVENT_STREAMS, Gauge, "/events streams open now.", &[]),
-        (BODIES_RECEIVING, Gauge, "Requests receiving an upload body now (at most server.max_body_writers).", &[]),
-        (REQUESTS_SHED, Counter, "Requests answered 503 because a limit was reached, by reason.", &[("reason", &["connections", "body_writers"])]),
-        (CONNECTIONS_CLOSED, Counter, "Connections closed by the POP, by reason.", &[("reason", &["head_timeout", "idle", "write_stalled", "evicted", "over_limit", "tls_handshake"])]),
-        (CONNECTIONS_OPEN, Gauge, "Connections open now.", &[]),
-        (NETWORK_BYTES, Counter, "Bytes passed between clients and other POPs of the network, by direction (from_origin: answers relayed; to_origin: upload bodies forwarded).", &[("direction", &["from_origin", "to_origin"])]),
-        (NETWORK_UNREACHABLE, Counter, "Calls to another POP of the network that went unanswered (each a 503 origin_unreachable).", &[]),
-        (HTTP_REQUESTS, Counter, "HTTP requests answered, by route, method and status.", &[]),
-        (HTTP_SECONDS, Histogram, "Time to answer an HTTP request (until the response head), by route, method and status.", &[]),
-        (STORAGE_PROFILE_UP, Gauge, "Per storage profile: 1 while its final store answers, 0 while it fails or refuses requests.", &[]),
+        d(UPLOADS_STARTED, Counter, "Uploads started (multipart start, tus creation, /api/store, store from URL).", None),
+        d(UPLOADS_COMPLETED, Counter, "Uploads completed: every byte received and durable; the file is InTransit.", None),
+        d(UPLOADS_FAILED, Counter, "Uploads that ended without completing, by reason.", Some(("reason", &["terminated", "no_space", "body", "expired"]))),
+        d(BYTES_RECEIVED, Counter, "Upload body bytes received and made durable.", None),
+        d(CHUNK_FAILURES, Counter, "Chunks refused or cut off, by reason.", Some(("reason", &["truncated", "too_long", "conflict", "md5_mismatch", "crc32c_mismatch", "checksum_mismatch", "no_space", "storage"]))),
+        d(REPLICATION_ATTEMPTS, Counter, "Attempts to deliver a file to final storage.", None),
+        d(REPLICATION_FAILURES, Counter, "Delivery attempts that failed (each is retried with backoff).", None),
+        d(REPLICATION_GIVEN_UP, Counter, "Files whose replication was given up after repeated definitive mismatches.", None),
+        d(REPLICATED_BYTES, Counter, "Bytes delivered to final storage.", None),
+        d(REPLICATION_SECONDS, Histogram, "Time one successful delivery to final storage took.", None),
+        d(REPLICATION_QUEUE, Gauge, "Files InTransit waiting for (or in) delivery to final storage.", None),
+        d(REPLICATION_LAG, Gauge, "Age in seconds of the oldest file waiting for final storage (0 when none waits).", None),
+        d(DISK_USED, Gauge, "Bytes used on the data directory's filesystem by everything on it (its size minus its free space); cin_data_bytes is what this POP holds.", None),
+        d(DISK_FREE, Gauge, "Bytes free on the data directory's filesystem (for unprivileged processes).", None),
+        d(DATA_BYTES, Gauge, "Bytes this POP holds in its data directory, by kind: files (metadata, upload bodies and local copies, as allocated on disk, measured every 30 s) and space_reserve (set aside for the metadata store).", Some(("kind", &["files", "space_reserve"]))),
+        d(DISK_RESERVED, Gauge, "Room promised to uploads in progress: declared bytes not received yet, counted against disk.min_free_bytes.", None),
+        d(CACHE_EVICTIONS, Counter, "Local copies of stored files evicted to keep within cache.max_bytes.", None),
+        d(FILES_DELETED, Counter, "Files deleted by their clients.", None),
+        d(FINAL_REMOVALS, Counter, "Deleted files whose object (and manifest) final storage no longer holds.", None),
+        d(ORPHANS_REMOVED, Counter, "Files and directories no record owned, removed at start, by kind.", Some(("kind", &["upload_dir", "part_file", "log_file", "log_file_trimmed", "temp_file"]))),
+        d(ORPHAN_BYTES_FREED, Counter, "Disk space given back by removing orphans at start.", None),
+        d(FILES_MISSING_LOCAL_BYTES, Gauge, "Files whose local copy was found incomplete at the last start (served from final storage once Stored).", None),
+        d(EVENT_STREAMS, Gauge, "/events streams open now.", None),
+        d(BODIES_RECEIVING, Gauge, "Requests receiving an upload body now (at most server.max_body_writers).", None),
+        d(REQUESTS_SHED, Counter, "Requests answered 503 because a limit was reached, by reason.", Some(("reason", &["connections", "body_writers"]))),
+        d(CONNECTIONS_CLOSED, Counter, "Connections closed by the POP, by reason.", Some(("reason", &["head_timeout", "idle", "write_stalled", "evicted", "over_limit", "tls_handshake"]))),
+        d(CONNECTIONS_OPEN, Gauge, "Connections open now.", None),
+        d(NETWORK_BYTES, Counter, "Bytes passed between clients and other POPs of the network, by direction (from_origin: answers relayed; to_origin: upload bodies forwarded).", Some(("direction", &["from_origin", "to_origin"]))),
+        d(NETWORK_UNREACHABLE, Counter, "Calls to another POP of the network that went unanswered (each a 503 origin_unreachable).", None),
+        d(HTTP_REQUESTS, Counter, "HTTP requests answered, by route, method and status.", None),
+        d(HTTP_SECONDS, Histogram, "Time to answer an HTTP request (until the response head), by route, method and status.", None),
+        d(STORAGE_PROFILE_UP, Gauge, "Per storage profile: 1 while its final store answers, 0 while it fails or refuses requests.", None),
     ]
 };
 
@@ -127,19 +149,28 @@ const FAMILIES: &[(&str, Family, &str, &[(&str, &[&str])])] = {
 /// known label value of the others, at 0 from the start. HTTP families have one
 /// series per route, method and status seen; profiles are set with the first scrape.
 fn describe_families() {
-    for &(name, family, help, labels) in FAMILIES {
+    for &Described {
+        name,
+        family,
+        help,
+        labels,
+    } in FAMILIES
+    {
         match family {
             Family::Counter => metrics::describe_counter!(name, help),
             Family::Gauge => metrics::describe_gauge!(name, help),
             Family::Histogram => metrics::describe_histogram!(name, help),
         }
-        if matches!(name, names::HTTP_REQUESTS | names::HTTP_SECONDS | names::STORAGE_PROFILE_UP) {
+        if matches!(
+            name,
+            names::HTTP_REQUESTS | names::HTTP_SECONDS | names::STORAGE_PROFILE_UP
+        ) {
             continue;
         }
-        let mut series: Vec<Vec<(&'static str, &'static str)>> = vec![Vec::new()];
-        if let Some((label, values)) = labels.first() {
-            series = values.iter().map(|v| vec![(*label, *v)]).collect();
-        }
+        let series: Vec<Vec<(&'static str, &'static str)>> = match labels {
+            None => vec![Vec::new()],
+            Some((label, values)) => values.iter().map(|v| vec![(label, *v)]).collect(),
+        };
         for labels in series {
             let labels: Vec<metrics::Label> = labels
                 .into_iter()

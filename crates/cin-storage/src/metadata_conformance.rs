@@ -381,7 +381,10 @@ async fn files_come_a_page_at_a_time_in_handle_order(subject: &Subject) {
         after = Some(last.handle.clone());
         seen.extend(page);
     }
-    assert_eq!(seen, files, "every record once, in handle order, as written last");
+    assert_eq!(
+        seen, files,
+        "every record once, in handle order, as written last"
+    );
 
     assert!(store.files_after(None, 0).unwrap().is_empty());
     // `after` need not be a stored handle: the page starts at the next one after it.

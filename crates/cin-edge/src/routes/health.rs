@@ -106,8 +106,11 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     metrics::gauge!(names::DATA_BYTES, "kind" => "space_reserve").set(held.space_reserve as f64);
     for d in state.services.destinations.all() {
         let up = matches!(d.health(), Health::Ok | Health::Unknown);
-        metrics::gauge!(names::STORAGE_PROFILE_UP, "profile" => d.name.clone())
-            .set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!(names::STORAGE_PROFILE_UP, "profile" => d.name.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -48,7 +48,10 @@ pub fn router(config: &Config) -> Router<SharedState> {
         .route("/api/file/{handle}/metadata", get(files::api_metadata))
         .route("/api/files", get(admin::list))
         .route("/api/files/{handle}/replication/retry", post(admin::retry))
-        .route("/api/files/{handle}/replication/cancel", post(admin::cancel))
+        .route(
+            "/api/files/{handle}/replication/cancel",
+            post(admin::cancel),
+        )
         .route(
             "/api/file/{handle}",
             get(files::api_serve).delete(files::delete),
