@@ -395,6 +395,9 @@ async fn openapi_document_lists_every_route() {
         ("/", "get"),
         ("/page/app.js", "get"),
         ("/page/app.css", "get"),
+        ("/api/files", "get"),
+        ("/api/files/{handle}/replication/retry", "post"),
+        ("/api/files/{handle}/replication/cancel", "post"),
     ];
     for (path, method) in expected {
         assert!(
@@ -404,7 +407,7 @@ async fn openapi_document_lists_every_route() {
     }
     assert_eq!(
         paths.len(),
-        21,
+        24,
         "a route was added without documenting it, or the other way round"
     );
 }

@@ -232,6 +232,8 @@ async fn the_log_has_a_start_summary_and_one_plain_access_line_per_request() {
     let dir = tempfile::tempdir().unwrap();
     let pop = PopProcess::start(dir.path());
     let summary = pop.wait_for_log(Duration::from_secs(10), |l| l.contains("listening on"));
+    // The summary's last line: a human log prints the message's lines one by one.
+    pop.wait_for_log(Duration::from_secs(10), |l| l.contains("readiness at"));
     let log = pop.log_lines().join("\n");
     assert!(summary.contains(&pop.base), "{log}");
     for part in [

@@ -291,6 +291,21 @@ fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
             url: e.url().map(|u| u.to_string()).unwrap_or_default(),
         };
     }
+    // No connection at all: the innermost cause ("Connection refused") and
+    // where, rather than the client library's layers.
+    if e.is_connect() {
+        let cause = std::iter::successors(std::error::Error::source(&e), |cause| cause.source())
+            .last()
+            .map(|cause| cause.to_string())
+            .unwrap_or_else(|| message.clone());
+        let at = e
+            .url()
+            .map(|u| format!("{}://{}", u.scheme(), u.authority()))
+            .unwrap_or_default();
+        return TransportError::Network(format!(
+            "cannot connect to {at}: {cause} (is a POP running there?)"
+        ));
+    }
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
         message.push_str(": ");

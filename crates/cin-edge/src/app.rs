@@ -447,8 +447,13 @@ fn start_summary(state: &AppState, listening: &str) -> String {
     lines.push(format!(
         "  upload page: {page}; apps: {apps}; network: {network}"
     ));
+    let admin = if config.admin.key.is_empty() {
+        "off (set admin.key to list files and retry or cancel replication)".to_owned()
+    } else {
+        format!("{public}/api/files")
+    };
     lines.push(format!(
-        "  HTTPS: {}; metrics at {public}/metrics, readiness at {public}/readyz",
+        "  HTTPS: {}; admin API: {admin}; metrics at {public}/metrics, readiness at {public}/readyz",
         if config.server.tls() { "on" } else { "off" }
     ));
     lines.join("\n")

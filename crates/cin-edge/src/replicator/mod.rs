@@ -198,6 +198,8 @@ impl Replicator {
                 let journal = JobJournal {
                     stopping: self.stopping.clone(),
                     meta: self.meta.clone(),
+                    lifecycle: self.lifecycle.clone(),
+                    upload_id: file.upload_id.clone(),
                     handle: job.handle.clone(),
                     resume_from: job.checkpoint.clone(),
                 };
@@ -481,6 +483,10 @@ pub fn backoff(config: &ReplicatorConfig, attempts: u32) -> Duration {
 struct JobJournal {
     stopping: Arc<AtomicBool>,
     meta: Arc<dyn MetadataStore>,
+    /// Held while the job is rewritten: an operator's cancel or retry, written
+    /// under the same lock, is never overwritten by a stale copy.
+    lifecycle: Arc<Lifecycle>,
+    upload_id: cin_domain::UploadId,
     handle: Handle,
     resume_from: Option<MultipartCheckpoint>,
 }
@@ -492,6 +498,7 @@ impl PutJournal for JobJournal {
     }
 
     async fn record(&self, checkpoint: Option<MultipartCheckpoint>) -> Result<(), StorageError> {
+        let _guard = self.lifecycle.lock(&self.upload_id).await;
         let mut job = self
             .meta
             .get_job(&self.handle)?

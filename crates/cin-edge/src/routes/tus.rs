@@ -459,34 +459,29 @@ async fn create_upload(state: &SharedState, headers: &HeaderMap, body: Body) -> 
         })
         .into());
     }
-    let mut file = state
-        .uploads
-        .tus_create(
-            NewUpload {
-                app: app.clone(),
-                ..upload_from_metadata(&metadata, length.unwrap_or(0))
-            },
-            deferred,
-            raw_metadata,
-            partial,
-        )
-        .await?;
-
-    let mut response = TusResponse::new(StatusCode::CREATED)
-        .header("location", upload_url(state, &file.upload_id));
-    // creation-with-upload: the POST body is the first chunk.
+    let upload = NewUpload {
+        app: app.clone(),
+        ..upload_from_metadata(&metadata, length.unwrap_or(0))
+    };
     if has_body {
+        // creation-with-upload: the POST body is the first chunk (a small
+        // file's whole body completes the upload at once).
         let (checksum, body) = body_checksum(headers, body)?;
-        let appended = state
+        let (file, offset) = state
             .uploads
-            .tus_append(&file.upload_id, 0, None, checksum, body)
+            .tus_create_with_upload(upload, deferred, raw_metadata, partial, checksum, body)
             .await?;
-        let offset = match appended {
-            Appended::Complete(o) | Appended::BrokenOff(o) => o,
-        };
-        response = response.header("upload-offset", offset);
-        file = state.uploads.file_for_upload(&file.upload_id)?;
+        let response = TusResponse::new(StatusCode::CREATED)
+            .header("location", upload_url(state, &file.upload_id))
+            .header("upload-offset", offset);
+        return Ok(with_file_headers(state, response, &file)?);
     }
+    let file = state
+        .uploads
+        .tus_create(upload, deferred, raw_metadata, partial)
+        .await?;
+    let response = TusResponse::new(StatusCode::CREATED)
+        .header("location", upload_url(state, &file.upload_id));
     Ok(with_file_headers(state, response, &file)?)
 }
 

@@ -138,8 +138,10 @@ pub struct Uploads {
 
 const DEFAULT_MIMETYPE: &str = "application/octet-stream";
 
-/// Whole files of up to this many bytes, with their size declared, are held in
-/// memory and appended to the small-file log instead of a part file of their own.
+/// Whole files of up to this many bytes are held in memory and appended to the
+/// small-file log instead of a part file of their own: a body of declared size,
+/// a body of unknown size that ends within it, a tus creation that carries the
+/// whole file.
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
 impl Uploads {
@@ -812,15 +814,13 @@ impl Uploads {
             None => Charge::Growing,
         };
         let (body, no_room) = self.services.disk.meter(body, charge);
-        let stored = match declared_size.filter(|&s| s <= SMALL_FILE_MAX) {
-            Some(size) => self.store_small(size, body).await,
-            None => {
-                let limit = declared_size.map_or(
-                    ChunkSize::AtMost(self.limits.max_file_size),
-                    ChunkSize::Exact,
-                );
-                self.store_in_part_file(&file.upload_id, limit, body).await
+        let stored = match declared_size {
+            Some(size) if size <= SMALL_FILE_MAX => self.store_small(size, body).await,
+            Some(size) => {
+                self.store_in_part_file(&file.upload_id, ChunkSize::Exact(size), body)
+                    .await
             }
+            None => self.store_unsized(&file.upload_id, body, &no_room).await,
         };
         if no_room.hit() {
             // The body was cut where the disk had no more room: none of it counts.
@@ -884,6 +884,48 @@ impl Uploads {
             });
         }
         Ok(self.services.small_files.append(frames).await?)
+    }
+
+    /// A body of unknown size (chunked, or a form's field): held in memory while
+    /// it fits [`SMALL_FILE_MAX`] and appended to the small-file log if it ends
+    /// there; past that, what was held and the rest go to a part file.
+    async fn store_unsized<S, E>(
+        &self,
+        upload: &UploadId,
+        body: S,
+        no_room: &crate::disk::NoRoom,
+    ) -> Result<Segment, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BodyError>,
+    {
+        let mut body = Box::pin(futures_util::TryStreamExt::map_err(body, Into::into));
+        let mut frames = Vec::new();
+        let mut held = 0u64;
+        while held <= SMALL_FILE_MAX {
+            match body.next().await {
+                Some(frame) => {
+                    let frame = frame.map_err(ChunkError::Body)?;
+                    held += frame.len() as u64;
+                    frames.push(frame);
+                }
+                None if no_room.hit() => {
+                    // The disk stopped the body: the caller answers 507.
+                    return Err(ChunkError::Truncated {
+                        received: held,
+                        expected: held + 1,
+                    });
+                }
+                None => return Ok(self.services.small_files.append(frames).await?),
+            }
+        }
+        let held = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BodyError>));
+        self.store_in_part_file(
+            upload,
+            ChunkSize::AtMost(self.limits.max_file_size),
+            held.chain(body),
+        )
+        .await
     }
 
     /// Writes a whole file as part 1 of its own upload; a failure removes the bytes.

@@ -7,11 +7,12 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
+use cin_storage::segment_log;
 use cin_storage::{BodyError, ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 
 use super::locks::Takeover;
-use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads};
+use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads, SMALL_FILE_MAX};
 use crate::disk::Charge;
 use crate::observability::names;
 
@@ -83,6 +84,15 @@ pub enum BodyChecksum {
     Trailer(LateChecksum),
 }
 
+/// What became of a small tus creation's body.
+enum SmallBody {
+    /// In the small-file log; the upload is complete.
+    Stored,
+    /// Not the whole file as declared: the frames read (an error last, if the
+    /// body broke) and the checksum, for the regular path to count.
+    Replay(Vec<Result<Bytes, BodyError>>, BodyChecksum),
+}
+
 /// How a PATCH ended.
 #[derive(Debug)]
 pub enum Appended {
@@ -101,7 +111,20 @@ impl Uploads {
         metadata: String,
         partial: bool,
     ) -> Result<FileRecord, UploadError> {
-        let mut record = self.new_record(&upload)?;
+        let mut record = self.tus_record(&upload, deferred, metadata, partial)?;
+        self.tus_register(&mut record).await?;
+        Ok(record)
+    }
+
+    /// A new tus upload's record, its disk room reserved; not stored yet.
+    fn tus_record(
+        &self,
+        upload: &NewUpload,
+        deferred: bool,
+        metadata: String,
+        partial: bool,
+    ) -> Result<FileRecord, UploadError> {
+        let mut record = self.new_record(upload)?;
         self.check_size(upload.size)?;
         self.services.disk.admit(&record.upload_id, upload.size)?;
         metrics::counter!(names::UPLOADS_STARTED, "mode" => "tus").increment(1);
@@ -114,18 +137,162 @@ impl Uploads {
                 TusConcat::None
             },
         });
+        Ok(record)
+    }
+
+    /// Stores a new upload durably with its (empty) upload directory, so
+    /// PATCHes may follow; an empty file is complete at once.
+    async fn tus_register(&self, record: &mut FileRecord) -> Result<(), UploadError> {
+        let deferred = record.length_deferred;
+        let partial = record.is_tus_partial();
         self.services.parts.create_upload(&record.upload_id).await?;
         if !deferred && record.size == 0 {
             // An empty file is complete at creation.
             record.segments = Vec::new();
             let guard = self.lifecycle.lock(&record.upload_id).await;
-            self.finish_tus(&guard, &mut record).await?;
-            return Ok(record);
+            self.finish_tus(&guard, record).await?;
+            return Ok(());
         }
-        self.services.meta.put_file(&record, JobChange::Keep)?;
+        self.services.meta.put_file(record, JobChange::Keep)?;
         self.services.meta.flush().await?;
         tracing::info!(handle = %record.handle, size = record.size, deferred, partial, "tus upload created");
-        Ok(record)
+        Ok(())
+    }
+
+    /// creation-with-upload: creates a tus upload and appends the request's
+    /// body at offset 0. Returns the upload and its offset after the body.
+    ///
+    /// A body that is the whole of a small file (its length known, not a
+    /// partial upload) is held in memory, its checksum verified, and appended
+    /// to the small-file log: the upload is complete at creation, with no
+    /// upload directory or part file of its own. Any other body, or one that
+    /// ends short, long, broken, or with a checksum that does not match, takes
+    /// the path of a creation and a PATCH, with the bytes held replayed: the
+    /// upload is created and what arrived counts as a PATCH would count it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn tus_create_with_upload<S, E>(
+        &self,
+        upload: NewUpload,
+        deferred: bool,
+        metadata: String,
+        partial: bool,
+        checksum: BodyChecksum,
+        body: S,
+    ) -> Result<(FileRecord, u64), UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BodyError>,
+    {
+        let mut record = self.tus_record(&upload, deferred, metadata, partial)?;
+        let mut body = Box::pin(futures_util::TryStreamExt::map_err(body, Into::into));
+        let small = !deferred && !partial && (1..=SMALL_FILE_MAX).contains(&record.size);
+        let (held, checksum) = if small {
+            match self.tus_store_small(&mut record, checksum, &mut body).await {
+                Ok(SmallBody::Stored) => {
+                    let size = record.size;
+                    return Ok((record, size));
+                }
+                Ok(SmallBody::Replay(held, checksum)) => (held, checksum),
+                Err(e) => {
+                    self.services.disk.release(&record.upload_id);
+                    return Err(e);
+                }
+            }
+        } else {
+            (Vec::new(), checksum)
+        };
+        self.tus_register(&mut record).await?;
+        let replayed = futures_util::stream::iter(held).chain(body);
+        let offset = match self
+            .tus_append(&record.upload_id, 0, None, checksum, replayed)
+            .await?
+        {
+            Appended::Complete(o) | Appended::BrokenOff(o) => o,
+        };
+        Ok((self.file_for_upload(&record.upload_id)?, offset))
+    }
+
+    /// Reads a small tus creation's body; if it is the whole file and its
+    /// checksum matches, appends it to the small-file log and completes the
+    /// upload. Otherwise gives back what it read, for the regular path.
+    async fn tus_store_small<S>(
+        &self,
+        record: &mut FileRecord,
+        checksum: BodyChecksum,
+        body: &mut S,
+    ) -> Result<SmallBody, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin,
+    {
+        let writing = self.body_writer()?;
+        let mut held = Vec::new();
+        let mut received = 0u64;
+        let ended = loop {
+            match body.next().await {
+                Some(Ok(frame)) => {
+                    received += frame.len() as u64;
+                    held.push(Ok(frame));
+                    if received > record.size {
+                        break false;
+                    }
+                }
+                Some(Err(e)) => {
+                    held.push(Err(e));
+                    break false;
+                }
+                None => break true,
+            }
+        };
+        // The regular path counts the body as a PATCH would (a prefix kept, a
+        // 413 or a 460); it takes its own place among the body writers.
+        let replay = |held, checksum| {
+            drop(writing);
+            Ok(SmallBody::Replay(held, checksum))
+        };
+        if !ended || received != record.size {
+            return replay(held, checksum);
+        }
+        let frames: Vec<Bytes> = held
+            .iter()
+            .filter_map(|f| f.as_ref().ok().cloned())
+            .collect();
+        let declared = match checksum {
+            BodyChecksum::None => None,
+            BodyChecksum::Declared(c) => Some(c),
+            // The body has ended, so its trailer has been read (or never came).
+            BodyChecksum::Trailer(read) => match read() {
+                Ok(c) => Some(c),
+                Err(e) => return replay(held, BodyChecksum::Trailer(Box::new(move || Err(e)))),
+            },
+        };
+        if let Some(declared) = declared {
+            if segment_log::digest_of(declared.kind, &frames) != declared.digest {
+                return replay(held, BodyChecksum::Declared(declared));
+            }
+        }
+        // The same look at the disk a body written to a part file gets.
+        let (metered, no_room) = self.services.disk.meter(
+            futures_util::stream::iter(frames.iter().cloned().map(Ok::<_, BodyError>)),
+            Charge::Reserved,
+        );
+        let passed: usize = metered.map(|_| ()).count().await;
+        if no_room.hit() || passed != frames.len() {
+            return replay(held, BodyChecksum::None);
+        }
+        let segment = match self.services.small_files.append(frames).await {
+            Ok(segment) => segment,
+            Err(e) => {
+                tracing::warn!(handle = %record.handle, error = %e, "appending a small tus upload to the log failed; writing it to a part file instead");
+                return replay(held, BodyChecksum::None);
+            }
+        };
+        metrics::counter!(names::BYTES_RECEIVED).increment(segment.len);
+        record.segments = vec![segment];
+        // Nobody knows this upload yet; the lock keeps the one rule.
+        let guard = self.lifecycle.lock(&record.upload_id).await;
+        self.finish_tus(&guard, record).await?;
+        tracing::info!(handle = %record.handle, size = record.size, "tus upload created whole, in the small-file log");
+        Ok(SmallBody::Stored)
     }
 
     /// The offset a client resuming the upload continues from: a PATCH still
