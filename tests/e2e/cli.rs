@@ -5,9 +5,11 @@
 //! upload; apps that require security; a full disk waited for; Ctrl-C.
 //!
 //! The binary is `target/<profile>/cin`, beside this test binary's `deps/`
-//! directory: `cargo nextest run --workspace` (and `cargo build --workspace`)
-//! builds it; a targeted run needs `cargo build -p cin-client --bin cin` first.
-//! `CIN_TEST_CIN_BINARY` runs another build instead.
+//! directory. `cargo nextest run --workspace` (and `cargo test --workspace`)
+//! builds it, because cin-client has integration tests that run it; a run of
+//! only these tests needs `cargo build -p cin-client --bin cin` first, and a
+//! binary older than the client's sources is refused. `CIN_TEST_CIN_BINARY`
+//! runs another build instead.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -902,12 +904,14 @@ async fn a_full_disk_is_waited_for_as_the_pop_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_says_how_to_resume_and_the_command_does() {
     let (app, proxy) = pop_behind(Faults {
-        bandwidth: Some(2 * MIB as u64),
+        bandwidth: Some(4 * MIB as u64),
         ..Faults::default()
     })
     .await;
     let work = Work::new();
-    let bytes = random_bytes(16 * MIB, 16);
+    // One part at a time: after the first part's acknowledgment the next one
+    // takes seconds, so the interruption surely comes mid-upload.
+    let bytes = random_bytes(24 * MIB, 16);
     let file = work.file("long.bin", &bytes);
     let state = work.path("state");
     let pop = proxy.url();
@@ -919,6 +923,8 @@ async fn ctrl_c_says_how_to_resume_and_the_command_does() {
         &file,
         "--state-dir",
         state.to_str().unwrap(),
+        "--max-parallel",
+        "1",
     ]));
     let line = cin
         .wait_for_line(|l| {

@@ -672,6 +672,29 @@ impl Progress {
         eprintln!("{line}");
     }
 
+    /// JSON lines every [`PROGRESS_EVERY`] while the transfer runs, also when no
+    /// acknowledgment came (a large chunk on a slow link): the rate then falls.
+    fn tick(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            if self.show != Show::Json {
+                return;
+            }
+            let mut every = tokio::time::interval(PROGRESS_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if self
+                    .began
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some()
+                {
+                    self.line(false);
+                }
+            }
+        })
+    }
+
     fn finish(&self, succeeded: bool) {
         if succeeded
             && self
@@ -807,6 +830,7 @@ async fn upload(cli: &Cli, ctx: &Context, args: &UploadArgs) -> i32 {
             options.clone(),
             progress.clone(),
         );
+        let ticker = progress.clone().tick();
         let result = tokio::select! {
             result = upload_one(&uploader, file, args, &store, &ctx.pops, state_dir.as_ref()) => result,
             () = interrupt.received() => Err(ClientError::Interrupted {
@@ -814,6 +838,7 @@ async fn upload(cli: &Cli, ctx: &Context, args: &UploadArgs) -> i32 {
                 resume: state_dir.as_ref().map(|_| resume_command(ctx, args, &args.files[index..])),
             }),
         };
+        ticker.abort();
         progress.finish(result.is_ok());
         match result {
             Ok(report) => {

@@ -419,7 +419,10 @@ impl Disk {
     /// [`MEASURE_FILES_EVERY`]: what the POP holds, whatever else fills the disk.
     fn measure_files(&self) {
         {
-            let mut measured = self.files_measured.lock().unwrap_or_else(|p| p.into_inner());
+            let mut measured = self
+                .files_measured
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if measured.is_some_and(|at| at.elapsed() < MEASURE_FILES_EVERY) {
                 return;
             }
