@@ -32,6 +32,7 @@ mod sdk;
 mod seaweedfs;
 mod security;
 mod shutdown;
+mod small_files;
 mod store_api;
 mod store_url;
 mod support;

@@ -288,6 +288,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn digests_of_frames_are_those_of_their_bytes() {
+        let frames = [Bytes::from_static(b"1234"), Bytes::from_static(b"56789")];
+        let hex = |kind| hex::encode(digest_of(kind, &frames));
+        assert_eq!(hex(crate::DigestKind::Crc32c), "e3069283");
+        assert_eq!(
+            hex(crate::DigestKind::Md5),
+            "25f9e794323b453885f5181f1b624d0b"
+        );
+        assert_eq!(
+            hex(crate::DigestKind::Sha1),
+            "f7c3bc1d808e04732adf679965ccc34ca7ae3441"
+        );
+        assert_eq!(
+            hex(crate::DigestKind::Sha256),
+            "15e2b0d3c33891ebb0f1ef609ec419420c20e320ce94c65fbc8c3312448eb225"
+        );
+    }
+
     #[tokio::test]
     async fn a_full_log_file_is_closed_and_the_next_append_starts_another() {
         let dir = tempfile::tempdir().unwrap();

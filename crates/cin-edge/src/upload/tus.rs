@@ -169,7 +169,6 @@ impl Uploads {
     /// ends short, long, broken, or with a checksum that does not match, takes
     /// the path of a creation and a PATCH, with the bytes held replayed: the
     /// upload is created and what arrived counts as a PATCH would count it.
-    #[allow(clippy::too_many_arguments)]
     pub async fn tus_create_with_upload<S, E>(
         &self,
         upload: NewUpload,
