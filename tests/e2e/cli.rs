@@ -25,7 +25,7 @@ use tempfile::TempDir;
 
 use crate::fault_proxy::{FaultProxy, Faults};
 use crate::support::{
-    random_bytes, sha256_hex, spawn_app, spawn_app_in, spawn_app_with, TestApp, MIB,
+    random_bytes, sha256_hex, spawn_app, spawn_app_in, spawn_app_with, SmallFs, TestApp, MIB,
 };
 
 /// Guards the waits for a child's output; never reached when things work.
@@ -798,70 +798,6 @@ async fn apps_that_require_security_work_with_a_secret_or_a_signed_policy() {
     assert_eq!(run.stdout.trim(), format!("deleted {second}"));
 }
 
-/// A tmpfs of a fixed size (tmpfs counts free space exactly); unmounted on drop.
-/// Mounting needs root: None (after saying so) where it is not permitted.
-struct SmallFs {
-    dir: TempDir,
-}
-
-impl SmallFs {
-    fn mount(mib: u64) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().expect("mount point");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match mounted {
-            Ok(out) if out.status.success() => Some(SmallFs { dir }),
-            Ok(out) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    /// A file taking all but `leave` bytes of the free space.
-    fn fill_leaving(&self, leave: u64) -> PathBuf {
-        use std::os::fd::AsRawFd;
-        let path = self.dir.path().join("filler");
-        let file = std::fs::File::create(&path).expect("filler");
-        let free = fs4::statvfs(self.dir.path())
-            .expect("statvfs")
-            .available_space();
-        let mut len = free.saturating_sub(leave);
-        loop {
-            // SAFETY: posix_fallocate only reads its integer arguments; the file is open for writing.
-            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-            if rc == 0 {
-                break;
-            }
-            assert!(
-                rc == libc::ENOSPC && len > 0,
-                "filling the filesystem: error {rc}"
-            );
-            len = len.saturating_sub(64 * 1024);
-        }
-        path
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        // Lazily: the POP may still hold files open.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_waited_for_as_the_pop_asks() {
     let Some(fs) = SmallFs::mount(64) else {
@@ -869,7 +805,7 @@ async fn a_full_disk_is_waited_for_as_the_pop_asks() {
     };
     let origin = tempfile::tempdir().expect("origin");
     let origin_path = origin.path().to_path_buf();
-    let app = spawn_app_in(&fs.dir.path().join("data"), move |c| {
+    let app = spawn_app_in(&fs.path().join("data"), move |c| {
         if let Some(p) = c.storage.profiles.get_mut("default") {
             p.path = origin_path;
         }
@@ -889,7 +825,7 @@ async fn a_full_disk_is_waited_for_as_the_pop_asks() {
     let waiting: Value = serde_json::from_str(&waiting).expect("JSON line");
     assert_eq!(waiting["code"], "insufficient_storage", "{waiting}");
     assert_eq!(waiting["delay_ms"], 1000, "{waiting}");
-    std::fs::remove_file(&filler).expect("free the disk");
+    filler.remove();
 
     let run = cin.finish().await.ok();
     let result = upload_result(&run);

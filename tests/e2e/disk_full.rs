@@ -7,8 +7,7 @@
 //! free space exactly); mounting needs root, so they are skipped, saying so, where
 //! it is not permitted.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,107 +17,12 @@ use tempfile::TempDir;
 
 use crate::support::{
     chunk_request, header_value, random_bytes, sha256_hex, spawn_app_in, spawn_app_with, Pop,
-    PopProcess, TestApp, MIB,
+    PopProcess, SmallFs, TestApp, MIB,
 };
 
 const TUS: (&str, &str) = ("tus-resumable", "1.0.0");
 const OCTETS: (&str, &str) = ("content-type", "application/offset+octet-stream");
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A tmpfs of a fixed size on a fresh directory; unmounted on drop.
-struct SmallFs {
-    dir: TempDir,
-}
-
-impl SmallFs {
-    /// Mounts a tmpfs of `mib` MiB, or None (after saying why) where mounting is not permitted.
-    fn mount(mib: u64) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().expect("mount point");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match mounted {
-            Ok(out) if out.status.success() => Some(SmallFs { dir }),
-            Ok(out) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Bytes an unprivileged writer may still use.
-    fn free(&self) -> u64 {
-        fs4::statvfs(self.path())
-            .expect("statvfs")
-            .available_space()
-    }
-
-    /// Fills the filesystem with a file until only `leave` bytes are free.
-    fn fill_leaving(&self, leave: u64) -> Filler {
-        use std::io::Write;
-        use std::os::fd::AsRawFd;
-        let path = self.path().join("filler");
-        let mut file = std::fs::File::create(&path).expect("filler");
-        let mut len = self.free().saturating_sub(leave);
-        // The file's own extent blocks come out of the free space too: the last
-        // bytes may not fit in one allocation.
-        loop {
-            // SAFETY: posix_fallocate only reads its integer arguments; the file is open for writing.
-            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-            if rc == 0 {
-                break;
-            }
-            assert!(
-                rc == libc::ENOSPC && len > 0,
-                "filling the filesystem: error {rc}"
-            );
-            len = len.saturating_sub(64 * 1024);
-        }
-        if leave == 0 {
-            // What the allocation left, written a block at a time until none fits.
-            let block = [0u8; 4096];
-            let mut at = len;
-            while std::os::unix::fs::FileExt::write_at(&file, &block, at).is_ok_and(|n| n > 0) {
-                at += block.len() as u64;
-            }
-            let _ = file.flush();
-        }
-        Filler { path }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        // Lazily: a POP being stopped may still hold files open.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// A file taking the filesystem's free space; removing it gives the space back.
-struct Filler {
-    path: PathBuf,
-}
-
-impl Filler {
-    fn remove(self) {
-        std::fs::remove_file(&self.path).expect("removing the filler");
-    }
-}
 
 /// A directory outside the small filesystem for the local final store, so that
 /// replication does not take the disk space the tests account for.
