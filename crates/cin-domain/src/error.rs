@@ -15,7 +15,7 @@ pub enum DomainError {
         "store path {0:?} is not allowed: use '/'-separated names without '..' or empty segments"
     )]
     InvalidStorePath(String),
-    #[error("store container {0:?} is not a valid bucket name")]
+    #[error("store container {0:?} is not a valid bucket name: 3 to 63 lowercase letters, digits, '-' and '.', not starting with '-' or '.'")]
     InvalidContainer(String),
     #[error("a file that is {from} cannot become {to}")]
     IllegalTransition {

@@ -76,7 +76,8 @@ pub const STORE_PATH_MAX: usize = 900;
 pub const CONTAINER_PATTERN: &str = r"^[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.?$";
 pub const CONTAINER_LEN: std::ops::RangeInclusive<usize> = 3..=63;
 
-fn validate_container(name: &str) -> Result<(), DomainError> {
+/// Whether `name` is a container (bucket) name a store accepts.
+pub fn validate_container(name: &str) -> Result<(), DomainError> {
     let ok = CONTAINER_LEN.contains(&name.len())
         && name
             .bytes()

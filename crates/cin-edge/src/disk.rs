@@ -366,6 +366,11 @@ impl Disk {
 
     /// Whether a frame of `len` bytes may be written now, and if so how many
     /// bytes more would still fit after it.
+    /// Whether `len` more bytes may be written now, charged as `charge`.
+    pub fn fits(&self, len: u64, charge: Charge) -> bool {
+        self.headroom(len, charge).is_some()
+    }
+
     fn headroom(&self, len: u64, charge: Charge) -> Option<u64> {
         let spendable = self.spendable();
         let needed = match charge {

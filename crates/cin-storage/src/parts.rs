@@ -88,6 +88,15 @@ impl ChunkWritten {
     }
 }
 
+/// The digest of bytes held in memory, as a body written to a part file gets it.
+pub fn digest_of(kind: DigestKind, frames: &[Bytes]) -> Vec<u8> {
+    let mut hasher = Hasher::new(kind);
+    for frame in frames {
+        hasher.update(frame);
+    }
+    hasher.finish()
+}
+
 enum Hasher {
     Crc32c(u32),
     Md5(Md5),

@@ -162,30 +162,6 @@ fn create_log_file(dir: &Path, seq: u64) -> Result<File, StorageError> {
     Ok(file)
 }
 
-/// The raw digest of a whole file held in memory (a small file, before it is
-/// appended), as [`crate::ChunkWritten::digest`] gives it for bytes written.
-pub fn digest_of(kind: crate::DigestKind, frames: &[Bytes]) -> Vec<u8> {
-    use crate::DigestKind;
-    use sha2::Digest;
-    fn hash<D: Digest>(frames: &[Bytes]) -> Vec<u8> {
-        let mut hasher = D::new();
-        for frame in frames {
-            hasher.update(frame);
-        }
-        hasher.finalize().to_vec()
-    }
-    match kind {
-        DigestKind::Crc32c => frames
-            .iter()
-            .fold(0u32, |crc, frame| crc32c::crc32c_append(crc, frame))
-            .to_be_bytes()
-            .to_vec(),
-        DigestKind::Md5 => hash::<md5::Md5>(frames),
-        DigestKind::Sha1 => hash::<sha1::Sha1>(frames),
-        DigestKind::Sha256 => hash::<sha2::Sha256>(frames),
-    }
-}
-
 /// Frees the disk blocks of a segment in a log file: a hole, so the file keeps
 /// its length and other segments their offsets.
 pub fn release_log_segment(parts_root: &Path, segment: &Segment) -> Result<(), StorageError> {
@@ -291,7 +267,7 @@ mod tests {
     #[test]
     fn digests_of_frames_are_those_of_their_bytes() {
         let frames = [Bytes::from_static(b"1234"), Bytes::from_static(b"56789")];
-        let hex = |kind| hex::encode(digest_of(kind, &frames));
+        let hex = |kind| hex::encode(crate::parts::digest_of(kind, &frames));
         assert_eq!(hex(crate::DigestKind::Crc32c), "e3069283");
         assert_eq!(
             hex(crate::DigestKind::Md5),

@@ -167,6 +167,8 @@ impl Replicator {
     }
 
     async fn try_replicate(&self, mut job: ReplicationJob) -> Result<(), UploadError> {
+        // Only an operator's retry changes it while this attempt runs.
+        let picked_not_before_ms = job.not_before_ms;
         let Some(mut file) = self.meta.get_file(&job.handle)? else {
             tracing::warn!(handle = %job.handle, "dropping a replication job for a file that no longer exists");
             return self.drop_job(&job.handle).await;
@@ -278,10 +280,7 @@ impl Replicator {
                 if mismatch {
                     job.mismatched_attempts += 1;
                 }
-                let gives_up = mismatch && given_up(&self.config, &job);
                 let delay = backoff(&self.config, job.attempts);
-                // Keep a checkpoint an attempt may have saved meanwhile.
-                job.checkpoint = self.meta.get_job(&job.handle)?.and_then(|j| j.checkpoint);
                 job.not_before_ms = now_ms() + delay.as_millis() as u64;
                 job.last_error = Some(error.clone());
                 let guard = self.lifecycle.lock(&file.upload_id).await;
@@ -290,13 +289,20 @@ impl Replicator {
                     // Its removal job stands in this job's place now.
                     return Ok(());
                 }
+                // What was written while this attempt ran stands: a checkpoint it
+                // saved, and an operator's cancel or retry (a retry makes the job
+                // due at once and forgets earlier mismatches, this one's too).
+                if let Some(stored) = self.meta.get_job(&job.handle)? {
+                    job.checkpoint = stored.checkpoint;
+                    job.cancelled_at_ms = stored.cancelled_at_ms;
+                    if stored.not_before_ms != picked_not_before_ms {
+                        job.not_before_ms = stored.not_before_ms;
+                        job.mismatched_attempts = stored.mismatched_attempts;
+                    }
+                }
+                let gives_up = mismatch && given_up(&self.config, &job);
                 file.replication_attempts = job.attempts;
                 file.last_error = Some(error.clone());
-                // An operator's cancel or retry while this attempt ran stands.
-                job.cancelled_at_ms = self
-                    .meta
-                    .get_job(&job.handle)?
-                    .and_then(|stored| stored.cancelled_at_ms);
                 let failing_for = now_ms().saturating_sub(file.completed_at_ms.unwrap_or(0));
                 if !job.failing_reported
                     && failing_for >= self.webhooks.replication_failing_after().as_millis() as u64

@@ -9,7 +9,6 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::Json;
-use cin_domain::store::{CONTAINER_LEN, CONTAINER_PATTERN};
 use cin_domain::{FileRecord, FileStatus, Handle, ReplicationJob};
 use cin_storage::{JobChange, MetadataStore, StorageError};
 use serde::Deserialize;
@@ -156,18 +155,8 @@ impl ListQuery {
             }
         };
         if let Some(container) = &self.container {
-            let pattern = regex_lite::Regex::new(CONTAINER_PATTERN)
+            cin_domain::store::validate_container(container)
                 .map_err(|e| invalid("container", e.to_string()))?;
-            if !CONTAINER_LEN.contains(&container.len()) || !pattern.is_match(container) {
-                return Err(invalid(
-                    "container",
-                    format!(
-                        "{container:?} is not a container name: {} to {} lowercase letters, digits, '-' and '.'",
-                        CONTAINER_LEN.start(),
-                        CONTAINER_LEN.end()
-                    ),
-                ));
-            }
         }
         let older_than_ms = self
             .older_than

@@ -484,7 +484,7 @@ impl Uploads {
                     part.touched_at_ms = now_ms();
                     self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
                         .await?;
-                    self.services.meta.flush().await?;
+                    self.flush_parts(&chunk.upload_id).await?;
                     disk_write.landed_part(kept_new);
                     metrics::counter!(names::BYTES_RECEIVED).increment(kept);
                 }
@@ -562,7 +562,7 @@ impl Uploads {
         }
         self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
             .await?;
-        self.services.meta.flush().await?;
+        self.flush_parts(&chunk.upload_id).await?;
         disk_write.landed();
         Ok(etag)
     }
@@ -602,6 +602,13 @@ impl Uploads {
             ));
         }
         self.services.meta.put_part(upload, number, part)?;
+        Ok(())
+    }
+
+    /// Makes the parts recorded so far durable, then lets readers of the growing
+    /// file see them: a reader is never served bytes a crash could take back.
+    async fn flush_parts(&self, upload: &UploadId) -> Result<(), UploadError> {
+        self.services.meta.flush().await?;
         self.lifecycle.part_recorded(upload);
         Ok(())
     }
@@ -693,7 +700,7 @@ impl Uploads {
         part.committed_len = Some(len);
         self.record_part(&file.handle, upload, part_number, &part)
             .await?;
-        self.services.meta.flush().await?;
+        self.flush_parts(upload).await?;
         Ok(len)
     }
 

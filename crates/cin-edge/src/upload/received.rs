@@ -167,7 +167,9 @@ pub fn read_growing(
                 while let Some(chunk) = bytes.next().await {
                     let failed = chunk.is_err();
                     let len = chunk.as_ref().map_or(0, |b| b.len() as u64);
-                    if tx.send(chunk).await.is_err() || failed {
+                    // A reader that stops taking bytes is let go after the idle time.
+                    let sent = tokio::time::timeout(idle, tx.send(chunk)).await;
+                    if !matches!(sent, Ok(Ok(()))) || failed {
                         return;
                     }
                     pos += len;

@@ -7,7 +7,6 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use bytes::Bytes;
 use cin_domain::{FileRecord, FileStatus, Segment, Transition, TusConcat, TusState, UploadId};
-use cin_storage::segment_log;
 use cin_storage::{BodyError, ChunkError, ChunkSize, DigestKind, JobChange, OnBreak, PartStore};
 use futures_util::{Stream, StreamExt};
 
@@ -200,7 +199,10 @@ impl Uploads {
         } else {
             (Vec::new(), checksum)
         };
-        self.tus_register(&mut record).await?;
+        if let Err(e) = self.tus_register(&mut record).await {
+            self.services.disk.release(&record.upload_id);
+            return Err(e);
+        }
         let replayed = futures_util::stream::iter(held).chain(body);
         let offset = match self
             .tus_append(&record.upload_id, 0, None, checksum, replayed)
@@ -223,7 +225,8 @@ impl Uploads {
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin,
     {
-        let writing = self.body_writer()?;
+        // Given back on return, before a replay takes its own place among the body writers.
+        let _writing = self.body_writer()?;
         let mut held = Vec::new();
         let mut received = 0u64;
         let ended = loop {
@@ -243,11 +246,8 @@ impl Uploads {
             }
         };
         // The regular path counts the body as a PATCH would (a prefix kept, a
-        // 413 or a 460); it takes its own place among the body writers.
-        let replay = |held, checksum| {
-            drop(writing);
-            Ok(SmallBody::Replay(held, checksum))
-        };
+        // 413 or a 460).
+        let replay = |held, checksum| Ok(SmallBody::Replay(held, checksum));
         if !ended || received != record.size {
             return replay(held, checksum);
         }
@@ -265,17 +265,12 @@ impl Uploads {
             },
         };
         if let Some(declared) = declared {
-            if segment_log::digest_of(declared.kind, &frames) != declared.digest {
+            if cin_storage::parts::digest_of(declared.kind, &frames) != declared.digest {
                 return replay(held, BodyChecksum::Declared(declared));
             }
         }
         // The same look at the disk a body written to a part file gets.
-        let (metered, no_room) = self.services.disk.meter(
-            futures_util::stream::iter(frames.iter().cloned().map(Ok::<_, BodyError>)),
-            Charge::Reserved,
-        );
-        let passed: usize = metered.map(|_| ()).count().await;
-        if no_room.hit() || passed != frames.len() {
+        if !self.services.disk.fits(record.size, Charge::Reserved) {
             return replay(held, BodyChecksum::None);
         }
         let segment = match self.services.small_files.append(frames).await {
@@ -499,7 +494,7 @@ impl Uploads {
                 self.complete_waiting_finals(&file).await?;
             }
         } else {
-            self.services.meta.flush().await?;
+            self.flush_parts(upload).await?;
         }
         if no_room.hit() {
             // The body stopped where the disk had no more room; what arrived is
