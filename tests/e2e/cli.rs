@@ -11,9 +11,9 @@
 //! binary older than the client's sources is refused. `CIN_TEST_CIN_BINARY`
 //! runs another build instead.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
@@ -123,12 +123,9 @@ impl Work {
         self.run_command(self.cin(args)).await
     }
 
-    async fn run_command(&self, mut command: Command) -> Run {
-        let out = tokio::task::spawn_blocking(move || command.output())
-            .await
-            .expect("join")
-            .expect("run cin");
-        Run::from(out)
+    /// Runs `command` to completion within [`DEADLINE`].
+    async fn run_command(&self, command: Command) -> Run {
+        Running::spawn(command).finish().await
     }
 }
 
@@ -137,16 +134,6 @@ struct Run {
     code: Option<i32>,
     stdout: String,
     stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Run {
-        Run {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
 }
 
 impl Run {
@@ -205,8 +192,12 @@ impl Running {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+            // Lossy: a line that is not UTF-8 must not stop the reading.
+            for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -237,18 +228,56 @@ impl Running {
         }
     }
 
-    /// Waits for the exit; returns what it printed (stderr: every line).
-    async fn finish(mut self) -> Run {
-        let out = tokio::task::block_in_place(|| {
-            let out = self.child.wait_with_output().expect("wait for cin");
-            self.seen.extend(self.lines.iter());
-            out
+    /// Waits (off the runtime, within [`DEADLINE`]) for the exit; returns what
+    /// it printed (stderr: every line).
+    async fn finish(self) -> Run {
+        tokio::task::spawn_blocking(move || self.wait_blocking())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    fn wait_blocking(mut self) -> Run {
+        let mut stdout = self.child.stdout.take().expect("stdout");
+        let (tx, out) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = tx.send(stdout.read_to_end(&mut bytes).map(|_| bytes));
         });
+        // Its stdout closes when cin exits; a cin that hangs is killed (on drop).
+        let stdout = match out.recv_timeout(DEADLINE) {
+            Ok(read) => read.expect("read cin's stdout"),
+            Err(_) => self.ran_out(),
+        };
+        let status = self.child.wait().expect("wait for cin");
+        loop {
+            match self.lines.recv_timeout(DEADLINE) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => self.ran_out(),
+            }
+        }
         Run {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
             stderr: self.seen.join("\n"),
         }
+    }
+
+    fn ran_out(&mut self) -> ! {
+        self.seen.extend(self.lines.try_iter());
+        panic!(
+            "cin did not finish within {DEADLINE:?}; its stderr:\n{}",
+            self.seen.join("\n")
+        )
+    }
+}
+
+impl Drop for Running {
+    /// A test that fails midway leaves no `cin` running (after [`Running::finish`]
+    /// it has exited already, and this does nothing).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -444,6 +473,19 @@ async fn upload_download_metadata_and_delete() {
     work.run_command(command).await.ok();
     assert_eq!(
         sha256_hex(&std::fs::read(here.join("movie.bin")).expect("named after the file")),
+        sha256_hex(&bytes)
+    );
+    // A file of that name is left alone: only an explicit -o continues one.
+    let mut command = work.cin(&[&pop[..], &["download", &handle]].concat());
+    command.current_dir(&here);
+    let run = work.run_command(command).await.failed(1);
+    assert!(
+        run.stderr.contains("movie.bin exists; pass -o movie.bin"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(here.join("movie.bin")).expect("still there")),
         sha256_hex(&bytes)
     );
 

@@ -127,7 +127,8 @@ pub enum Command {
     Download {
         /// The file's handle, as `cin upload` printed it.
         handle: String,
-        /// Where to write it. Default: the file's name, in the current directory.
+        /// Where to write it; a partial FILE given here is continued. Default:
+        /// the file's name, in the current directory, which must not exist yet.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },

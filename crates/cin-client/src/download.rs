@@ -61,23 +61,16 @@ pub async fn download(
             (path.to_owned(), from, resp)
         }
         None => {
-            // The name comes with the answer; a partial file of that name is
-            // only known then, and asked for again from where it ends.
+            // The name comes with the answer. A file of that name is left
+            // alone: continuing it is asked for with an explicit -o.
             let resp = transport.get_file(pop, handle, 0).await.map_err(request)?;
             let path = PathBuf::from(
                 disposition_name(resp.headers()).unwrap_or_else(|| handle.to_owned()),
             );
-            match existing(&path) {
-                0 => (path, 0, resp),
-                from => {
-                    drop(resp);
-                    let resp = transport
-                        .get_file(pop, handle, from)
-                        .await
-                        .map_err(request)?;
-                    (path, from, resp)
-                }
+            if existing(&path) > 0 {
+                return Err(ClientError::DownloadTargetExists { path });
             }
+            (path, 0, resp)
         }
     };
     let content_range = resp
@@ -141,17 +134,21 @@ pub async fn download(
         .map_err(|e| ClientError::io(&path, e))?;
     observer.begin(&path, from, total);
     let mut got = from;
+    // Why the body ended early, if it did: what arrived is kept, and the next
+    // run continues there.
+    let mut cut: Option<String> = None;
     loop {
         let chunk = match tokio::time::timeout(IDLE, resp.chunk()).await {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => break,
-            // Broken off: what arrived is kept, and the next run continues there.
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the download broke off");
+                cut = Some(format!("the connection broke off: {e}"));
                 break;
             }
             Err(_) => {
                 tracing::warn!(idle = ?IDLE, "the download stopped moving");
+                cut = Some(format!("nothing arrived for {} s", IDLE.as_secs()));
                 break;
             }
         };
@@ -165,8 +162,13 @@ pub async fn download(
     file.sync_data()
         .await
         .map_err(|e| ClientError::io(&path, e))?;
-    if let Some(total) = total.filter(|&t| t != got) {
-        return Err(ClientError::IncompleteDownload { path, got, total });
+    if cut.is_some() || total.is_some_and(|t| t != got) {
+        return Err(ClientError::IncompleteDownload {
+            path,
+            got,
+            total,
+            cause: cut,
+        });
     }
     Ok(DownloadReport {
         handle: handle.to_owned(),
@@ -262,5 +264,49 @@ mod tests {
             "inline; filename=\"..\"".parse().unwrap(),
         );
         assert_eq!(disposition_name(&headers), None);
+    }
+
+    struct Quiet;
+    impl DownloadObserver for Quiet {}
+
+    /// A body that breaks off is no success, even when no length was announced.
+    #[tokio::test]
+    async fn a_body_cut_short_without_a_length_is_incomplete() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pop = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 4096];
+            let _ = conn.read(&mut head).await;
+            // Chunked (so no Content-Length), and closed before the last chunk.
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await;
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cut.bin");
+        let transport = HttpTransport::new("k").unwrap();
+        let err = download(&transport, &pop, "HANDLE", Some(&out), &Quiet)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ClientError::IncompleteDownload {
+                    got: 5,
+                    total: None,
+                    cause: Some(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("broke off"), "{err}");
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"hello",
+            "what arrived is kept"
+        );
     }
 }

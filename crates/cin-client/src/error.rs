@@ -197,8 +197,19 @@ pub enum ClientError {
         have: u64,
         total: u64,
     },
-    #[error("the download into {path} ended at {got} of {total} bytes; run the same command again to continue it")]
-    IncompleteDownload { path: PathBuf, got: u64, total: u64 },
+    /// The body ended short of the file's length, or broke off (`cause`).
+    #[error("the download into {path} ended at {got}{} bytes{}; run the same command with -o {path} to continue it",
+        match .total { Some(t) => format!(" of {t}"), None => String::new() },
+        match .cause { Some(c) => format!(" ({c})"), None => String::new() })]
+    IncompleteDownload {
+        path: PathBuf,
+        got: u64,
+        total: Option<u64>,
+        cause: Option<String>,
+    },
+    /// Without `-o`, an existing file of the default name is not touched.
+    #[error("{path} exists; pass -o {path} to continue it, or another -o")]
+    DownloadTargetExists { path: PathBuf },
 }
 
 impl ClientError {
@@ -233,6 +244,7 @@ impl ClientError {
             ClientError::Interrupted { .. } => "interrupted",
             ClientError::NotAPartialDownload { .. } => "not_a_partial_download",
             ClientError::IncompleteDownload { .. } => "incomplete_download",
+            ClientError::DownloadTargetExists { .. } => "download_target_exists",
         }
     }
 

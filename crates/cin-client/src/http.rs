@@ -70,10 +70,6 @@ impl HttpTransport {
         self
     }
 
-    pub fn apikey(&self) -> &str {
-        &self.apikey
-    }
-
     /// The query naming the policy for `call` on `handle`, if one is sent.
     fn policy_query(&self, call: Call, handle: &str) -> Vec<(&'static str, String)> {
         match self.security.for_call(call, Some(handle)) {
@@ -100,32 +96,29 @@ impl HttpTransport {
         if from > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let resp = request
-            .send()
+        // The answer's head, and an error's body, get the control deadline;
+        // a file's body does not (see above), so no request-wide timeout.
+        let resp = tokio::time::timeout(CONTROL_TIMEOUT, request.send())
             .await
+            .map_err(|_| TransportError::Timeout(CONTROL_TIMEOUT))?
             .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
         if resp.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
         }
-        check(resp, CONTROL_TIMEOUT).await
+        tokio::time::timeout(CONTROL_TIMEOUT, check(resp, CONTROL_TIMEOUT))
+            .await
+            .map_err(|_| TransportError::Timeout(CONTROL_TIMEOUT))?
     }
 
     /// `DELETE /api/file/{handle}?key=`: the POP's answer (`handle`, `status`).
     pub async fn delete_file(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
         let mut query = vec![("key", self.apikey.clone())];
         query.extend(self.policy_query(Call::Remove, handle));
-        let resp = self
+        let request = self
             .http
             .delete(url(pop, &format!("/api/file/{handle}")))
-            .query(&query)
-            .timeout(CONTROL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
-        let resp = check(resp, CONTROL_TIMEOUT).await?;
-        resp.json()
-            .await
-            .map_err(|e| TransportError::Protocol(e.to_string()))
+            .query(&query);
+        json_answer(request, CONTROL_TIMEOUT).await
     }
 
     /// The client whose connections end when sent bytes go unacknowledged for `limit`.
@@ -313,6 +306,22 @@ fn from_reqwest(e: reqwest::Error, timeout: Duration) -> TransportError {
         source = cause.source();
     }
     TransportError::Network(message)
+}
+
+/// Sends a small control request within `timeout` and reads its JSON answer.
+async fn json_answer(
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> Result<Value, TransportError> {
+    let resp = request
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| from_reqwest(e, timeout))?;
+    let resp = check(resp, timeout).await?;
+    resp.json()
+        .await
+        .map_err(|e| TransportError::Protocol(e.to_string()))
 }
 
 /// Turns a non-2xx answer into its `{"error": {"code", "message"}}`.
@@ -531,23 +540,12 @@ impl Transport for HttpTransport {
         let Some(grant) = self.grants().get(upload_id).cloned() else {
             return Ok(Vec::new());
         };
-        let resp = self
-            .http
-            .get(format!("{}/{part}", grant.url))
-            .query(&[
-                ("grant", "upload".to_owned()),
-                ("expires", grant.expires.to_string()),
-                ("signature", grant.signature),
-            ])
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| from_reqwest(e, timeout))?;
-        let resp = check(resp, timeout).await?;
-        let answer: Value = resp
-            .json()
-            .await
-            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let request = self.http.get(format!("{}/{part}", grant.url)).query(&[
+            ("grant", "upload".to_owned()),
+            ("expires", grant.expires.to_string()),
+            ("signature", grant.signature),
+        ]);
+        let answer = json_answer(request, timeout).await?;
         let ranges = answer["received"]
             .as_array()
             .map(|ranges| {
@@ -583,18 +581,11 @@ impl Transport for HttpTransport {
     }
 
     async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
-        let resp = self
+        let request = self
             .http
             .get(url(pop, &format!("/api/file/{handle}/metadata")))
-            .query(&self.policy_query(Call::Stat, handle))
-            .timeout(CONTROL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| from_reqwest(e, CONTROL_TIMEOUT))?;
-        let resp = check(resp, CONTROL_TIMEOUT).await?;
-        resp.json()
-            .await
-            .map_err(|e| TransportError::Protocol(e.to_string()))
+            .query(&self.policy_query(Call::Stat, handle));
+        json_answer(request, CONTROL_TIMEOUT).await
     }
 
     async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {

@@ -59,6 +59,8 @@ pub enum Fault {
     /// The connection stops moving bytes halfway through the body, without a reset.
     Stall,
     Status(u16, &'static str),
+    /// A refusal whose `Retry-After` asks the client to wait this long.
+    StatusRetryAfter(u16, &'static str, Duration),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +92,8 @@ pub struct SimPop {
     pub start_errors: Mutex<VecDeque<TransportError>>,
     pub starts: Mutex<Vec<String>>,
     pub completed: Mutex<u32>,
+    /// The `status` its metadata reports for a completed file.
+    pub file_status: Mutex<&'static str>,
     in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
 }
@@ -109,6 +113,7 @@ impl SimPop {
             start_errors: Mutex::new(VecDeque::new()),
             starts: Mutex::new(Vec::new()),
             completed: Mutex::new(0),
+            file_status: Mutex::new("InTransit"),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         }
@@ -245,6 +250,15 @@ impl Transport for SimPop {
                     retry_after: None,
                 })
             }
+            Some(Fault::StatusRetryAfter(status, code, wait)) => {
+                self.clock.advance(self.latency);
+                Err(TransportError::Status {
+                    status,
+                    code: code.into(),
+                    message: "simulated".into(),
+                    retry_after: Some(wait),
+                })
+            }
         }
     }
 
@@ -273,7 +287,7 @@ impl Transport for SimPop {
     }
 
     async fn metadata(&self, _: &str, _: &str) -> Result<Value, TransportError> {
-        Ok(json!({"status": "InTransit"}))
+        Ok(json!({"status": *self.file_status.lock().unwrap()}))
     }
 
     async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {
@@ -871,71 +885,15 @@ async fn a_refusal_without_retry_after_or_past_the_deadline_is_final() {
 #[tokio::test]
 async fn a_chunk_refused_with_retry_after_waits_that_long_and_keeps_its_size() {
     let clock = Arc::new(FakeClock::default());
-    let pop = Arc::new(
-        SimPop::new(clock.clone())
-            .script(|_, i| (i == 0).then_some(Fault::Status(507, "insufficient_storage"))),
-    );
-    // The simulated status carries no Retry-After; a wrapper adds it.
-    struct WithRetryAfter(Arc<SimPop>);
-    #[async_trait]
-    impl Transport for WithRetryAfter {
-        async fn start(&self, pop: &str, req: &StartRequest) -> Result<Started, TransportError> {
-            self.0.start(pop, req).await
-        }
-        async fn send_chunk(
-            &self,
-            pop: &str,
-            chunk: &ChunkRequest,
-            deadlines: ChunkDeadlines,
-        ) -> Result<ChunkAck, TransportError> {
-            self.0
-                .send_chunk(pop, chunk, deadlines)
-                .await
-                .map_err(|e| match e {
-                    TransportError::Status {
-                        status,
-                        code,
-                        message,
-                        ..
-                    } => TransportError::Status {
-                        status,
-                        code,
-                        message,
-                        retry_after: Some(Duration::from_secs(7)),
-                    },
-                    other => other,
-                })
-        }
-        async fn received(
-            &self,
-            pop: &str,
-            upload_id: &str,
-            part: u32,
-            timeout: Duration,
-        ) -> Result<Vec<(u64, u64)>, TransportError> {
-            self.0.received(pop, upload_id, part, timeout).await
-        }
-        async fn complete(
-            &self,
-            pop: &str,
-            req: &CompleteRequest,
-        ) -> Result<Completed, TransportError> {
-            self.0.complete(pop, req).await
-        }
-        async fn metadata(&self, pop: &str, handle: &str) -> Result<Value, TransportError> {
-            self.0.metadata(pop, handle).await
-        }
-        async fn probe(&self, pop: &str, timeout: Duration) -> Result<(), TransportError> {
-            self.0.probe(pop, timeout).await
-        }
-    }
+    let pop = Arc::new(SimPop::new(clock.clone()).script(|_, i| {
+        (i == 0).then_some(Fault::StatusRetryAfter(
+            507,
+            "insufficient_storage",
+            Duration::from_secs(7),
+        ))
+    }));
     let bytes = data(2 * MIB as usize);
-    let uploader = Uploader::new(
-        Arc::new(WithRetryAfter(pop.clone())),
-        clock.clone(),
-        options(),
-        Arc::new(Quiet),
-    );
+    let uploader = Uploader::new(pop.clone(), clock.clone(), options(), Arc::new(Quiet));
     uploader.upload(job(&bytes, &["http://pop"])).await.unwrap();
     assert_eq!(pop.file(), bytes.to_vec());
     assert!(clock
@@ -1003,4 +961,43 @@ async fn a_completed_upload_is_not_uploaded_again_on_resume() {
         .unwrap();
     assert!(!report.already_uploaded);
     assert_eq!(pop.starts.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_completed_upload_whose_file_is_gone_is_uploaded_again_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let pop = Arc::new(SimPop::new(clock.clone()));
+    let bytes = data(3000);
+    let plan = ResumePlan {
+        dir: StateDir::new(dir.path()),
+        identity: FileIdentity {
+            path: "/data/gone.bin".into(),
+            size: bytes.len() as u64,
+            mtime_secs: 1,
+            mtime_nanos: 0,
+        },
+        resume: false,
+    };
+    let mut first = job(&bytes, &["http://pop"]);
+    first.resume = Some(plan.clone());
+    uploader(&pop, &clock, options())
+        .upload(first)
+        .await
+        .unwrap();
+
+    // Deleted on the POP since: the record of its upload no longer holds.
+    *pop.file_status.lock().unwrap() = "Deleted";
+    let mut again = job(&bytes, &["http://pop"]);
+    again.resume = Some(ResumePlan {
+        resume: true,
+        ..plan
+    });
+    let report = uploader(&pop, &clock, options())
+        .upload(again)
+        .await
+        .unwrap();
+    assert!(!report.already_uploaded);
+    assert_eq!(report.sent_bytes, bytes.len() as u64);
+    assert_eq!(pop.starts.lock().unwrap().len(), 2, "a second start");
 }

@@ -266,6 +266,21 @@ impl Uploader {
         }
     }
 
+    /// Whether `pop` still has the file `handle` of an upload recorded as
+    /// completed (not deleted or expired since). Any doubt means no: the file
+    /// is then uploaded afresh rather than reported as there.
+    async fn still_stored(&self, pop: &str, handle: &str) -> bool {
+        match self.transport.metadata(pop, handle).await {
+            Ok(meta) => !meta["status"].as_str().is_some_and(|s| {
+                s.eq_ignore_ascii_case("deleted") || s.eq_ignore_ascii_case("expired")
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, %handle, "cannot confirm the recorded upload's file");
+                false
+            }
+        }
+    }
+
     pub async fn upload(&self, job: UploadJob) -> Result<UploadReport, ClientError> {
         if job.pops.is_empty() {
             return Err(ClientError::NoPop);
@@ -281,25 +296,28 @@ impl Uploader {
             _ => None,
         };
         if let (None, Some(plan)) = (&recorded, &job.resume) {
-            if let Some(done) = plan
+            let done = plan
                 .resume
                 .then(|| plan.dir.completed(&plan.identity))
-                .flatten()
-            {
-                return Ok(UploadReport {
-                    handle: done.handle,
-                    url: done.url,
-                    status: done.status,
-                    size: done.size,
-                    pop: done.pop,
-                    upload_id: done.upload_id,
-                    resumed: true,
-                    skipped_bytes: done.size,
-                    sent_bytes: 0,
-                    failed_requests: 0,
-                    elapsed_ms: 0,
-                    already_uploaded: true,
-                });
+                .flatten();
+            if let Some(done) = done {
+                if self.still_stored(&done.pop, &done.handle).await {
+                    return Ok(UploadReport {
+                        handle: done.handle,
+                        url: done.url,
+                        status: done.status,
+                        size: done.size,
+                        pop: done.pop,
+                        upload_id: done.upload_id,
+                        resumed: true,
+                        skipped_bytes: done.size,
+                        sent_bytes: 0,
+                        failed_requests: 0,
+                        elapsed_ms: 0,
+                        already_uploaded: true,
+                    });
+                }
+                tracing::warn!(handle = %done.handle, "the recorded upload's file is gone from its POP; uploading it afresh");
             }
         }
         let resumed = recorded.is_some();
