@@ -1,9 +1,11 @@
 //! Whole small files go through the shared small-file log, whatever brought
 //! them: a chunked `/api/store` body that ends small, a form's file field, a tus
-//! creation that carries the whole file. Each is served with identical bytes,
-//! completes and replicates like any file, and leaves no upload directory
-//! behind; anything that is not a whole small file keeps the part-file path; an
-//! acknowledged small file survives a power cut.
+//! creation that carries the whole file, the first PATCH of a small tus upload
+//! that carries all of it, a one-part Filestack multipart upload. Each is served
+//! with identical bytes, completes and replicates like any file, and leaves no
+//! upload directory behind; anything that is not a whole small file keeps the
+//! part-file path; an acknowledged small file survives a kill and a power cut;
+//! a log file goes once nothing in it is owned.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,14 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use crate::lossy_fs::LossyFs;
 use crate::support::{
-    header_value as h, random_bytes, raw_exchange, read_response, sha256_hex, spawn_app,
-    spawn_app_with, PopProcess, TestApp, MIB,
+    chunk_request, header_value as h, random_bytes, raw_exchange, read_response, sha256_hex,
+    spawn_app, spawn_app_in, spawn_app_with, PopProcess, TestApp, MIB,
 };
 
 const KIB: usize = 1024;
@@ -60,9 +62,7 @@ async fn store_chunked(app: &TestApp, name: &str, bytes: &[u8]) -> Value {
 
 /// The log files of the part store.
 fn log_files(app: &TestApp) -> usize {
-    std::fs::read_dir(app.data_dir.join("parts/log"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
+    log_files_in(&app.data_dir)
 }
 
 /// Served bytes, metadata and final storage of a file that should hold `bytes`.
@@ -402,10 +402,183 @@ async fn a_tus_creation_whose_body_breaks_off_keeps_what_arrived() {
     );
 }
 
+#[tokio::test]
+async fn a_one_part_multipart_upload_goes_to_the_log() {
+    let app = spawn_app().await;
+    for (i, size) in [1, 16 * KIB, 300 * KIB + 7, SMALL_FILE_MAX]
+        .into_iter()
+        .enumerate()
+    {
+        let bytes = random_bytes(size, 550 + i as u64);
+        let name = format!("one-part-{size}.bin");
+        let start = app
+            .start(
+                json!({"apikey": "k", "filename": name, "size": size, "store": {"location": "s3"}}),
+            )
+            .await;
+        let upload_id = start["upload_id"].as_str().unwrap();
+        let handle = start["handle"].as_str().unwrap().to_owned();
+        let md5 = format!("\"{}\"", hex::encode(md5::Md5::digest(&bytes)));
+        let sent = app.send_chunk(upload_id, 1, None, &bytes).await;
+        assert_eq!(sent.status(), 200, "{name}");
+        assert_eq!(h(&sent, "etag"), md5, "{name}");
+        // A resend of the same bytes (its answer was lost) is acknowledged again.
+        let resent = app.send_chunk(upload_id, 1, None, &bytes).await;
+        assert_eq!(resent.status(), 200, "{name}");
+        assert_eq!(h(&resent, "etag"), md5, "{name}");
+        let done = app
+            .complete(
+                upload_id,
+                json!({"parts": [{"part_number": 1, "etag": md5}]}),
+            )
+            .await;
+        assert_eq!(done.status(), 200, "{name}");
+        check_file(&app, &handle, &name, &bytes).await;
+    }
+    assert_eq!(app.upload_dirs(), 0, "every part went to the log");
+
+    // Different bytes for a part in the log are refused, the first ones kept.
+    let bytes = random_bytes(20 * KIB, 560);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "kept.bin", "size": bytes.len()}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.send_chunk(upload_id, 1, None, &bytes).await.status(),
+        200
+    );
+    let other = random_bytes(20 * KIB, 561);
+    assert_eq!(
+        app.send_chunk(upload_id, 1, None, &other).await.status(),
+        409
+    );
+    assert_eq!(app.complete(upload_id, json!({})).await.status(), 200);
+    check_file(&app, &handle, "kept", &bytes).await;
+
+    // A small file in two parts takes the part-file path.
+    let bytes = random_bytes(40 * KIB, 562);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "two.bin", "size": bytes.len()}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    let (a, b) = bytes.split_at(25 * KIB);
+    assert_eq!(app.send_chunk(upload_id, 2, None, b).await.status(), 200);
+    assert_eq!(app.send_chunk(upload_id, 1, None, a).await.status(), 200);
+    assert_eq!(app.complete(upload_id, json!({})).await.status(), 200);
+    check_file(&app, &handle, "two parts", &bytes).await;
+    assert_eq!(
+        app.upload_dirs(),
+        1,
+        "only the two-part upload has a directory"
+    );
+}
+
+/// A tus upload created without a body; its URL.
+async fn tus_create_empty(app: &TestApp, length: usize) -> String {
+    let created = tus_create_with(app, length, &[], &[]).await;
+    assert_eq!(created.status(), 201);
+    h(&created, "location").to_owned()
+}
+
+async fn tus_patch(app: &TestApp, url: &str, offset: usize, body: &[u8]) -> reqwest::Response {
+    app.http
+        .patch(url)
+        .header(TUS.0, TUS.1)
+        .header(OCTETS.0, OCTETS.1)
+        .header("upload-offset", offset.to_string())
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_small_tus_upload_sent_whole_in_one_patch_goes_to_the_log() {
+    let app = spawn_app().await;
+    for (i, size) in [1, 16 * KIB, SMALL_FILE_MAX].into_iter().enumerate() {
+        let bytes = random_bytes(size, 570 + i as u64);
+        let url = tus_create_empty(&app, size).await;
+        let done = tus_patch(&app, &url, 0, &bytes).await;
+        assert_eq!(done.status(), 204, "{size}");
+        assert_eq!(h(&done, "upload-offset"), size.to_string());
+        let handle = h(&tus_head(&app, &url).await, "cin-handle").to_owned();
+        check_file(&app, &handle, "one patch", &bytes).await;
+    }
+    assert_eq!(app.upload_dirs(), 0, "every upload went to the log");
+
+    // The same file in two PATCHes goes to a part file, whole.
+    let bytes = random_bytes(48 * KIB, 575);
+    let url = tus_create_empty(&app, bytes.len()).await;
+    let (a, b) = bytes.split_at(20 * KIB);
+    assert_eq!(tus_patch(&app, &url, 0, a).await.status(), 204);
+    let done = tus_patch(&app, &url, a.len(), b).await;
+    assert_eq!(done.status(), 204);
+    let handle = h(&tus_head(&app, &url).await, "cin-handle").to_owned();
+    check_file(&app, &handle, "two patches", &bytes).await;
+    assert_eq!(app.upload_dirs(), 1);
+}
+
+#[tokio::test]
+async fn a_log_file_is_removed_once_every_file_in_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let mut urls = Vec::new();
+    for i in 0..10 {
+        let bytes = random_bytes(16 * KIB + i, 580 + i as u64);
+        let created = tus_create_with(&app, bytes.len(), &bytes, &[]).await;
+        assert_eq!(created.status(), 201);
+        // The path: the POP listens on another port after the restart.
+        let url = h(&created, "location");
+        urls.push(url[url.find("/files/").unwrap()..].to_owned());
+    }
+    app.stop().await;
+    assert_eq!(log_files_in(dir.path()), 1);
+
+    // After a restart the POP writes a new log file and owns the old one's ranges.
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let later = random_bytes(30 * KIB, 590);
+    let created = tus_create_with(&app, later.len(), &later, &[]).await;
+    let later_url = h(&created, "location").to_owned();
+    let mut urls: Vec<String> = urls.iter().map(|path| app.url(path)).collect();
+    let later_handle = h(&created, "cin-handle").to_owned();
+    assert_eq!(log_files_in(dir.path()), 2);
+    let terminate = |url: String| {
+        let http = app.http.clone();
+        async move {
+            let resp = http.delete(&url).header(TUS.0, TUS.1).send().await.unwrap();
+            assert_eq!(resp.status(), 204);
+        }
+    };
+    let last = urls.pop().unwrap();
+    for url in urls {
+        terminate(url).await;
+    }
+    assert_eq!(
+        log_files_in(dir.path()),
+        2,
+        "one file of the old log is still there"
+    );
+    terminate(last).await;
+    assert_eq!(log_files_in(dir.path()), 1, "the old log file is removed");
+    check_file(&app, &later_handle, "in the current log", &later).await;
+
+    // The file being written stays, even with nothing in it owned.
+    terminate(later_url).await;
+    assert_eq!(log_files_in(dir.path()), 1);
+}
+
+fn log_files_in(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("parts/log"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
 /// What the crash test acknowledged: a handle and the seed and size of its bytes.
 #[derive(Clone)]
 struct Acked {
-    what: &'static str,
+    what: SmallPath,
     handle: String,
     seed: u64,
     size: usize,
@@ -420,47 +593,145 @@ fn crash_size(i: usize) -> usize {
     }
 }
 
-/// One small upload on one of the new paths; the handle once it is acknowledged.
+/// The paths a whole small file may take into the log.
+#[derive(Clone, Copy, Debug)]
+enum SmallPath {
+    TusCreation,
+    ChunkedStore,
+    TusPatch,
+    OnePartMultipart,
+}
+
+impl SmallPath {
+    const ALL: [SmallPath; 4] = [
+        SmallPath::TusCreation,
+        SmallPath::ChunkedStore,
+        SmallPath::TusPatch,
+        SmallPath::OnePartMultipart,
+    ];
+}
+
+/// A JSON answer that must have `status`.
+async fn answer(resp: reqwest::Response, what: &str, status: u16) -> Result<Value, String> {
+    if resp.status() != status {
+        return Err(format!("{what}: {}", resp.status()));
+    }
+    resp.json().await.map_err(|e| format!("{what}: {e}"))
+}
+
+/// One small upload on one of the paths; the handle once it is acknowledged.
 async fn small_upload(
     http: &reqwest::Client,
     base: &str,
-    tus: bool,
+    path: SmallPath,
     bytes: Vec<u8>,
 ) -> Result<String, String> {
-    if tus {
-        let resp = http
-            .post(format!("{base}/files/"))
+    let fail = |what: &str| {
+        let what = what.to_owned();
+        move |e: reqwest::Error| format!("{what}: {e}")
+    };
+    let tus_creation = |body: Vec<u8>| {
+        http.post(format!("{base}/files/"))
             .header(TUS.0, TUS.1)
             .header(OCTETS.0, OCTETS.1)
             .header("upload-length", bytes.len().to_string())
-            .body(bytes.clone())
+            .body(body)
             .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let offset = resp
-            .headers()
+    };
+    let offset_of = |resp: &reqwest::Response| {
+        resp.headers()
             .get("upload-offset")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        if resp.status() != 201 || offset != bytes.len().to_string() {
-            return Err(format!("tus creation: {} at {offset:?}", resp.status()));
+            .unwrap_or_default()
+            .to_owned()
+    };
+    match path {
+        SmallPath::TusCreation => {
+            let resp = tus_creation(bytes.clone())
+                .await
+                .map_err(fail("tus creation"))?;
+            let offset = offset_of(&resp);
+            if resp.status() != 201 || offset != bytes.len().to_string() {
+                return Err(format!("tus creation: {} at {offset:?}", resp.status()));
+            }
+            Ok(h(&resp, "cin-handle").to_owned())
         }
-        Ok(h(&resp, "cin-handle").to_owned())
-    } else {
-        let resp = http
-            .post(format!("{base}/api/store/s3?filename=c.bin"))
-            .body(chunked(&bytes))
-            .send()
+        SmallPath::TusPatch => {
+            let created = tus_creation(Vec::new())
+                .await
+                .map_err(fail("tus creation"))?;
+            if created.status() != 201 {
+                return Err(format!("tus creation: {}", created.status()));
+            }
+            let handle = h(&created, "cin-handle").to_owned();
+            let patched = http
+                .patch(h(&created, "location"))
+                .header(TUS.0, TUS.1)
+                .header(OCTETS.0, OCTETS.1)
+                .header("upload-offset", "0")
+                .body(bytes.clone())
+                .send()
+                .await
+                .map_err(fail("tus PATCH"))?;
+            let offset = offset_of(&patched);
+            if patched.status() != 204 || offset != bytes.len().to_string() {
+                return Err(format!("tus PATCH: {} at {offset:?}", patched.status()));
+            }
+            Ok(handle)
+        }
+        SmallPath::ChunkedStore => {
+            let resp = http
+                .post(format!("{base}/api/store/s3?filename=c.bin"))
+                .body(chunked(&bytes))
+                .send()
+                .await
+                .map_err(fail("store"))?;
+            let stored = answer(resp, "store", 200).await?;
+            stored["handle"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("store: {stored}"))
+        }
+        SmallPath::OnePartMultipart => {
+            let call =
+                |path: &str, body: Value| http.post(format!("{base}{path}")).json(&body).send();
+            let start = call(
+                "/multipart/start",
+                json!({"apikey": "k", "filename": "m.bin", "size": bytes.len()}),
+            )
             .await
-            .map_err(|e| e.to_string())?;
-        if resp.status() != 200 {
-            return Err(format!("store: {}", resp.status()));
+            .map_err(fail("start"))?;
+            let start = answer(start, "start", 200).await?;
+            let upload_id = start["upload_id"].as_str().unwrap_or_default().to_owned();
+            let asked = call(
+                "/multipart/upload",
+                chunk_request(&upload_id, 1, None, &bytes),
+            )
+            .await
+            .map_err(fail("upload"))?;
+            let asked = answer(asked, "upload", 200).await?;
+            let mut put = http
+                .put(asked["url"].as_str().unwrap_or_default())
+                .body(bytes.clone());
+            for (name, value) in asked["headers"].as_object().into_iter().flatten() {
+                put = put.header(name, value.as_str().unwrap_or_default());
+            }
+            let put = put.send().await.map_err(fail("PUT"))?;
+            if put.status() != 200 {
+                return Err(format!("PUT: {}", put.status()));
+            }
+            let done = call(
+                "/multipart/complete",
+                json!({"apikey": "k", "upload_id": upload_id}),
+            )
+            .await
+            .map_err(fail("complete"))?;
+            let done = answer(done, "complete", 200).await?;
+            done["handle"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("complete: {done}"))
         }
-        let answer: Value = resp.json().await.map_err(|e| e.to_string())?;
-        answer["handle"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("store: {answer}"))
     }
 }
 
@@ -477,7 +748,7 @@ async fn acknowledged_small_uploads_survive_a_power_cut() {
     crash_mid_way(fs.path(), Some(&fs)).await;
 }
 
-/// 400 small uploads on the new paths, 64 in flight; mid-way the POP is killed
+/// 400 small uploads on every path into the log, 64 in flight; mid-way the POP is killed
 /// (after a power cut of `fs`, if given) and started again on `data_dir`:
 /// every upload that was acknowledged is served with identical bytes.
 async fn crash_mid_way(data_dir: &std::path::Path, fs: Option<&LossyFs>) {
@@ -492,7 +763,7 @@ async fn crash_mid_way(data_dir: &std::path::Path, fs: Option<&LossyFs>) {
     let acked = Arc::new(Mutex::new(Vec::<Acked>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
-    // 64 clients; even uploads by tus creation-with-upload, odd ones chunked to /api/store.
+    // 64 clients, the uploads taking each path in turn.
     let clients: Vec<_> = (0..IN_FLIGHT)
         .map(|_| {
             let (http, base) = (http.clone(), pop.base.clone());
@@ -503,12 +774,13 @@ async fn crash_mid_way(data_dir: &std::path::Path, fs: Option<&LossyFs>) {
                     if i >= UPLOADS || stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let (seed, size, tus) = (9_000 + i as u64, crash_size(i), i.is_multiple_of(2));
+                    let (seed, size) = (9_000 + i as u64, crash_size(i));
+                    let path = SmallPath::ALL[i % SmallPath::ALL.len()];
                     if let Ok(handle) =
-                        small_upload(&http, &base, tus, random_bytes(size, seed)).await
+                        small_upload(&http, &base, path, random_bytes(size, seed)).await
                     {
                         acked.lock().unwrap().push(Acked {
-                            what: if tus { "tus creation" } else { "chunked store" },
+                            what: path,
                             handle,
                             seed,
                             size,
@@ -555,7 +827,7 @@ async fn crash_mid_way(data_dir: &std::path::Path, fs: Option<&LossyFs>) {
         let expected = random_bytes(upload.size, upload.seed);
         if status != 200 || sha256_hex(&body) != sha256_hex(&expected) {
             lost.push(format!(
-                "{} {} ({} bytes): {status}, {} bytes served",
+                "{:?} {} ({} bytes): {status}, {} bytes served",
                 upload.what,
                 upload.handle,
                 upload.size,

@@ -168,6 +168,10 @@ pub struct PartRecord {
     /// When bytes last arrived (ms since the Unix epoch), for sweeping abandoned uploads.
     #[serde(default)]
     pub touched_at_ms: u64,
+    /// Where the part lies when it arrived whole in one small body and went to
+    /// the small-file log; None: in its own part file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_log: Option<Segment>,
 }
 
 /// A pending delivery of a complete file to final storage. Kept in the metadata store

@@ -90,7 +90,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     let small_files = Arc::new(SegmentLog::open(&data_dir.join("parts"))?);
     let destinations = Arc::new(Destinations::open(&config.storage, &data_dir).await?);
     // Before anything writes: bytes a crash left without an owner are collected.
-    crate::upload::reconcile(meta.as_ref(), &parts, &config).await?;
+    crate::upload::reconcile(meta.as_ref(), &parts, &small_files, &config).await?;
     let wakeup = Arc::new(Notify::new());
     // Read before anything else starts: a bad certificate stops the POP here.
     let certificates = if config.server.tls() {
@@ -135,7 +135,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     let services = Arc::new(Services {
         meta: meta.clone(),
         parts: parts.clone(),
-        small_files,
+        small_files: small_files.clone(),
         destinations: destinations.clone(),
         disk,
         events: events.clone(),
@@ -147,6 +147,7 @@ async fn open_node(config: Config, bound: SocketAddr) -> anyhow::Result<Node> {
     let lifecycle = Arc::new(Lifecycle::open(
         meta.clone(),
         parts.clone(),
+        small_files,
         webhooks.clone(),
         events,
     )?);

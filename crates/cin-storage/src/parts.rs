@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cin_domain::{PartNumber, RangeSet, Segment, UploadId};
+use cin_domain::{PartNumber, PartRecord, RangeSet, Segment, UploadId};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -146,6 +146,27 @@ impl PartStore {
     /// The segment name of a part, relative to the root.
     pub fn part_file(upload: &UploadId, part: PartNumber) -> String {
         format!("{}/{:05}", upload, part.get())
+    }
+
+    /// Where the first `len` bytes of a part lie: its own file, or the range of
+    /// the small-file log it went to whole.
+    pub fn part_segment(
+        upload: &UploadId,
+        part: PartNumber,
+        record: &PartRecord,
+        len: u64,
+    ) -> Segment {
+        match &record.in_log {
+            Some(segment) => Segment {
+                len: len.min(segment.len),
+                ..segment.clone()
+            },
+            None => Segment {
+                file: Self::part_file(upload, part),
+                offset: 0,
+                len,
+            },
+        }
     }
 
     /// How many bytes a part's file holds on disk (0 when it does not exist).
@@ -315,17 +336,6 @@ impl PartStore {
             Ok(upload) => SegmentOwner::Upload(upload),
             Err(_) => SegmentOwner::Unknown,
         }
-    }
-
-    /// Frees a segment's range of the small-file log (each range has one owner).
-    pub async fn free_log_segment(&self, segment: &Segment) -> Result<(), StorageError> {
-        let root = self.root.clone();
-        let segment = segment.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::segment_log::release_log_segment(&root, &segment)
-        })
-        .await
-        .map_err(join_error)?
     }
 
     /// True when every segment's file is present with at least the bytes it names.

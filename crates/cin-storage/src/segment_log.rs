@@ -3,10 +3,16 @@
 //! own. One thread writes every append queued since its last batch and makes the
 //! batch durable with a single `fdatasync`; each append is answered only after
 //! that. A file in the log is a segment (file, offset, length) like any other.
+//!
+//! The log knows which ranges of each file are still owned: a released range's
+//! blocks are freed at once, and a log file no longer written whose ranges have
+//! all been released is removed.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use cin_domain::Segment;
@@ -21,7 +27,24 @@ pub const LOG_DIR: &str = "log";
 const LOG_FILE_MAX: u64 = 256 << 20;
 
 /// Appends in, where each landed out.
-pub struct SegmentLog(GroupCommit<Vec<Bytes>, Segment>);
+pub struct SegmentLog {
+    commit: GroupCommit<Vec<Bytes>, Segment>,
+    owned: Arc<Mutex<Owned>>,
+    dir: PathBuf,
+}
+
+/// The ranges still owned in each log file, as (offset, length): an empty
+/// file's range may start where the next one does.
+#[derive(Default)]
+struct Owned {
+    /// The file being written (or the next to be created): never removed.
+    current: u64,
+    by_file: HashMap<u64, BTreeSet<(u64, u64)>>,
+}
+
+fn lock(owned: &Mutex<Owned>) -> MutexGuard<'_, Owned> {
+    owned.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl SegmentLog {
     /// Opens the log under a part store's root. Every start writes to a new log
@@ -32,14 +55,85 @@ impl SegmentLog {
     }
 
     fn open_with_file_limit(parts_root: &Path, max_file: u64) -> Result<Self, StorageError> {
-        let mut writer = LogWriter::open(parts_root, max_file)?;
+        let owned = Arc::new(Mutex::new(Owned::default()));
+        let mut writer = LogWriter::open(parts_root, max_file, owned.clone())?;
+        let dir = writer.dir.clone();
         let commit = GroupCommit::start("segment-log", move |batch| writer.write_batch(batch))?;
-        Ok(SegmentLog(commit))
+        Ok(SegmentLog { commit, owned, dir })
     }
 
     /// Appends a whole file's bytes; returns where they are once they are durable.
     pub async fn append(&self, frames: Vec<Bytes>) -> Result<Segment, StorageError> {
-        self.0.submit(frames).await
+        self.commit.submit(frames).await
+    }
+
+    /// Takes note of ranges records owned at start (the files written before
+    /// it), so that a file is removed once they are all released.
+    pub fn adopt<'a>(&self, segments: impl IntoIterator<Item = &'a Segment>) {
+        let mut owned = lock(&self.owned);
+        for segment in segments {
+            if let Some(seq) = log_seq(segment) {
+                owned
+                    .by_file
+                    .entry(seq)
+                    .or_default()
+                    .insert((segment.offset, segment.len));
+            }
+        }
+    }
+
+    /// Gives back a range no record needs any more: its blocks are freed, and
+    /// its file is removed if nothing else in it is owned and it is no longer
+    /// written. Releasing a range twice frees nothing more.
+    pub async fn release(&self, segment: &Segment) -> Result<(), StorageError> {
+        let Some(seq) = log_seq(segment) else {
+            return Ok(());
+        };
+        let parts_root = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let owned = self.owned.clone();
+        let path = self.dir.join(log_file_name(seq));
+        let segment = segment.clone();
+        tokio::task::spawn_blocking(move || {
+            release_log_segment(&parts_root, &segment)?;
+            let unowned = {
+                let mut owned = lock(&owned);
+                let emptied = owned.by_file.get_mut(&seq).is_some_and(|starts| {
+                    starts.remove(&(segment.offset, segment.len));
+                    starts.is_empty()
+                });
+                let unowned = emptied && seq != owned.current;
+                if unowned {
+                    owned.by_file.remove(&seq);
+                }
+                unowned
+            };
+            if unowned {
+                remove_log_file(&path)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::io("releasing a log range", std::io::Error::other(e)))?
+    }
+}
+
+/// The sequence number of the log file a segment lies in.
+fn log_seq(segment: &Segment) -> Option<u64> {
+    segment
+        .file
+        .strip_prefix(LOG_DIR)?
+        .strip_prefix('/')?
+        .parse()
+        .ok()
+}
+
+/// Removes a log file nothing owns; no sync needed: one a crash brings back is
+/// collected at the next start.
+fn remove_log_file(path: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io(format!("removing {}", path.display()), e)),
     }
 }
 
@@ -51,10 +145,15 @@ struct LogWriter {
     file: Option<File>,
     pos: u64,
     max_file: u64,
+    owned: Arc<Mutex<Owned>>,
 }
 
 impl LogWriter {
-    fn open(parts_root: &Path, max_file: u64) -> Result<Self, StorageError> {
+    fn open(
+        parts_root: &Path,
+        max_file: u64,
+        owned: Arc<Mutex<Owned>>,
+    ) -> Result<Self, StorageError> {
         let dir = parts_root.join(LOG_DIR);
         let existed = dir.exists();
         std::fs::create_dir_all(&dir)
@@ -67,12 +166,14 @@ impl LogWriter {
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);
+        lock(&owned).current = last + 1;
         Ok(LogWriter {
             dir,
             seq: last + 1,
             file: None,
             pos: 0,
             max_file,
+            owned,
         })
     }
 
@@ -121,6 +222,11 @@ impl LogWriter {
             at += frame.len() as u64;
         }
         self.pos = at;
+        lock(&self.owned)
+            .by_file
+            .entry(self.seq)
+            .or_default()
+            .insert((offset, len));
         Ok(Segment {
             file: format!("{LOG_DIR}/{}", log_file_name(self.seq)),
             offset,
@@ -135,8 +241,22 @@ impl LogWriter {
                 StorageError::io(format!("syncing {}", self.path(self.seq).display()), e)
             })?;
         }
+        let closed = self.seq;
         self.seq += 1;
         self.pos = 0;
+        let unowned = {
+            let mut owned = lock(&self.owned);
+            owned.current = self.seq;
+            let unowned = owned.by_file.get(&closed).is_none_or(BTreeSet::is_empty);
+            if unowned {
+                owned.by_file.remove(&closed);
+            }
+            unowned
+        };
+        // Every range of it was released while it was written.
+        if unowned {
+            remove_log_file(&self.path(closed))?;
+        }
         Ok(())
     }
 
@@ -308,6 +428,55 @@ mod tests {
         assert_ne!(files[2], files[3]);
         let offsets: Vec<u64> = segments.iter().map(|s| s.offset).collect();
         assert_eq!(offsets, [0, 0, 6, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_log_file_no_longer_written_goes_once_its_last_range_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = PartStore::open(dir.path()).unwrap();
+        let log = SegmentLog::open_with_file_limit(dir.path(), 10).unwrap();
+        let exists = |segment: &Segment| dir.path().join(&segment.file).exists();
+        let append = |body: &'static [u8]| log.append(vec![Bytes::from_static(body)]);
+
+        let first = append(b"abcdef").await.unwrap();
+        let empty = append(b"").await.unwrap();
+        let second = append(b"ghij").await.unwrap();
+        assert_eq!(first.file, second.file);
+        assert_eq!(
+            (empty.offset, second.offset),
+            (6, 6),
+            "an empty range shares its start"
+        );
+        let third = append(b"klmnop").await.unwrap();
+        assert_ne!(third.file, first.file, "the first file is full and closed");
+
+        log.release(&first).await.unwrap();
+        log.release(&empty).await.unwrap();
+        log.release(&empty).await.unwrap();
+        assert!(exists(&first), "a range in it is still owned");
+        assert_eq!(read(&parts, &second).await, b"ghij");
+        log.release(&second).await.unwrap();
+        assert!(!exists(&first), "nothing in it is owned and it is closed");
+
+        // The file being written stays however little of it is owned; once
+        // closed with nothing owned, it goes.
+        log.release(&third).await.unwrap();
+        assert!(exists(&third));
+        let fourth = append(b"qrstuvwxy").await.unwrap();
+        assert!(!exists(&third));
+        assert_eq!(read(&parts, &fourth).await, b"qrstuvwxy");
+        drop(log);
+
+        // After a restart, ranges records still own are adopted; the old file
+        // goes when the last of them is released.
+        let log = SegmentLog::open_with_file_limit(dir.path(), 10).unwrap();
+        log.adopt([&fourth]);
+        let fifth = log.append(vec![Bytes::from_static(b"z")]).await.unwrap();
+        assert_ne!(fifth.file, fourth.file);
+        assert!(exists(&fourth));
+        log.release(&fourth).await.unwrap();
+        assert!(!exists(&fourth));
+        assert_eq!(read(&parts, &fifth).await, b"z");
     }
 
     #[tokio::test]

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use cin_domain::{FileRecord, FileStatus, Handle, Transition, UploadId};
-use cin_storage::{JobChange, MetadataStore, PartStore, SegmentOwner};
+use cin_domain::{FileRecord, FileStatus, Handle, Segment, Transition, UploadId};
+use cin_storage::{JobChange, MetadataStore, PartStore, SegmentLog, SegmentOwner};
 
 use super::locks::{KeyedGuard, KeyedLocks};
 use super::received::{Prefix, ReceivedPrefixes};
@@ -24,6 +24,7 @@ use crate::webhooks::Webhooks;
 pub struct Lifecycle {
     meta: Arc<dyn MetadataStore>,
     parts: PartStore,
+    small_files: Arc<SegmentLog>,
     locks: KeyedLocks<UploadId>,
     webhooks: Arc<Webhooks>,
     events: Arc<StatusEvents>,
@@ -70,6 +71,7 @@ impl Lifecycle {
     pub fn open(
         meta: Arc<dyn MetadataStore>,
         parts: PartStore,
+        small_files: Arc<SegmentLog>,
         webhooks: Arc<Webhooks>,
         events: Arc<StatusEvents>,
     ) -> Result<Self, UploadError> {
@@ -82,6 +84,7 @@ impl Lifecycle {
         Ok(Lifecycle {
             meta,
             parts,
+            small_files,
             locks: KeyedLocks::new(),
             webhooks,
             events,
@@ -235,9 +238,17 @@ impl Lifecycle {
             return Ok(());
         }
         let mut partials: Vec<UploadId> = Vec::new();
-        for segment in &file.segments {
+        // Parts that came whole into the log, of an upload that never completed.
+        let parts_in_log: Vec<Segment> = self
+            .meta
+            .parts(&file.upload_id)?
+            .into_iter()
+            .filter_map(|(_, part)| part.in_log)
+            .filter(|segment| !file.segments.contains(segment))
+            .collect();
+        for segment in file.segments.iter().chain(&parts_in_log) {
             match PartStore::owner(segment) {
-                SegmentOwner::Log => self.parts.free_log_segment(segment).await?,
+                SegmentOwner::Log => self.small_files.release(segment).await?,
                 SegmentOwner::Upload(owner) if owner == file.upload_id => {}
                 SegmentOwner::Upload(owner) => {
                     if !partials.contains(&owner) {
@@ -358,6 +369,7 @@ mod tests {
         let meta: Arc<dyn MetadataStore> =
             Arc::new(SledMetadataStore::open(&dir.join("metadata")).unwrap());
         let parts = PartStore::open(dir.join("parts")).unwrap();
+        let small_files = Arc::new(SegmentLog::open(&dir.join("parts")).unwrap());
         let webhooks = Arc::new(Webhooks::new(
             meta.clone(),
             Arc::new(Apps::new(Default::default())),
@@ -366,7 +378,8 @@ mod tests {
             Default::default(),
         ));
         let events = Arc::new(StatusEvents::default());
-        let lifecycle = Lifecycle::open(meta.clone(), parts, webhooks, events).unwrap();
+        let lifecycle =
+            Lifecycle::open(meta.clone(), parts, small_files, webhooks, events).unwrap();
         (lifecycle, meta)
     }
 

@@ -24,7 +24,7 @@ use cin_domain::{
 };
 use cin_storage::{
     BodyError, ByteStream, ChunkError, ChunkSize, DigestKind, JobChange, MetadataStore, OnBreak,
-    PartStore, SegmentLog,
+    PartStore, SegmentLog, StorageError,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -257,7 +257,9 @@ impl Uploads {
         let record = self.new_record(&upload)?;
         self.services.disk.admit(&record.upload_id, record.size)?;
         let created = async {
-            self.services.parts.create_upload(&record.upload_id).await?;
+            if !defers_dir(&record) {
+                self.services.parts.create_upload(&record.upload_id).await?;
+            }
             self.services.meta.put_file(&record, JobChange::Keep)?;
             self.services.meta.flush().await?;
             Ok::<_, UploadError>(())
@@ -453,22 +455,89 @@ impl Uploads {
                 ),
             )
         })?;
-        let (body, no_room) = self.services.disk.meter(body, Charge::Reserved);
+        let (mut body, no_room) = self.services.disk.meter(body, Charge::Reserved);
         let receiving = std::time::Instant::now();
-        let written = self
-            .services
-            .parts
-            .write(
-                &chunk.upload_id,
-                chunk.part,
-                chunk.offset,
-                ChunkSize::Exact(chunk.size),
-                &part.received,
-                body,
-                digest.as_slice(),
-                on_break,
-            )
-            .await;
+        if let Some(logged) = part.in_log.clone() {
+            // The part came whole into the log: this is a resend of acknowledged bytes.
+            let frames = match self
+                .compare_with_log(&logged, chunk.offset, chunk.size, &mut body)
+                .await
+            {
+                Ok(frames) => frames,
+                Err(e) => {
+                    count_chunk_failure(&e);
+                    return Err(e.into());
+                }
+            };
+            disk_write.landed();
+            // Without a recorded ETag (intelligent ingestion), the one this
+            // chunk gets from the part-file path: its MD5, or its CRC32C.
+            let kind = digest.unwrap_or(DigestKind::Crc32c);
+            return Ok(part.etag.clone().unwrap_or_else(|| {
+                format!(
+                    "\"{}\"",
+                    hex::encode(cin_storage::parts::digest_of(kind, &frames))
+                )
+            }));
+        }
+        // A whole small file in one chunk goes to the small-file log. A body
+        // that is not (short, long, broken) fails as it would on the part-file
+        // path, or, when its verified blocks count, is replayed into a part file.
+        let mut held = Vec::new();
+        let mut in_log = None;
+        let whole_small_file = chunk.part.get() == 1
+            && chunk.offset == 0
+            && chunk.size == file.size
+            && (1..=SMALL_FILE_MAX).contains(&chunk.size)
+            && part.received.is_empty();
+        if whole_small_file {
+            match read_whole(&mut body, chunk.size).await {
+                WholeBody::Whole(frames) => match self.append_small(&file, &frames).await {
+                    Some(segment) => in_log = Some((segment, frames)),
+                    None => held = frames.into_iter().map(Ok).collect(),
+                },
+                WholeBody::Other(_) if no_room.hit() => {
+                    metrics::counter!(names::CHUNK_FAILURES, "reason" => "no_space").increment(1);
+                    return Err(self.services.disk.no_room());
+                }
+                WholeBody::Other(frames) if on_break == OnBreak::KeepPrefix => held = frames,
+                WholeBody::Other(frames) => {
+                    let e = unwhole_error(frames, chunk.size);
+                    count_chunk_failure(&e);
+                    return Err(e.into());
+                }
+            }
+        }
+        let written = match in_log {
+            Some((segment, frames)) => {
+                let written = cin_storage::ChunkWritten {
+                    len: segment.len,
+                    digests: digest
+                        .iter()
+                        .map(|&kind| (kind, cin_storage::parts::digest_of(kind, &frames)))
+                        .collect(),
+                    broken_off: None,
+                };
+                part.in_log = Some(segment);
+                Ok(written)
+            }
+            None => {
+                self.create_deferred_dir(&file).await?;
+                self.services
+                    .parts
+                    .write(
+                        &chunk.upload_id,
+                        chunk.part,
+                        chunk.offset,
+                        ChunkSize::Exact(chunk.size),
+                        &part.received,
+                        futures_util::stream::iter(held).chain(body),
+                        digest.as_slice(),
+                        on_break,
+                    )
+                    .await
+            }
+        };
         let written = match written {
             Ok(cin_storage::ChunkWritten {
                 broken_off: Some(broken),
@@ -550,6 +619,10 @@ impl Uploads {
         };
         if let Some(mismatch) = mismatch {
             count_chunk_failure(&mismatch);
+            if let Some(segment) = &part.in_log {
+                // Not acknowledged, so nothing owns it.
+                self.services.small_files.release(segment).await?;
+            }
             return Err(mismatch.into());
         }
         let etag = format!("\"{digest_hex}\"");
@@ -728,11 +801,9 @@ impl Uploads {
             missing.extend(expected_number..number.get());
             expected_number = number.get() + 1;
             match part.committed_len.or_else(|| whole_length(part)) {
-                Some(len) if len > 0 => segments.push(Segment {
-                    file: PartStore::part_file(upload, *number),
-                    offset: 0,
-                    len,
-                }),
+                Some(len) if len > 0 => {
+                    segments.push(PartStore::part_segment(upload, *number, part, len))
+                }
                 _ => missing.push(number.get()),
             }
         }
@@ -867,6 +938,61 @@ impl Uploads {
         Ok(file)
     }
 
+    /// Appends a small file's bytes, which have all arrived, to the small-file
+    /// log. None when the log failed: the caller writes a part file instead.
+    async fn append_small(&self, file: &FileRecord, frames: &[Bytes]) -> Option<Segment> {
+        match self.services.small_files.append(frames.to_vec()).await {
+            Ok(segment) => Some(segment),
+            Err(e) => {
+                tracing::warn!(handle = %file.handle, error = %e, "appending a small file to the log failed; writing it to a part file instead");
+                None
+            }
+        }
+    }
+
+    /// Reads a chunk resent for a part that lies in the small-file log and
+    /// checks it holds the bytes acknowledged there.
+    async fn compare_with_log<S>(
+        &self,
+        logged: &Segment,
+        offset: u64,
+        size: u64,
+        body: &mut S,
+    ) -> Result<Vec<Bytes>, ChunkError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+    {
+        let frames = match read_whole(body, size).await {
+            WholeBody::Whole(frames) => frames,
+            WholeBody::Other(held) => return Err(unwhole_error(held, size)),
+        };
+        let acknowledged = futures_util::TryStreamExt::try_fold(
+            self.services
+                .parts
+                .read_range(std::slice::from_ref(logged), offset, offset + size),
+            Vec::new(),
+            |mut all, piece| async move {
+                all.extend_from_slice(&piece);
+                Ok(all)
+            },
+        )
+        .await
+        .map_err(|e| ChunkError::Storage(StorageError::io("reading the small-file log", e)))?;
+        if acknowledged != frames.concat() {
+            return Err(ChunkError::Conflict { offset });
+        }
+        Ok(frames)
+    }
+
+    /// Creates the directory of an upload that deferred it (see [`defers_dir`]),
+    /// before a body that is not its whole file goes to a part file.
+    async fn create_deferred_dir(&self, file: &FileRecord) -> Result<(), UploadError> {
+        if defers_dir(file) {
+            self.services.parts.create_upload(&file.upload_id).await?;
+        }
+        Ok(())
+    }
+
     /// Reads a small body of exactly `size` bytes and appends it to the small-file log.
     async fn store_small<S, E>(&self, size: u64, body: S) -> Result<Segment, ChunkError>
     where
@@ -985,6 +1111,66 @@ struct BodyWriter {
 impl Drop for BodyWriter {
     fn drop(&mut self) {
         metrics::gauge!(names::BODIES_RECEIVING).decrement(1.0);
+    }
+}
+
+/// An upload small enough that its whole file may come in one body creates
+/// its directory only when a body goes to a part file: a file that arrives
+/// whole goes to the small-file log and never needs one.
+fn defers_dir(file: &FileRecord) -> bool {
+    !file.length_deferred && !file.is_tus_partial() && (1..=SMALL_FILE_MAX).contains(&file.size)
+}
+
+/// What a body that should be a whole small file turned out to be.
+enum WholeBody {
+    /// Exactly the bytes expected, and the body ended cleanly.
+    Whole(Vec<Bytes>),
+    /// Anything else: the frames read (an error last, if the body broke),
+    /// for the part-file path to count as it counts any body.
+    Other(Vec<Result<Bytes, BodyError>>),
+}
+
+/// Reads a body expected to be exactly `size` bytes; holds at most one frame more.
+async fn read_whole<S>(body: &mut S, size: u64) -> WholeBody
+where
+    S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+{
+    let mut held = Vec::new();
+    let mut received = 0u64;
+    loop {
+        match body.next().await {
+            Some(Ok(frame)) => {
+                received += frame.len() as u64;
+                held.push(Ok(frame));
+                if received > size {
+                    return WholeBody::Other(held);
+                }
+            }
+            Some(Err(e)) => {
+                held.push(Err(e));
+                return WholeBody::Other(held);
+            }
+            None if received == size => {
+                return WholeBody::Whole(held.into_iter().filter_map(Result::ok).collect())
+            }
+            None => return WholeBody::Other(held),
+        }
+    }
+}
+
+/// Why a body expected to be exactly `size` bytes was not.
+fn unwhole_error(mut held: Vec<Result<Bytes, BodyError>>, size: u64) -> ChunkError {
+    if let Some(Err(e)) = held.pop_if(|frame| frame.is_err()) {
+        return ChunkError::Body(e);
+    }
+    let received: u64 = held.iter().flatten().map(|f| f.len() as u64).sum();
+    if received > size {
+        ChunkError::TooLong { expected: size }
+    } else {
+        ChunkError::Truncated {
+            received,
+            expected: size,
+        }
     }
 }
 

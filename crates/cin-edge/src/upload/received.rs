@@ -57,11 +57,8 @@ impl Prefix {
                 _ => held,
             };
             if len > 0 {
-                self.segments.push(Segment {
-                    file: PartStore::part_file(upload, number),
-                    offset: 0,
-                    len,
-                });
+                self.segments
+                    .push(PartStore::part_segment(upload, number, &record, len));
                 self.len += len;
             }
             if !whole {
@@ -232,6 +229,7 @@ mod tests {
             committed_len: committed,
             etag: None,
             touched_at_ms: 0,
+            in_log: None,
         }
     }
 

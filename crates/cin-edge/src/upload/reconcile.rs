@@ -6,7 +6,8 @@
 //! them, so the filelink never serves a truncated copy as if it were whole.
 //!
 //! Which bytes a record references:
-//! - an upload in progress: its whole upload directory;
+//! - an upload in progress: its whole upload directory, and the ranges of the
+//!   small-file log its parts went to whole;
 //! - a file with a local copy ([`FileRecord::has_local_copy`]): every segment
 //!   it names, in upload directories (its own, or a tus final upload's partial
 //!   uploads') and in the small-file log.
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 
 use cin_domain::{FileRecord, FileStatus, Handle, RangeSet};
 use cin_storage::orphans::{self, Collected, References};
-use cin_storage::{JobChange, MetadataStore, PartStore, StorageError};
+use cin_storage::{JobChange, MetadataStore, PartStore, SegmentLog, SegmentOwner, StorageError};
 
 use crate::config::{Config, ProfileKind};
 use crate::observability::names;
@@ -38,11 +39,14 @@ pub struct Reconciled {
 pub async fn reconcile(
     meta: &dyn MetadataStore,
     parts: &PartStore,
+    small_files: &SegmentLog,
     config: &Config,
 ) -> Result<Reconciled, StorageError> {
     let mut references = References::default();
     let mut missing_local_bytes = 0;
     let mut changed = false;
+    // Ranges of the small-file log records own, for the log to free files by.
+    let mut owned_in_log = Vec::new();
     let files = meta.files()?;
     let handles: BTreeSet<Handle> = files.iter().map(|f| f.handle.clone()).collect();
     for mut file in files {
@@ -60,6 +64,12 @@ pub async fn reconcile(
         }
         if file.status == FileStatus::Uploading {
             references.keep_upload(&file.upload_id);
+            for (_, part) in meta.parts(&file.upload_id)? {
+                if let Some(segment) = &part.in_log {
+                    references.keep_segment(segment);
+                    owned_in_log.push(segment.clone());
+                }
+            }
             if forget_missing_ranges(meta, parts, &file).await? {
                 missing_local_bytes += 1;
                 changed = true;
@@ -70,6 +80,9 @@ pub async fn reconcile(
         }
         for segment in &file.segments {
             references.keep_segment(segment);
+            if PartStore::owner(segment) == SegmentOwner::Log {
+                owned_in_log.push(segment.clone());
+            }
         }
         if file.status == FileStatus::Uploading {
             continue;
@@ -109,6 +122,7 @@ pub async fn reconcile(
     })
     .await
     .map_err(|e| StorageError::io("reconciling the part store", std::io::Error::other(e)))??;
+    small_files.adopt(&owned_in_log);
 
     let reconciled = Reconciled {
         collected,
@@ -128,7 +142,11 @@ async fn forget_missing_ranges(
 ) -> Result<bool, StorageError> {
     let mut forgot = false;
     for (number, mut part) in meta.parts(&file.upload_id)? {
-        let on_disk = parts.part_len(&file.upload_id, number).await;
+        let on_disk = match &part.in_log {
+            Some(segment) if parts.has_segments(std::slice::from_ref(segment)).await => segment.len,
+            Some(_) => 0,
+            None => parts.part_len(&file.upload_id, number).await,
+        };
         if part.received.end() <= on_disk {
             continue;
         }

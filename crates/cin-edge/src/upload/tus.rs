@@ -11,7 +11,10 @@ use cin_storage::{BodyError, ChunkError, ChunkSize, DigestKind, JobChange, OnBre
 use futures_util::{Stream, StreamExt};
 
 use super::locks::Takeover;
-use super::{now_ms, single_part, NewUpload, UploadError, UploadGuard, Uploads, SMALL_FILE_MAX};
+use super::{
+    defers_dir, now_ms, read_whole, single_part, NewUpload, UploadError, UploadGuard, Uploads,
+    WholeBody,
+};
 use crate::disk::Charge;
 use crate::observability::names;
 
@@ -83,10 +86,10 @@ pub enum BodyChecksum {
     Trailer(LateChecksum),
 }
 
-/// What became of a small tus creation's body.
+/// What became of a body that may be a small file's whole.
 enum SmallBody {
-    /// In the small-file log; the upload is complete.
-    Stored,
+    /// In the small-file log, verified; the caller completes the upload.
+    Stored(Segment),
     /// Not the whole file as declared: the frames read (an error last, if the
     /// body broke) and the checksum, for the regular path to count.
     Replay(Vec<Result<Bytes, BodyError>>, BodyChecksum),
@@ -144,7 +147,9 @@ impl Uploads {
     async fn tus_register(&self, record: &mut FileRecord) -> Result<(), UploadError> {
         let deferred = record.length_deferred;
         let partial = record.is_tus_partial();
-        self.services.parts.create_upload(&record.upload_id).await?;
+        if !defers_dir(record) {
+            self.services.parts.create_upload(&record.upload_id).await?;
+        }
         if !deferred && record.size == 0 {
             // An empty file is complete at creation.
             record.segments = Vec::new();
@@ -183,10 +188,12 @@ impl Uploads {
     {
         let mut record = self.tus_record(&upload, deferred, metadata, partial)?;
         let mut body = Box::pin(futures_util::TryStreamExt::map_err(body, Into::into));
-        let small = !deferred && !partial && (1..=SMALL_FILE_MAX).contains(&record.size);
-        let (held, checksum) = if small {
-            match self.tus_store_small(&mut record, checksum, &mut body).await {
-                Ok(SmallBody::Stored) => {
+        let (held, checksum) = if defers_dir(&record) {
+            match self
+                .tus_create_small(&mut record, checksum, &mut body)
+                .await
+            {
+                Ok(SmallBody::Stored(_)) => {
                     let size = record.size;
                     return Ok((record, size));
                 }
@@ -213,10 +220,9 @@ impl Uploads {
         Ok((self.file_for_upload(&record.upload_id)?, offset))
     }
 
-    /// Reads a small tus creation's body; if it is the whole file and its
-    /// checksum matches, appends it to the small-file log and completes the
-    /// upload. Otherwise gives back what it read, for the regular path.
-    async fn tus_store_small<S>(
+    /// A small tus creation whose body may be the whole file: stored in the
+    /// small-file log and completed at creation, or given back for the regular path.
+    async fn tus_create_small<S>(
         &self,
         record: &mut FileRecord,
         checksum: BodyChecksum,
@@ -227,66 +233,65 @@ impl Uploads {
     {
         // Given back on return, before a replay takes its own place among the body writers.
         let _writing = self.body_writer()?;
-        let mut held = Vec::new();
-        let mut received = 0u64;
-        let ended = loop {
-            match body.next().await {
-                Some(Ok(frame)) => {
-                    received += frame.len() as u64;
-                    held.push(Ok(frame));
-                    if received > record.size {
-                        break false;
-                    }
-                }
-                Some(Err(e)) => {
-                    held.push(Err(e));
-                    break false;
-                }
-                None => break true,
-            }
-        };
-        // The regular path counts the body as a PATCH would (a prefix kept, a
-        // 413 or a 460).
-        let replay = |held, checksum| Ok(SmallBody::Replay(held, checksum));
-        if !ended || received != record.size {
-            return replay(held, checksum);
+        let stored = self.tus_small_body(record, checksum, body).await?;
+        if let SmallBody::Stored(segment) = &stored {
+            record.segments = vec![segment.clone()];
+            // Nobody knows this upload yet; the lock keeps the one rule.
+            let guard = self.lifecycle.lock(&record.upload_id).await;
+            self.finish_tus(&guard, record).await?;
+            tracing::info!(handle = %record.handle, size = record.size, "tus upload created whole, in the small-file log");
         }
-        let frames: Vec<Bytes> = held
-            .iter()
-            .filter_map(|f| f.as_ref().ok().cloned())
-            .collect();
+        Ok(stored)
+    }
+
+    /// Reads a tus body from offset 0 of a small upload; if it is the whole
+    /// file and its checksum matches, appends it to the small-file log.
+    /// Otherwise gives back what it read, for the part-file path to count as
+    /// it counts any PATCH (a prefix kept, a 413 or a 460).
+    async fn tus_small_body<S>(
+        &self,
+        record: &FileRecord,
+        checksum: BodyChecksum,
+        body: &mut S,
+    ) -> Result<SmallBody, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin,
+    {
+        let frames = match read_whole(body, record.size).await {
+            WholeBody::Whole(frames) => frames,
+            WholeBody::Other(held) => return Ok(SmallBody::Replay(held, checksum)),
+        };
+        let replay = |frames: Vec<Bytes>, checksum| {
+            Ok(SmallBody::Replay(
+                frames.into_iter().map(Ok).collect(),
+                checksum,
+            ))
+        };
         let declared = match checksum {
             BodyChecksum::None => None,
             BodyChecksum::Declared(c) => Some(c),
             // The body has ended, so its trailer has been read (or never came).
             BodyChecksum::Trailer(read) => match read() {
                 Ok(c) => Some(c),
-                Err(e) => return replay(held, BodyChecksum::Trailer(Box::new(move || Err(e)))),
+                Err(e) => return replay(frames, BodyChecksum::Trailer(Box::new(move || Err(e)))),
             },
         };
         if let Some(declared) = declared {
             if cin_storage::parts::digest_of(declared.kind, &frames) != declared.digest {
-                return replay(held, BodyChecksum::Declared(declared));
+                return replay(frames, BodyChecksum::Declared(declared));
             }
         }
         // The same look at the disk a body written to a part file gets.
         if !self.services.disk.fits(record.size, Charge::Reserved) {
-            return replay(held, BodyChecksum::None);
+            return replay(frames, BodyChecksum::None);
         }
-        let segment = match self.services.small_files.append(frames).await {
-            Ok(segment) => segment,
-            Err(e) => {
-                tracing::warn!(handle = %record.handle, error = %e, "appending a small tus upload to the log failed; writing it to a part file instead");
-                return replay(held, BodyChecksum::None);
+        match self.append_small(record, &frames).await {
+            Some(segment) => {
+                metrics::counter!(names::BYTES_RECEIVED).increment(segment.len);
+                Ok(SmallBody::Stored(segment))
             }
-        };
-        metrics::counter!(names::BYTES_RECEIVED).increment(segment.len);
-        record.segments = vec![segment];
-        // Nobody knows this upload yet; the lock keeps the one rule.
-        let guard = self.lifecycle.lock(&record.upload_id).await;
-        self.finish_tus(&guard, record).await?;
-        tracing::info!(handle = %record.handle, size = record.size, "tus upload created whole, in the small-file log");
-        Ok(SmallBody::Stored)
+            None => replay(frames, BodyChecksum::None),
+        }
     }
 
     /// The offset a client resuming the upload continues from: a PATCH still
@@ -405,12 +410,6 @@ impl Uploads {
         } else {
             file.size - current
         };
-        let (digests, on_break) = match &checksum {
-            BodyChecksum::None => (&[][..], OnBreak::KeepPrefix),
-            // A checksummed body counts only whole: a broken one cannot be verified.
-            BodyChecksum::Declared(c) => (std::slice::from_ref(&c.kind), OnBreak::Refuse),
-            BodyChecksum::Trailer(_) => (&TUS_DIGESTS[..], OnBreak::Refuse),
-        };
         let mut disk_write = self
             .services
             .disk
@@ -422,6 +421,45 @@ impl Uploads {
             Charge::Reserved
         };
         let (body, no_room) = self.services.disk.meter(body, charge);
+        let mut body = Box::pin(futures_util::TryStreamExt::map_err(body, Into::into));
+        // The whole of a small file in its first PATCH goes to the small-file log.
+        let (held, checksum) = if defers_dir(&file) && part.received.is_empty() {
+            match self.tus_small_body(&file, checksum, &mut body).await? {
+                SmallBody::Stored(segment) => {
+                    let guard = self.lifecycle.lock(upload).await;
+                    let mut file = self.lifecycle.current(&guard, &file.handle)?;
+                    if file.status != FileStatus::Uploading {
+                        // Terminated or expired meanwhile: nothing owns these bytes.
+                        self.services.small_files.release(&segment).await?;
+                        return Err(UploadError::conflict(
+                            "upload_not_uploading",
+                            format!(
+                                "upload {upload} is {} now; these bytes were not recorded",
+                                file.status.as_str()
+                            ),
+                            Some(file.status),
+                        ));
+                    }
+                    disk_write.consumed(segment.len);
+                    file.segments = vec![segment];
+                    self.finish_tus(&guard, &mut file).await?;
+                    drop(guard);
+                    self.assessment.forget(upload);
+                    return Ok(Appended::Complete(file.size));
+                }
+                SmallBody::Replay(held, checksum) => (held, checksum),
+            }
+        } else {
+            (Vec::new(), checksum)
+        };
+        let (digests, on_break) = match &checksum {
+            BodyChecksum::None => (&[][..], OnBreak::KeepPrefix),
+            // A checksummed body counts only whole: a broken one cannot be verified.
+            BodyChecksum::Declared(c) => (std::slice::from_ref(&c.kind), OnBreak::Refuse),
+            BodyChecksum::Trailer(_) => (&TUS_DIGESTS[..], OnBreak::Refuse),
+        };
+        self.create_deferred_dir(&file).await?;
+        let body = futures_util::stream::iter(held).chain(body);
         let written = self
             .services
             .parts
