@@ -26,7 +26,7 @@ use clap::Parser;
 use serde_json::json;
 
 use report::Row;
-use scenarios::Ctx;
+use scenarios::{Ctx, SmallPath};
 
 const SCENARIOS: [&str; 10] = [
     "limit",
@@ -93,9 +93,17 @@ pub struct Args {
     /// small's upload size.
     #[arg(long, default_value_t = 16)]
     small_size_kib: u64,
-    /// small's uploads in flight.
+    /// small's uploads in flight (and the threads of its new file + fsync ceiling).
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    /// small's ways of uploading, comma-separated, each measured in turn on the same POP.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_values = ["store", "chunked", "tus", "multipart"]
+    )]
+    small_paths: Vec<SmallPath>,
     /// concurrent's number of simultaneous uploads.
     #[arg(long, default_value_t = 200)]
     concurrent: u64,
@@ -216,6 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "count": args.count,
         "small_size_kib": args.small_size_kib,
         "in_flight": args.in_flight,
+        "small_paths": args.small_paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "concurrent": args.concurrent,
         "concurrent_size_mib": args.concurrent_size_mib,
         "replicate_part_mib": args.replicate_part_mib,

@@ -200,28 +200,39 @@ pub fn loadavg() -> f64 {
 pub fn latency_rows(
     scenario: &'static str,
     what: &str,
-    mut latencies: Vec<f64>,
+    latencies: Vec<f64>,
     failed: u64,
 ) -> Vec<Row> {
+    let mut rows = percentile_rows(scenario, what, latencies, None);
+    if failed > 0 {
+        rows.push(Row::new(scenario, "failed uploads", failed as f64, ""));
+    }
+    rows
+}
+
+/// p50 and p99 rows of latencies in ms; with `p99_below_ms`, the p99 row carries
+/// the target "p99 < N ms".
+pub fn percentile_rows(
+    scenario: &'static str,
+    what: &str,
+    mut latencies: Vec<f64>,
+    p99_below_ms: Option<f64>,
+) -> Vec<Row> {
     latencies.sort_by(f64::total_cmp);
-    let mut rows = vec![
+    let p99 = percentile(&latencies, 99.0);
+    let mut p99_row = Row::new(scenario, format!("{what} p99"), p99, "ms");
+    if let Some(limit) = p99_below_ms {
+        p99_row = p99_row.with_target(format!("p99 < {limit:.0} ms"), Goal::AtMost(limit), p99);
+    }
+    vec![
         Row::new(
             scenario,
             format!("{what} p50"),
             percentile(&latencies, 50.0),
             "ms",
         ),
-        Row::new(
-            scenario,
-            format!("{what} p99"),
-            percentile(&latencies, 99.0),
-            "ms",
-        ),
-    ];
-    if failed > 0 {
-        rows.push(Row::new(scenario, "failed uploads", failed as f64, ""));
-    }
-    rows
+        p99_row,
+    ]
 }
 
 /// The `p`-th percentile (0..=100) of sorted samples, nearest rank.
