@@ -313,9 +313,10 @@ async fn the_cache_evicts_least_recently_read_stored_copies() {
     let app = spawn_app_with(|c| c.cache.max_bytes = 250_000).await;
     let files: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(100_000, 100 + i)).collect();
     let mut handles = Vec::new();
+    // Two parts each, so each copy has an upload directory (one whole part goes to the log).
     for (i, bytes) in files.iter().enumerate().take(2) {
         let handle = app
-            .upload_regular(&format!("{i}.bin"), bytes, 100_000)
+            .upload_regular(&format!("{i}.bin"), bytes, 50_000)
             .await;
         app.wait_status(&handle, "Stored", std::time::Duration::from_secs(20))
             .await;
@@ -324,7 +325,7 @@ async fn the_cache_evicts_least_recently_read_stored_copies() {
     // Reading the first makes the second the least recently used.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     assert_eq!(app.download(&handles[0]).await, files[0]);
-    let third = app.upload_regular("2.bin", &files[2], 100_000).await;
+    let third = app.upload_regular("2.bin", &files[2], 50_000).await;
     app.wait_status(&third, "Stored", std::time::Duration::from_secs(20))
         .await;
     handles.push(third);
