@@ -315,9 +315,7 @@ async fn the_cache_evicts_least_recently_read_stored_copies() {
     let mut handles = Vec::new();
     // Two parts each, so each copy has an upload directory (one whole part goes to the log).
     for (i, bytes) in files.iter().enumerate().take(2) {
-        let handle = app
-            .upload_regular(&format!("{i}.bin"), bytes, 50_000)
-            .await;
+        let handle = app.upload_regular(&format!("{i}.bin"), bytes, 50_000).await;
         app.wait_status(&handle, "Stored", std::time::Duration::from_secs(20))
             .await;
         handles.push(handle);
