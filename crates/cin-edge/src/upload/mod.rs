@@ -665,14 +665,7 @@ impl Uploads {
         let guard = self.lifecycle.lock(upload).await;
         let file = self.lifecycle.current(&guard, handle)?;
         if file.status != FileStatus::Uploading {
-            return Err(UploadError::conflict(
-                "upload_not_uploading",
-                format!(
-                    "upload {upload} is {} now; these bytes were not recorded",
-                    file.status.as_str()
-                ),
-                Some(file.status),
-            ));
+            return Err(not_uploading(upload, file.status));
         }
         self.services.meta.put_part(upload, number, part)?;
         Ok(())
@@ -1156,6 +1149,18 @@ where
             None => return WholeBody::Other(held),
         }
     }
+}
+
+/// Bytes arrived for an upload that was completed, expired or terminated meanwhile.
+fn not_uploading(upload: &UploadId, status: FileStatus) -> UploadError {
+    UploadError::conflict(
+        "upload_not_uploading",
+        format!(
+            "upload {upload} is {} now; these bytes were not recorded",
+            status.as_str()
+        ),
+        Some(status),
+    )
 }
 
 /// Why a body expected to be exactly `size` bytes was not.

@@ -12,8 +12,8 @@ use futures_util::{Stream, StreamExt};
 
 use super::locks::Takeover;
 use super::{
-    defers_dir, now_ms, read_whole, single_part, NewUpload, UploadError, UploadGuard, Uploads,
-    WholeBody,
+    defers_dir, not_uploading, now_ms, read_whole, single_part, NewUpload, UploadError,
+    UploadGuard, Uploads, WholeBody,
 };
 use crate::disk::Charge;
 use crate::observability::names;
@@ -431,14 +431,7 @@ impl Uploads {
                     if file.status != FileStatus::Uploading {
                         // Terminated or expired meanwhile: nothing owns these bytes.
                         self.services.small_files.release(&segment).await?;
-                        return Err(UploadError::conflict(
-                            "upload_not_uploading",
-                            format!(
-                                "upload {upload} is {} now; these bytes were not recorded",
-                                file.status.as_str()
-                            ),
-                            Some(file.status),
-                        ));
+                        return Err(not_uploading(upload, file.status));
                     }
                     disk_write.consumed(segment.len);
                     file.segments = vec![segment];
