@@ -185,6 +185,13 @@ impl PartStore {
         &self.root
     }
 
+    /// Whether the upload's directory exists.
+    pub async fn has_upload(&self, upload: &UploadId) -> bool {
+        tokio::fs::metadata(self.root.join(upload.as_str()))
+            .await
+            .is_ok_and(|m| m.is_dir())
+    }
+
     /// Creates the upload's directory durably, so later part files have a home after a crash.
     pub async fn create_upload(&self, upload: &UploadId) -> Result<(), StorageError> {
         let dir = self.root.join(upload.as_str());

@@ -238,14 +238,17 @@ impl Lifecycle {
             return Ok(());
         }
         let mut partials: Vec<UploadId> = Vec::new();
-        // Parts that came whole into the log, of an upload that never completed.
-        let parts_in_log: Vec<Segment> = self
-            .meta
-            .parts(&file.upload_id)?
-            .into_iter()
-            .filter_map(|(_, part)| part.in_log)
-            .filter(|segment| !file.segments.contains(segment))
-            .collect();
+        // Parts that came whole into the log, of an upload that never
+        // completed (a complete file's segments already name them).
+        let parts_in_log: Vec<Segment> = match file.completed_at_ms {
+            Some(_) => Vec::new(),
+            None => self
+                .meta
+                .parts(&file.upload_id)?
+                .into_iter()
+                .filter_map(|(_, part)| part.in_log)
+                .collect(),
+        };
         for segment in file.segments.iter().chain(&parts_in_log) {
             match PartStore::owner(segment) {
                 SegmentOwner::Log => self.small_files.release(segment).await?,

@@ -980,7 +980,13 @@ impl Uploads {
     /// Creates the directory of an upload that deferred it (see [`defers_dir`]),
     /// before a body that is not its whole file goes to a part file.
     async fn create_deferred_dir(&self, file: &FileRecord) -> Result<(), UploadError> {
-        if defers_dir(file) {
+        if !defers_dir(file) {
+            return Ok(());
+        }
+        // Once per upload, not per chunk: under the upload's lock, a request
+        // that finds the directory knows its creator has made it durable.
+        let _guard = self.lifecycle.lock(&file.upload_id).await;
+        if !self.services.parts.has_upload(&file.upload_id).await {
             self.services.parts.create_upload(&file.upload_id).await?;
         }
         Ok(())
@@ -992,23 +998,11 @@ impl Uploads {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BodyError>,
     {
-        let mut frames = Vec::new();
-        let mut received = 0u64;
-        let mut body = std::pin::pin!(body);
-        while let Some(frame) = body.next().await {
-            let frame = frame.map_err(|e| ChunkError::Body(e.into()))?;
-            received += frame.len() as u64;
-            if received > size {
-                return Err(ChunkError::TooLong { expected: size });
-            }
-            frames.push(frame);
-        }
-        if received < size {
-            return Err(ChunkError::Truncated {
-                received,
-                expected: size,
-            });
-        }
+        let mut body = Box::pin(futures_util::TryStreamExt::map_err(body, Into::into));
+        let frames = match read_whole(&mut body, size).await {
+            WholeBody::Whole(frames) => frames,
+            WholeBody::Other(held) => return Err(unwhole_error(held, size)),
+        };
         Ok(self.services.small_files.append(frames).await?)
     }
 
