@@ -150,6 +150,24 @@ async fn conformance(store: &dyn FinalStore, container: &str) {
         &large[mid as usize - 3..mid as usize + 3]
     );
 
+    // Replacing an object with a smaller one and back (locally, a pack record
+    // and a file); sizes S3 takes in one PutObject.
+    let sizes = [3_000, 2 * MIB + 5, 4_000];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let bytes = random_bytes(size, 63 + i as u64);
+        let source = local_object(dir.path(), &bytes, size).await;
+        put(store, container, "switch.bin", &source).await;
+        assert_eq!(
+            sha256_hex(&read(store, container, "switch.bin", None).await),
+            sha256_hex(&bytes),
+            "{size} bytes replace the object"
+        );
+        let head = store.head(container, "switch.bin").await.unwrap().unwrap();
+        assert_eq!(head.size, size as u64);
+    }
+    store.delete(container, "switch.bin").await.unwrap();
+    assert!(store.head(container, "switch.bin").await.unwrap().is_none());
+
     // A put with a stale checkpoint (a multipart upload the store no longer knows) still succeeds.
     let journal = MemoryJournal {
         start: Some(MultipartCheckpoint {

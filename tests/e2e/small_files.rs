@@ -475,6 +475,103 @@ async fn a_one_part_multipart_upload_goes_to_the_log() {
     );
 }
 
+/// Bytes the part store's log files take on disk (holes excluded).
+fn log_allocated(app: &TestApp) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(app.data_dir.join("parts/log"))
+        .map(|dir| {
+            dir.map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_part_that_fails_its_checksum_frees_its_bytes_in_the_log() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(768 * KIB, 600);
+    let start = app
+        .start(json!({"apikey": "k", "filename": "checked.bin", "size": bytes.len()}))
+        .await;
+    let upload_id = start["upload_id"].as_str().unwrap();
+    let handle = start["handle"].as_str().unwrap().to_owned();
+    // The grant carries the MD5 of the bytes meant; one bit flips on the way.
+    let grant: Value = app
+        .post_json(
+            "/multipart/upload",
+            chunk_request(upload_id, 1, None, &bytes),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut corrupted = bytes.clone();
+    corrupted[1000] ^= 1;
+    let mut put = app.http.put(grant["url"].as_str().unwrap()).body(corrupted);
+    for (name, value) in grant["headers"].as_object().unwrap() {
+        put = put.header(name, value.as_str().unwrap());
+    }
+    let refused = put.send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "md5_mismatch", "{body}");
+    assert!(log_files(&app) >= 1, "the body went to the log");
+    let held = log_allocated(&app);
+    assert!(
+        held < 64 * KIB as u64,
+        "the log holds {held} bytes of a refused body"
+    );
+
+    // The bytes meant, sent again, are taken and served.
+    let sent = app.send_chunk(upload_id, 1, None, &bytes).await;
+    assert_eq!(sent.status(), 200);
+    assert_eq!(app.complete(upload_id, json!({})).await.status(), 200);
+    check_file(&app, &handle, "checked", &bytes).await;
+    assert!(log_allocated(&app) >= bytes.len() as u64);
+}
+
+#[tokio::test]
+async fn a_small_tus_upload_terminated_while_its_patch_streams_owns_nothing_in_the_log() {
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let bytes = random_bytes(640 * KIB, 610);
+    let url = tus_create_empty(&app, bytes.len()).await;
+    let path = &url[url.find("/files/").unwrap()..];
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        bytes.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+    stream.flush().await.unwrap();
+
+    // Terminated while the PATCH still waits for its last byte.
+    let terminated = app
+        .http
+        .delete(&url)
+        .header(TUS.0, TUS.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(terminated.status(), 204);
+    stream.write_all(&bytes[bytes.len() - 1..]).await.unwrap();
+    let answered = read_response(&mut stream).await;
+    assert!(
+        matches!(answered.status, 404 | 409 | 410),
+        "{}: {}",
+        answered.status,
+        String::from_utf8_lossy(&answered.body)
+    );
+    assert!(log_files(&app) >= 1, "the whole body went to the log");
+    let held = log_allocated(&app);
+    assert!(
+        held < 64 * KIB as u64,
+        "the log holds {held} bytes of a terminated upload"
+    );
+    assert_eq!(app.upload_dirs(), 0);
+}
+
 /// A tus upload created without a body; its URL.
 async fn tus_create_empty(app: &TestApp, length: usize) -> String {
     let created = tus_create_with(app, length, &[], &[]).await;
@@ -567,6 +664,72 @@ async fn a_log_file_is_removed_once_every_file_in_it_is_gone() {
     // The file being written stays, even with nothing in it owned.
     terminate(later_url).await;
     assert_eq!(log_files_in(dir.path()), 1);
+}
+
+/// Every regular file under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                pending.push(entry.path());
+            } else {
+                files.push(entry.path());
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn small_files_are_packed_in_the_local_origin_not_stored_one_file_each() {
+    let app = spawn_app().await;
+    let mut stored = Vec::new();
+    for i in 0..30 {
+        let bytes = random_bytes(1 + i * 37_001 % (SMALL_FILE_MAX - 1), 700 + i as u64);
+        let handle = app
+            .store_raw(&format!("/api/store/s3?filename=f{i}.bin"), bytes.clone())
+            .await;
+        stored.push((handle, bytes));
+    }
+    let large = random_bytes(SMALL_FILE_MAX + 1, 730);
+    let large_handle = app
+        .store_raw("/api/store/s3?filename=large.bin", large.clone())
+        .await;
+    stored.push((large_handle, large));
+
+    let origin = app.data_dir.join("origin");
+    let store = cin_storage::LocalDirStore::open(&origin).unwrap();
+    for (handle, bytes) in &stored {
+        let meta = app
+            .wait_status(handle, "Stored", Duration::from_secs(30))
+            .await;
+        assert_eq!(meta["sha256"], sha256_hex(bytes));
+        // Read as another process sharing the origin reads it.
+        let key = meta["key"].as_str().unwrap();
+        let got = futures_util::TryStreamExt::try_fold(
+            cin_storage::FinalStore::get(&store, "default", key, None)
+                .await
+                .unwrap(),
+            Vec::new(),
+            |mut all, piece| async move {
+                all.extend_from_slice(&piece);
+                Ok(all)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(sha256_hex(&got), sha256_hex(bytes), "{key}");
+    }
+    let files = files_under(&origin);
+    let packs = files
+        .iter()
+        .filter(|f| f.starts_with(origin.join(cin_storage::PACK_DIR)))
+        .count();
+    assert_eq!(packs, 1, "30 small files in one pack: {files:?}");
+    assert_eq!(files.len(), 2, "and the large file on its own: {files:?}");
 }
 
 fn log_files_in(data_dir: &std::path::Path) -> usize {

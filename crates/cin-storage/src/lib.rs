@@ -17,7 +17,7 @@ mod sled_durability;
 pub use error::{BodyError, ChunkError, StorageError};
 pub use final_store::{
     FinalStore, FinalStoreError, LocalDirStore, NoJournal, ObjectInfo, ObjectToStore, PutJournal,
-    PutOutcome, S3Settings, S3Store,
+    PutOutcome, S3Settings, S3Store, PACKED_MAX, PACK_DIR,
 };
 pub use metadata::{JobChange, MetadataStore, SledMetadataStore};
 pub use parts::{

@@ -257,9 +257,14 @@ impl Uploads {
         let record = self.new_record(&upload)?;
         self.services.disk.admit(&record.upload_id, record.size)?;
         let created = async {
-            if !defers_dir(&record) {
-                self.services.parts.create_upload(&record.upload_id).await?;
+            if defers_dir(&record) {
+                // No byte is acknowledged yet and the whole file will most
+                // likely come in one request, whose flush makes this record
+                // durable with its part: one flush per small file, not two.
+                self.services.meta.put_file(&record, JobChange::Keep)?;
+                return Ok(());
             }
+            self.services.parts.create_upload(&record.upload_id).await?;
             self.services.meta.put_file(&record, JobChange::Keep)?;
             self.services.meta.flush().await?;
             Ok::<_, UploadError>(())
@@ -633,8 +638,16 @@ impl Uploads {
             part.committed_len = Some(chunk.size);
             part.etag = Some(etag.clone());
         }
-        self.record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
-            .await?;
+        if let Err(e) = self
+            .record_part(&file.handle, &chunk.upload_id, chunk.part, &part)
+            .await
+        {
+            if let Some(segment) = &part.in_log {
+                // Appended by this request for an upload that ended meanwhile.
+                self.services.small_files.release(segment).await?;
+            }
+            return Err(e);
+        }
         self.flush_parts(&chunk.upload_id).await?;
         disk_write.landed();
         Ok(etag)

@@ -427,12 +427,17 @@ impl Uploads {
             match self.tus_small_body(&file, checksum, &mut body).await? {
                 SmallBody::Stored(segment) => {
                     let guard = self.lifecycle.lock(upload).await;
-                    let mut file = self.lifecycle.current(&guard, &file.handle)?;
-                    if file.status != FileStatus::Uploading {
-                        // Terminated or expired meanwhile: nothing owns these bytes.
-                        self.services.small_files.release(&segment).await?;
-                        return Err(not_uploading(upload, file.status));
-                    }
+                    let mut file = match self.lifecycle.current(&guard, &file.handle) {
+                        Ok(file) if file.status == FileStatus::Uploading => file,
+                        gone => {
+                            // Terminated or expired meanwhile: nothing owns these bytes.
+                            self.services.small_files.release(&segment).await?;
+                            return Err(match gone {
+                                Ok(file) => not_uploading(upload, file.status),
+                                Err(e) => e,
+                            });
+                        }
+                    };
                     disk_write.consumed(segment.len);
                     file.segments = vec![segment];
                     self.finish_tus(&guard, &mut file).await?;

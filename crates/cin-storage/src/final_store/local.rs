@@ -1,7 +1,10 @@
-//! The embedded default final store: a directory, `{root}/{container}/{key}`.
+//! The embedded default final store: a directory. An object larger than
+//! [`PACKED_MAX`] is a file, `{root}/{container}/{key}`; a smaller one is a
+//! record in a pack (see [`super::pack`]), so a small file costs no inode.
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use std::io::{Read, Write};
@@ -10,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
+use super::pack::{PackPut, Packs, PACK_DIR};
 use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
 use crate::background::BackgroundPool;
 use crate::parts::sync_dir;
@@ -18,7 +22,11 @@ use crate::{ByteStream, StorageError};
 pub struct LocalDirStore {
     root: PathBuf,
     copies: BackgroundPool,
+    packs: Arc<Packs>,
 }
+
+/// Objects up to this size go into packs; larger ones are files of their own.
+pub const PACKED_MAX: u64 = 1 << 20;
 
 /// Files copied into the store at the same time.
 const COPY_THREADS: usize = 1;
@@ -35,10 +43,42 @@ impl LocalDirStore {
         if let Some(parent) = root.parent() {
             sync_dir(parent)?;
         }
+        let packs = Arc::new(Packs::open(root.join(PACK_DIR))?);
         Ok(LocalDirStore {
             root,
             copies: BackgroundPool::start("local-store", COPY_THREADS)?,
+            packs,
         })
+    }
+
+    /// Appends a small object to a pack. A file an earlier, larger version
+    /// left under the same name is removed after, so reads find the pack's.
+    async fn put_packed(
+        &self,
+        name: String,
+        path: PathBuf,
+        data: bytes::Bytes,
+    ) -> Result<PutOutcome, FinalStoreError> {
+        let outcome = self.packs.put(PackPut { name, data }).await?;
+        remove_if_present(&path).await?;
+        Ok(outcome)
+    }
+
+    /// Runs a blocking read of the packs.
+    async fn in_packs<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Packs) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, FinalStoreError> {
+        let packs = self.packs.clone();
+        tokio::task::spawn_blocking(move || read(&packs))
+            .await
+            .map_err(|e| {
+                FinalStoreError::Local(StorageError::io(
+                    "reading the local store's packs",
+                    io::Error::other(e.to_string()),
+                ))
+            })?
+            .map_err(FinalStoreError::from)
     }
 
     fn object_path(&self, container: &str, key: &str) -> Result<PathBuf, FinalStoreError> {
@@ -55,6 +95,34 @@ impl LocalDirStore {
         }
         Ok(self.root.join(rel))
     }
+}
+
+/// An object's name in the packs.
+fn packed_name(container: &str, key: &str) -> String {
+    format!("{container}/{key}")
+}
+
+async fn remove_if_present(path: &Path) -> Result<(), FinalStoreError> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
+    }
+}
+
+/// Reads a small local copy whole, checking it has the size its record says.
+fn read_small(mut source: impl Read, size: u64) -> Result<bytes::Bytes, FinalStoreError> {
+    let mut data = Vec::with_capacity(size as usize);
+    source
+        .read_to_end(&mut data)
+        .map_err(io_err("reading the local copy".into()))?;
+    if data.len() as u64 != size {
+        return Err(FinalStoreError::Verification(format!(
+            "local copy has {} bytes, the record says {size}",
+            data.len()
+        )));
+    }
+    Ok(data.into())
 }
 
 fn io_err(context: String) -> impl FnOnce(io::Error) -> FinalStoreError {
@@ -155,13 +223,22 @@ impl FinalStore for LocalDirStore {
         _journal: &dyn PutJournal,
     ) -> Result<PutOutcome, FinalStoreError> {
         let path = self.object_path(object.container, object.key)?;
+        let name = packed_name(object.container, object.key);
         let source = object.source.reader();
         let size = object.source.size;
+        if size <= PACKED_MAX {
+            let data = self.copies.run(move || read_small(source, size)).await??;
+            return self.put_packed(name, path, data).await;
+        }
         let root = self.root.clone();
         // The whole copy in one job, on threads that yield to request handling.
-        self.copies
+        let outcome = self
+            .copies
             .run(move || copy_durably(source, size, &root, &path))
-            .await?
+            .await??;
+        // A smaller, earlier version in a pack would otherwise be found first.
+        self.in_packs(move |packs| packs.delete(&name)).await?;
+        Ok(outcome)
     }
 
     async fn put_bytes(
@@ -172,12 +249,16 @@ impl FinalStore for LocalDirStore {
         _content_type: &str,
     ) -> Result<(), FinalStoreError> {
         let path = self.object_path(container, key)?;
-        let root = self.root.clone();
+        let name = packed_name(container, key);
         let size = bytes.len() as u64;
+        if size <= PACKED_MAX {
+            return self.put_packed(name, path, bytes).await.map(|_| ());
+        }
+        let root = self.root.clone();
         self.copies
             .run(move || copy_durably(io::Cursor::new(bytes), size, &root, &path))
-            .await?
-            .map(|_| ())
+            .await??;
+        self.in_packs(move |packs| packs.delete(&name)).await
     }
 
     async fn head(
@@ -186,6 +267,10 @@ impl FinalStore for LocalDirStore {
         key: &str,
     ) -> Result<Option<ObjectInfo>, FinalStoreError> {
         let path = self.object_path(container, key)?;
+        let name = packed_name(container, key);
+        if let Some(size) = self.in_packs(move |packs| packs.size(&name)).await? {
+            return Ok(Some(ObjectInfo { size, sha256: None }));
+        }
         match tokio::fs::metadata(&path).await {
             Ok(m) => Ok(Some(ObjectInfo {
                 size: m.len(),
@@ -203,6 +288,18 @@ impl FinalStore for LocalDirStore {
         range: Option<(u64, u64)>,
     ) -> Result<ByteStream, FinalStoreError> {
         let path = self.object_path(container, key)?;
+        let name = packed_name(container, key);
+        if let Some(data) = self.in_packs(move |packs| packs.bytes(&name)).await? {
+            let len = data.len();
+            let (start, end) = range.map_or((0, len), |(start, end)| {
+                let end = usize::try_from(end).unwrap_or(usize::MAX).min(len);
+                (usize::try_from(start).unwrap_or(usize::MAX).min(end), end)
+            });
+            let piece = data.slice(start..end);
+            return Ok(Box::pin(futures_util::stream::once(async move {
+                Ok::<_, io::Error>(piece)
+            })));
+        }
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -230,11 +327,9 @@ impl FinalStore for LocalDirStore {
 
     async fn delete(&self, container: &str, key: &str) -> Result<(), FinalStoreError> {
         let path = self.object_path(container, key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
-        }
+        let name = packed_name(container, key);
+        self.in_packs(move |packs| packs.delete(&name)).await?;
+        remove_if_present(&path).await
     }
 
     async fn check(&self) -> Result<(), FinalStoreError> {

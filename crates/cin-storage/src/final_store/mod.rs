@@ -2,6 +2,7 @@
 //! [`FinalStore`] and marks it `Stored` only after `put` returned Ok.
 
 mod local;
+mod pack;
 mod s3;
 
 use async_trait::async_trait;
@@ -10,7 +11,8 @@ use thiserror::Error;
 
 use crate::{ByteStream, LocalObject, StorageError};
 
-pub use local::LocalDirStore;
+pub use local::{LocalDirStore, PACKED_MAX};
+pub use pack::PACK_DIR;
 pub use s3::{S3Settings, S3Store, MIN_PART_SIZE};
 
 #[derive(Debug, Error)]
