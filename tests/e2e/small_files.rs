@@ -174,6 +174,18 @@ async fn tus_create_with(
     request.body(body.to_vec()).send().await.unwrap()
 }
 
+/// A tus termination, which must succeed.
+async fn tus_terminate(app: &TestApp, url: &str) {
+    let resp = app
+        .http
+        .delete(url)
+        .header(TUS.0, TUS.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204, "terminating {url}");
+}
+
 async fn tus_head(app: &TestApp, url: &str) -> reqwest::Response {
     app.http
         .head(url)
@@ -239,14 +251,7 @@ async fn a_tus_creation_carrying_the_whole_small_file_completes_at_once() {
     let url = check_created_whole(&app, created, &bytes).await;
 
     // Termination of the finished upload deletes the file.
-    let terminated = app
-        .http
-        .delete(&url)
-        .header(TUS.0, TUS.1)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(terminated.status(), 204);
+    tus_terminate(&app, &url).await;
     assert!(matches!(
         tus_head(&app, &url).await.status().as_u16(),
         404 | 410
@@ -547,14 +552,7 @@ async fn a_small_tus_upload_terminated_while_its_patch_streams_owns_nothing_in_t
     stream.flush().await.unwrap();
 
     // Terminated while the PATCH still waits for its last byte.
-    let terminated = app
-        .http
-        .delete(&url)
-        .header(TUS.0, TUS.1)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(terminated.status(), 204);
+    tus_terminate(&app, &url).await;
     stream.write_all(&bytes[bytes.len() - 1..]).await.unwrap();
     let answered = read_response(&mut stream).await;
     assert!(
@@ -641,28 +639,21 @@ async fn a_log_file_is_removed_once_every_file_in_it_is_gone() {
     let mut urls: Vec<String> = urls.iter().map(|path| app.url(path)).collect();
     let later_handle = h(&created, "cin-handle").to_owned();
     assert_eq!(log_files_in(dir.path()), 2);
-    let terminate = |url: String| {
-        let http = app.http.clone();
-        async move {
-            let resp = http.delete(&url).header(TUS.0, TUS.1).send().await.unwrap();
-            assert_eq!(resp.status(), 204);
-        }
-    };
     let last = urls.pop().unwrap();
     for url in urls {
-        terminate(url).await;
+        tus_terminate(&app, &url).await;
     }
     assert_eq!(
         log_files_in(dir.path()),
         2,
         "one file of the old log is still there"
     );
-    terminate(last).await;
+    tus_terminate(&app, &last).await;
     assert_eq!(log_files_in(dir.path()), 1, "the old log file is removed");
     check_file(&app, &later_handle, "in the current log", &later).await;
 
     // The file being written stays, even with nothing in it owned.
-    terminate(later_url).await;
+    tus_terminate(&app, &later_url).await;
     assert_eq!(log_files_in(dir.path()), 1);
 }
 
