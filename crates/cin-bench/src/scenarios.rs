@@ -1049,22 +1049,30 @@ pub async fn small(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         }
     }
 
-    // The naive ceiling first, on the same disk, before the POP exists.
-    sync_disks();
-    let ceiling = small_fsyncs(&ctx.work, size, count, in_flight as u64).await?;
-    let mut rows = vec![Row::new(
-        "small",
-        format!(
-            "new {} file + fsync, {in_flight} threads ({count} files)",
-            size_label(size)
-        ),
-        ceiling,
-        "files/s",
-    )];
-    sync_disks();
-
+    // This disk's sync rate drifts by several times within minutes, so each
+    // path is compared with the naive ceiling measured just before it.
     let pop = ctx.pop(false, None).await?;
+    let mut rows = Vec::new();
     for path in paths {
+        let label = path.label();
+        sync_disks();
+        let ceiling = match small_fsyncs(&ctx.work, size, count, in_flight as u64).await {
+            Ok(rate) => rate,
+            Err(e) => {
+                pop.stop().await;
+                return Err(e);
+            }
+        };
+        rows.push(Row::new(
+            "small",
+            format!(
+                "new {} file + fsync, {in_flight} threads ({count} files), before {label}",
+                size_label(size)
+            ),
+            ceiling,
+            "files/s",
+        ));
+        sync_disks();
         let runs = match small_path(ctx, &pop, path, count, size, in_flight).await {
             Ok(runs) => runs,
             Err(e) => {
@@ -1072,7 +1080,6 @@ pub async fn small(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                 return Err(e);
             }
         };
-        let label = path.label();
         let rate = runs.rate();
         rows.push(
             Row::new(
