@@ -5,7 +5,8 @@
 //! with identical bytes, completes and replicates like any file, and leaves no
 //! upload directory behind; anything that is not a whole small file keeps the
 //! part-file path; an acknowledged small file survives a kill and a power cut;
-//! a log file goes once nothing in it is owned.
+//! a log file goes once nothing in it is owned; the local origin packs small
+//! files instead of storing each as a file.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -740,7 +741,7 @@ struct Acked {
 
 /// Sizes mostly of a few KiB, now and then near the limit.
 fn crash_size(i: usize) -> usize {
-    if i.is_multiple_of(25) {
+    if i.is_multiple_of(23) {
         900 * KIB + i
     } else {
         1 + (i * 7_919) % (48 * KIB)
@@ -751,14 +752,16 @@ fn crash_size(i: usize) -> usize {
 #[derive(Clone, Copy, Debug)]
 enum SmallPath {
     TusCreation,
+    SizedStore,
     ChunkedStore,
     TusPatch,
     OnePartMultipart,
 }
 
 impl SmallPath {
-    const ALL: [SmallPath; 4] = [
+    const ALL: [SmallPath; 5] = [
         SmallPath::TusCreation,
+        SmallPath::SizedStore,
         SmallPath::ChunkedStore,
         SmallPath::TusPatch,
         SmallPath::OnePartMultipart,
@@ -833,10 +836,14 @@ async fn small_upload(
             }
             Ok(handle)
         }
-        SmallPath::ChunkedStore => {
+        SmallPath::SizedStore | SmallPath::ChunkedStore => {
+            let body = match path {
+                SmallPath::SizedStore => reqwest::Body::from(bytes.clone()),
+                _ => chunked(&bytes),
+            };
             let resp = http
                 .post(format!("{base}/api/store/s3?filename=c.bin"))
-                .body(chunked(&bytes))
+                .body(body)
                 .send()
                 .await
                 .map_err(fail("store"))?;
