@@ -10,7 +10,12 @@
 //! id) and indexes what it reads; a name it does not know sends it to read what
 //! the packs gained since. A record replaced or deleted is marked gone in place
 //! and its bytes are freed (a punched hole). Every read checks the mark and the
-//! checksums, so a process never serves what another one removed.
+//! checksums, so a process never serves what another one removed. Two
+//! processes putting one name at the same moment may each keep serving their
+//! own version until they restart (then the higher stamp wins); object keys
+//! are handle-based unless a client names one.
+//!
+//! Packs are not rewritten: a record left behind costs its header and name.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
