@@ -220,6 +220,22 @@ async fn local_directory_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalDirStore::open(dir.path()).unwrap();
     conformance(&store, "default").await;
+    // A small object named as the directory of a larger one (S3 allows it;
+    // s3s-fs, itself a directory of files, does not).
+    let sources = tempfile::tempdir().unwrap();
+    let outer = random_bytes(3_000, 66);
+    let inner = random_bytes(2 * MIB + 7, 67);
+    let source = local_object(sources.path(), &inner, 2 * MIB + 7).await;
+    put(&store, "default", "nest/inner.bin", &source).await;
+    let source = local_object(sources.path(), &outer, 3_000).await;
+    put(&store, "default", "nest", &source).await;
+    assert_eq!(read(&store, "default", "nest", None).await, outer);
+    let head = store.head("default", "nest").await.unwrap().unwrap();
+    assert_eq!(head.size, 3_000);
+    assert_eq!(
+        sha256_hex(&read(&store, "default", "nest/inner.bin", None).await),
+        sha256_hex(&inner)
+    );
     // Names that would escape the root are refused.
     let source = local_object(dir.path(), b"x", 1).await;
     let object = ObjectToStore {

@@ -408,6 +408,17 @@ async fn a_tus_creation_whose_body_breaks_off_keeps_what_arrived() {
     );
 }
 
+/// Starts a Filestack upload of `size` bytes; its upload id and handle.
+async fn start_upload(app: &TestApp, filename: &str, size: usize) -> (String, String) {
+    let start = app
+        .start(json!({"apikey": "k", "filename": filename, "size": size}))
+        .await;
+    (
+        start["upload_id"].as_str().unwrap().to_owned(),
+        start["handle"].as_str().unwrap().to_owned(),
+    )
+}
+
 #[tokio::test]
 async fn a_one_part_multipart_upload_goes_to_the_log() {
     let app = spawn_app().await;
@@ -445,11 +456,8 @@ async fn a_one_part_multipart_upload_goes_to_the_log() {
 
     // Different bytes for a part in the log are refused, the first ones kept.
     let bytes = random_bytes(20 * KIB, 560);
-    let start = app
-        .start(json!({"apikey": "k", "filename": "kept.bin", "size": bytes.len()}))
-        .await;
-    let upload_id = start["upload_id"].as_str().unwrap();
-    let handle = start["handle"].as_str().unwrap().to_owned();
+    let (upload_id, handle) = start_upload(&app, "kept.bin", bytes.len()).await;
+    let upload_id = upload_id.as_str();
     assert_eq!(
         app.send_chunk(upload_id, 1, None, &bytes).await.status(),
         200
@@ -464,11 +472,8 @@ async fn a_one_part_multipart_upload_goes_to_the_log() {
 
     // A small file in two parts takes the part-file path.
     let bytes = random_bytes(40 * KIB, 562);
-    let start = app
-        .start(json!({"apikey": "k", "filename": "two.bin", "size": bytes.len()}))
-        .await;
-    let upload_id = start["upload_id"].as_str().unwrap();
-    let handle = start["handle"].as_str().unwrap().to_owned();
+    let (upload_id, handle) = start_upload(&app, "two.bin", bytes.len()).await;
+    let upload_id = upload_id.as_str();
     let (a, b) = bytes.split_at(25 * KIB);
     assert_eq!(app.send_chunk(upload_id, 2, None, b).await.status(), 200);
     assert_eq!(app.send_chunk(upload_id, 1, None, a).await.status(), 200);
@@ -496,11 +501,8 @@ fn log_allocated(app: &TestApp) -> u64 {
 async fn a_part_that_fails_its_checksum_frees_its_bytes_in_the_log() {
     let app = spawn_app().await;
     let bytes = random_bytes(768 * KIB, 600);
-    let start = app
-        .start(json!({"apikey": "k", "filename": "checked.bin", "size": bytes.len()}))
-        .await;
-    let upload_id = start["upload_id"].as_str().unwrap();
-    let handle = start["handle"].as_str().unwrap().to_owned();
+    let (upload_id, handle) = start_upload(&app, "checked.bin", bytes.len()).await;
+    let upload_id = upload_id.as_str();
     // The grant carries the MD5 of the bytes meant; one bit flips on the way.
     let grant: Value = app
         .post_json(
@@ -536,24 +538,25 @@ async fn a_part_that_fails_its_checksum_frees_its_bytes_in_the_log() {
     assert!(log_allocated(&app) >= bytes.len() as u64);
 }
 
-#[tokio::test]
-async fn a_small_tus_upload_terminated_while_its_patch_streams_owns_nothing_in_the_log() {
-    let app = spawn_app().await;
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    let bytes = random_bytes(640 * KIB, 610);
-    let url = tus_create_empty(&app, bytes.len()).await;
-    let path = &url[url.find("/files/").unwrap()..];
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+/// Sends a request whose body is a whole small file, holding back its last
+/// byte until `meanwhile` has ended the upload; then checks the body went to
+/// the log and nothing of it is still held there.
+async fn end_upload_while_its_body_streams(
+    app: &TestApp,
+    head: &str,
+    bytes: &[u8],
+    meanwhile: impl std::future::Future<Output = ()>,
+) {
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        "{head}Host: {addr}\r\nContent-Length: {}\r\n\r\n",
         bytes.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
     stream.flush().await.unwrap();
-
-    // Terminated while the PATCH still waits for its last byte.
-    tus_terminate(&app, &url).await;
+    meanwhile.await;
     stream.write_all(&bytes[bytes.len() - 1..]).await.unwrap();
     let answered = read_response(&mut stream).await;
     assert!(
@@ -562,13 +565,54 @@ async fn a_small_tus_upload_terminated_while_its_patch_streams_owns_nothing_in_t
         answered.status,
         String::from_utf8_lossy(&answered.body)
     );
-    assert!(log_files(&app) >= 1, "the whole body went to the log");
-    let held = log_allocated(&app);
+    assert!(log_files(app) >= 1, "the whole body went to the log");
+    let held = log_allocated(app);
     assert!(
         held < 64 * KIB as u64,
-        "the log holds {held} bytes of a terminated upload"
+        "the log holds {held} bytes of an upload that ended"
     );
     assert_eq!(app.upload_dirs(), 0);
+}
+
+#[tokio::test]
+async fn a_small_tus_upload_terminated_while_its_patch_streams_owns_nothing_in_the_log() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(640 * KIB, 610);
+    let url = tus_create_empty(&app, bytes.len()).await;
+    let path = &url[url.find("/files/").unwrap()..];
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+    );
+    end_upload_while_its_body_streams(&app, &head, &bytes, tus_terminate(&app, &url)).await;
+}
+
+#[tokio::test]
+async fn a_one_part_upload_deleted_while_its_part_streams_owns_nothing_in_the_log() {
+    let app = spawn_app().await;
+    let bytes = random_bytes(640 * KIB, 611);
+    let (upload_id, handle) = start_upload(&app, "deleted.bin", bytes.len()).await;
+    let grant: Value = app
+        .post_json(
+            "/multipart/upload",
+            chunk_request(&upload_id, 1, None, &bytes),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let url = grant["url"].as_str().unwrap();
+    let path = &url[url.find("/upload/").unwrap()..];
+    let head = format!("PUT {path} HTTP/1.1\r\n");
+    let delete = async {
+        let deleted = app
+            .http
+            .delete(app.url(&format!("/api/file/{handle}?key=k")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 200);
+    };
+    end_upload_while_its_body_streams(&app, &head, &bytes, delete).await;
 }
 
 /// A tus upload created without a body; its URL.

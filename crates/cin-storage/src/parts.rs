@@ -615,7 +615,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
 }
 
-fn join_error(e: tokio::task::JoinError) -> StorageError {
+pub(crate) fn join_error(e: tokio::task::JoinError) -> StorageError {
     StorageError::io("background I/O task", io::Error::other(e.to_string()))
 }
 

@@ -16,7 +16,7 @@ use tokio_util::io::ReaderStream;
 use super::pack::{PackPut, Packs, PACK_DIR};
 use super::{FinalStore, FinalStoreError, ObjectInfo, ObjectToStore, PutJournal, PutOutcome};
 use crate::background::BackgroundPool;
-use crate::parts::sync_dir;
+use crate::parts::{join_error, sync_dir};
 use crate::{ByteStream, StorageError};
 
 pub struct LocalDirStore {
@@ -51,17 +51,17 @@ impl LocalDirStore {
         })
     }
 
-    /// Appends a small object to a pack. A file an earlier, larger version
-    /// left under the same name is removed after, so reads find the pack's.
+    /// Appends a small object to a pack. Reads look for a file first, so a
+    /// file an earlier, larger version left under the name goes before: a
+    /// crash in between leaves no object, and the put is retried.
     async fn put_packed(
         &self,
         name: String,
         path: PathBuf,
         data: bytes::Bytes,
     ) -> Result<PutOutcome, FinalStoreError> {
-        let outcome = self.packs.put(PackPut { name, data }).await?;
         remove_if_present(&path).await?;
-        Ok(outcome)
+        Ok(self.packs.put(PackPut { name, data }).await?)
     }
 
     /// Runs a blocking read of the packs.
@@ -72,12 +72,7 @@ impl LocalDirStore {
         let packs = self.packs.clone();
         tokio::task::spawn_blocking(move || read(&packs))
             .await
-            .map_err(|e| {
-                FinalStoreError::Local(StorageError::io(
-                    "reading the local store's packs",
-                    io::Error::other(e.to_string()),
-                ))
-            })?
+            .map_err(join_error)?
             .map_err(FinalStoreError::from)
     }
 
@@ -102,10 +97,19 @@ fn packed_name(container: &str, key: &str) -> String {
     format!("{container}/{key}")
 }
 
+/// Removes the file at `path`, if there is one (a directory there holds
+/// other objects).
 async fn remove_if_present(path: &Path) -> Result<(), FinalStoreError> {
     match tokio::fs::remove_file(path).await {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::IsADirectory
+            ) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
     }
 }
@@ -236,7 +240,7 @@ impl FinalStore for LocalDirStore {
             .copies
             .run(move || copy_durably(source, size, &root, &path))
             .await??;
-        // A smaller, earlier version in a pack would otherwise be found first.
+        // Found after the file, but its bytes are freed.
         self.in_packs(move |packs| packs.delete(&name)).await?;
         Ok(outcome)
     }
@@ -267,18 +271,20 @@ impl FinalStore for LocalDirStore {
         key: &str,
     ) -> Result<Option<ObjectInfo>, FinalStoreError> {
         let path = self.object_path(container, key)?;
-        let name = packed_name(container, key);
-        if let Some(size) = self.in_packs(move |packs| packs.size(&name)).await? {
-            return Ok(Some(ObjectInfo { size, sha256: None }));
-        }
         match tokio::fs::metadata(&path).await {
-            Ok(m) => Ok(Some(ObjectInfo {
-                size: m.len(),
-                sha256: None,
-            })),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(format!("inspecting {}", path.display()))(e)),
+            Ok(m) if m.is_file() => {
+                return Ok(Some(ObjectInfo {
+                    size: m.len(),
+                    sha256: None,
+                }))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("inspecting {}", path.display()))(e)),
         }
+        let name = packed_name(container, key);
+        let size = self.in_packs(move |packs| packs.size(&name)).await?;
+        Ok(size.map(|size| ObjectInfo { size, sha256: None }))
     }
 
     async fn get(
@@ -288,8 +294,26 @@ impl FinalStore for LocalDirStore {
         range: Option<(u64, u64)>,
     ) -> Result<ByteStream, FinalStoreError> {
         let path = self.object_path(container, key)?;
-        let name = packed_name(container, key);
-        if let Some(data) = self.in_packs(move |packs| packs.bytes(&name)).await? {
+        // Small objects are packed; a file is a large one (a directory under
+        // the name holds other objects' files).
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => match f.metadata().await {
+                Ok(m) if m.is_file() => Some(f),
+                Ok(_) => None,
+                Err(e) => return Err(io_err(format!("inspecting {}", path.display()))(e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
+        };
+        let Some(mut file) = file else {
+            let name = packed_name(container, key);
+            let data = self
+                .in_packs(move |packs| packs.bytes(&name))
+                .await?
+                .ok_or_else(|| FinalStoreError::NotFound {
+                    container: container.into(),
+                    key: key.into(),
+                })?;
             let len = data.len();
             let (start, end) = range.map_or((0, len), |(start, end)| {
                 let end = usize::try_from(end).unwrap_or(usize::MAX).min(len);
@@ -299,16 +323,6 @@ impl FinalStore for LocalDirStore {
             return Ok(Box::pin(futures_util::stream::once(async move {
                 Ok::<_, io::Error>(piece)
             })));
-        }
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(FinalStoreError::NotFound {
-                    container: container.into(),
-                    key: key.into(),
-                })
-            }
-            Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
         };
         let len = match range {
             Some((start, end)) => {

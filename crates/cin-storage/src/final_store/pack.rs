@@ -92,7 +92,7 @@ impl Packs {
     pub fn open(dir: PathBuf) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
-        sync_dir(&dir)?;
+        // Its entry in the store's root; a pack's entry is synced when it is created.
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
         }
@@ -127,12 +127,15 @@ impl Packs {
 
     /// Marks the object gone and frees its bytes; nothing when no pack holds it. Blocking.
     pub fn delete(&self, name: &str) -> Result<(), StorageError> {
-        let mut index = lock(&self.index);
-        scan(&self.dir, &mut index)?;
-        if let Some(loc) = index.objects.remove(name) {
-            mark_gone(&self.dir, &loc, true)?;
+        let removed = {
+            let mut index = lock(&self.index);
+            scan(&self.dir, &mut index)?;
+            index.objects.remove(name)
+        };
+        match removed {
+            Some(loc) => mark_gone(&self.dir, &loc, true),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Reads the object's current record, checking it is still live and
@@ -242,14 +245,15 @@ struct Header {
 }
 
 impl Header {
-    fn encode(stamp: u64, name: &[u8], data: &[u8]) -> Vec<u8> {
+    /// Appends a live record of `name` holding `data` to `out`.
+    fn encode(out: &mut Vec<u8>, stamp: u64, name: &[u8], data: &[u8]) {
         let mut covered = [0u8; 24];
         covered[0..8].copy_from_slice(&stamp.to_le_bytes());
         covered[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
         covered[16..20].copy_from_slice(&(name.len() as u32).to_le_bytes());
         covered[20..24].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
         let header_crc = crc32c::crc32c_append(crc32c::crc32c(&covered), name);
-        let mut out = Vec::with_capacity(HEADER_LEN as usize + name.len() + data.len());
+        out.reserve(HEADER_LEN as usize + name.len() + data.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&[LIVE, 0, 0, 0]);
         out.extend_from_slice(&covered);
@@ -257,7 +261,6 @@ impl Header {
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(name);
         out.extend_from_slice(data);
-        out
     }
 
     /// None when `bytes` does not start with a record header.
@@ -301,12 +304,11 @@ fn scan(dir: &Path, index: &mut Index) -> Result<(), StorageError> {
             .metadata()
             .map_err(io_error(&entry.path(), "inspecting"))?
             .len();
-        let pack: Arc<str> = match index.scanned.get_key_value(pack) {
+        let (pack, from): (Arc<str>, u64) = match index.scanned.get_key_value(pack) {
             Some((_, &from)) if from >= len => continue,
-            Some((known, _)) => known.clone(),
-            None => pack.into(),
+            Some((known, &from)) => (known.clone(), from),
+            None => (pack.into(), 0),
         };
-        let from = index.scanned.get(&pack).copied().unwrap_or(0);
         let path = entry.path();
         let file = match File::open(&path) {
             Ok(file) => file,
@@ -372,6 +374,7 @@ fn scan_pack(
 
 struct OpenPack {
     name: Arc<str>,
+    path: PathBuf,
     file: File,
     len: u64,
 }
@@ -411,44 +414,35 @@ impl PackWriter {
                 .map(|put| index.objects.get(&put.name).cloned())
                 .collect()
         };
-        let (pack, at) = self.pack()?;
         let mut buf = Vec::new();
-        let mut landed = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::with_capacity(batch.len());
         for put in batch {
             let stamp = self.next_stamp();
-            let offset = at + buf.len() as u64;
-            buf.extend_from_slice(&Header::encode(stamp, put.name.as_bytes(), &put.data));
-            landed.push(Location {
-                pack: pack.clone(),
-                offset,
-                name_len: put.name.len() as u64,
-                data_len: put.data.len() as u64,
-                stamp,
-            });
+            records.push((buf.len() as u64, stamp));
+            Header::encode(&mut buf, stamp, put.name.as_bytes(), &put.data);
             outcomes.push(PutOutcome {
                 sha256: hex::encode(Sha256::digest(&put.data)),
                 size: put.data.len() as u64,
             });
         }
-        let path = self.dir.join(&*pack);
-        let Some(current) = self.current.as_mut() else {
-            return Err(StorageError::Commit("no pack is open".into()));
-        };
+        let current = self.pack()?;
+        let at = current.len;
+        let path = &current.path;
         current
             .file
             .write_all_at(&buf, at)
-            .map_err(io_error(&path, "appending to"))?;
+            .map_err(io_error(path, "appending to"))?;
         current
             .file
             .sync_data()
-            .map_err(io_error(&path, "syncing"))?;
+            .map_err(io_error(path, "syncing"))?;
         // Read back what landed: the store's contract is verified, not merely written.
         let mut back = vec![0u8; buf.len()];
         current
             .file
             .read_exact_at(&mut back, at)
-            .map_err(io_error(&path, "reading back"))?;
+            .map_err(io_error(path, "reading back"))?;
         if back != buf {
             return Err(StorageError::Commit(format!(
                 "{} holds different bytes than were appended",
@@ -456,8 +450,16 @@ impl PackWriter {
             )));
         }
         current.len += buf.len() as u64;
+        let pack = current.name.clone();
         let mut index = lock(&self.index);
-        for ((put, loc), replaced) in batch.iter().zip(landed).zip(replaced) {
+        for ((put, (offset, stamp)), replaced) in batch.iter().zip(records).zip(replaced) {
+            let loc = Location {
+                pack: pack.clone(),
+                offset: at + offset,
+                name_len: put.name.len() as u64,
+                data_len: put.data.len() as u64,
+                stamp,
+            };
             let displaced = index.objects.insert(put.name.clone(), loc.clone());
             for older in [replaced, displaced].into_iter().flatten() {
                 if older != loc {
@@ -468,29 +470,29 @@ impl PackWriter {
         Ok(outcomes)
     }
 
-    /// The pack to append to and its length, a new one when there is none or it is full.
-    fn pack(&mut self) -> Result<(Arc<str>, u64), StorageError> {
-        if let Some(current) = &self.current {
-            if current.len < PACK_MAX {
-                return Ok((current.name.clone(), current.len));
-            }
+    /// The pack to append to: a new one when there is none or it is full.
+    fn pack(&mut self) -> Result<&mut OpenPack, StorageError> {
+        if self.current.as_ref().is_none_or(|p| p.len >= PACK_MAX) {
+            self.seq += 1;
+            let name: Arc<str> = format!("{}-{:06}.pack", self.writer, self.seq).into();
+            let path = self.dir.join(&*name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_error(&path, "creating"))?;
+            sync_dir(&self.dir)?;
+            self.current = Some(OpenPack {
+                name,
+                path,
+                file,
+                len: 0,
+            });
         }
-        self.seq += 1;
-        let name: Arc<str> = format!("{}-{:06}.pack", self.writer, self.seq).into();
-        let path = self.dir.join(&*name);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_error(&path, "creating"))?;
-        sync_dir(&self.dir)?;
-        self.current = Some(OpenPack {
-            name: name.clone(),
-            file,
-            len: 0,
-        });
-        Ok((name, 0))
+        self.current
+            .as_mut()
+            .ok_or_else(|| StorageError::Commit("no pack is open".into()))
     }
 
     /// Later than every stamp this writer gave, and than the clock: the newest
@@ -589,7 +591,8 @@ mod tests {
         packs.put(put("c/kept", b"acknowledged")).await.unwrap();
         drop(packs);
         let torn = &pack_files(&dir)[0];
-        let whole = Header::encode(1, b"c/torn", &[1u8; 1000]);
+        let mut whole = Vec::new();
+        Header::encode(&mut whole, 1, b"c/torn", &[1u8; 1000]);
         let end = std::fs::metadata(torn).unwrap().len();
         let file = OpenOptions::new().write(true).open(torn).unwrap();
         file.write_all_at(&whole[..500], end).unwrap();
